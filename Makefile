@@ -1,0 +1,46 @@
+# spectrumd — `make demo` runs the demo, `make test` runs linters and all tests.
+# Both install what they need (as root on Debian 12) and skip what is done.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+GUEST_DIR ?= /var/cache/spectrumd/guest
+export SPECTRUMD_GUEST_DIR := $(GUEST_DIR)
+
+.PHONY: all deps venv guest test lint unit integration demo bench clean
+
+all: test
+
+deps:
+	@sh scripts/install-deps.sh
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+guest: deps
+	@sh guest/build.sh $(GUEST_DIR)
+
+lint: venv
+	$(VENV)/bin/ruff check spectrumd tests bench demo
+	$(VENV)/bin/ruff format --check spectrumd tests bench demo
+	$(VENV)/bin/mypy
+
+test: deps venv guest lint
+	$(VENV)/bin/pytest -q
+
+unit: venv
+	$(VENV)/bin/pytest -q tests/unit
+
+demo: deps venv guest
+	$(PY) demo/run_demo.py
+
+bench: deps venv guest
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

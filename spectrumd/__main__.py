@@ -1,0 +1,3 @@
+from spectrumd.daemon.main import main
+
+main()

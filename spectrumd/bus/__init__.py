@@ -1,0 +1,1 @@
+"""The D-Bus surface: the only part that imports dbus-fast."""

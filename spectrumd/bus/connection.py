@@ -1,0 +1,69 @@
+"""A MessageBus that gets two things right that dbus-fast does not.
+
+1. ObjectManager's InterfacesAdded/InterfacesRemoved are sent from the
+   manager's path (dbus-fast sends them from the child's own path, so GLib's
+   GDBusObjectManagerClient sees nothing).
+2. The caller of the method being handled is known (``current_sender``), so
+   the daemon can check who asks before it changes state.
+"""
+
+import contextvars
+from collections.abc import Callable
+from typing import Any
+
+from dbus_fast import Message
+from dbus_fast.aio import MessageBus
+from dbus_fast.service import ServiceInterface
+
+from spectrumd.bus.names import MANAGER_PATH, OBJECT_MANAGER_IFACE
+
+current_sender: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "current_sender", default=None
+)
+
+
+class SpectrumBus(MessageBus):
+    def _make_method_handler(self, interface: Any, method: Any) -> Callable[..., None]:
+        inner = super()._make_method_handler(interface, method)
+
+        def handler(msg: Message, send_reply: Any) -> None:
+            # ensure_future copies the context, so the coroutine sees the sender.
+            token = current_sender.set(msg.sender)
+            try:
+                inner(msg, send_reply)
+            finally:
+                current_sender.reset(token)
+
+        return handler
+
+    def _emit_interface_added(self, path: str, interface: ServiceInterface) -> None:
+        if self._disconnected or not path.startswith(MANAGER_PATH + "/"):
+            return
+
+        def got_properties(
+            interface: ServiceInterface, result: Any, user_data: Any, e: Exception | None
+        ) -> None:
+            self.send(
+                Message.new_signal(
+                    path=MANAGER_PATH,
+                    interface=OBJECT_MANAGER_IFACE,
+                    member="InterfacesAdded",
+                    signature="oa{sa{sv}}",
+                    body=[path, {interface.name: result or {}}],
+                )
+            )
+
+        ServiceInterface._get_all_property_values(interface, got_properties)
+
+    def _emit_interface_removed(self, path: str, removed_interfaces: list[str]) -> None:
+        if self._disconnected or not path.startswith(MANAGER_PATH + "/"):
+            return
+        self.send(
+            Message.new_signal(
+                path=MANAGER_PATH,
+                interface=OBJECT_MANAGER_IFACE,
+                member="InterfacesRemoved",
+                signature="oas",
+                body=[path, removed_interfaces],
+            )
+        )

@@ -1,0 +1,126 @@
+"""``org.spectrum_os.Spectrum1.Instance``: one object per instance."""
+
+from typing import Annotated, Any
+
+from dbus_fast import PropertyAccess, Variant
+from dbus_fast.annotations import DBusBool, DBusSignature, DBusStr, DBusUInt32, DBusUInt64
+from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
+
+from spectrumd.bus.auth import CallerCheck
+from spectrumd.bus.errors import wire_errors
+from spectrumd.bus.names import INSTANCE_IFACE
+from spectrumd.supervisor import Instance
+
+DBusStrList = Annotated[list[str], DBusSignature("as")]
+
+# D-Bus property name → (signature, getter).
+PROPERTIES: dict[str, tuple[str, Any]] = {
+    "Name": ("s", lambda i: i.name),
+    "Application": ("s", lambda i: i.definition.application),
+    "State": ("s", lambda i: i.state.value),
+    "StateReason": ("s", lambda i: i.state_reason),
+    "MainPID": ("u", lambda i: i.main_pid),
+    "Vmm": ("s", lambda i: i.definition.vmm.value),
+    "Resources": ("as", lambda i: list(i.definition.resources)),
+    "StartedAt": ("t", lambda i: i.started_at_us),
+    "GuestReady": ("b", lambda i: i.guest_ready),
+    "NeedsRestart": ("b", lambda i: i.needs_restart),
+    "ConsoleLog": ("s", lambda i: str(i.env.log_path(i.name))),
+}
+
+
+def property_values(inst: Instance) -> dict[str, Any]:
+    return {name: getter(inst) for name, (_sig, getter) in PROPERTIES.items()}
+
+
+class InstanceInterface(ServiceInterface):
+    def __init__(self, inst: Instance, auth: CallerCheck) -> None:
+        super().__init__(INSTANCE_IFACE)
+        self.inst = inst
+        self._auth = auth
+        self._emitted = property_values(inst)
+
+    def refresh(self) -> None:
+        """Emit PropertiesChanged for every property whose value changed."""
+        now = property_values(self.inst)
+        changed = {k: v for k, v in now.items() if self._emitted.get(k) != v}
+        self._emitted = now
+        if changed:
+            self.emit_properties_changed(changed)
+
+    def variants(self) -> dict[str, Variant]:
+        return {k: Variant(PROPERTIES[k][0], v) for k, v in property_values(self.inst).items()}
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Name(self) -> DBusStr:
+        return self.inst.name
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Application(self) -> DBusStr:
+        return self.inst.definition.application
+
+    @dbus_property(access=PropertyAccess.READ)
+    def State(self) -> DBusStr:
+        return self.inst.state.value
+
+    @dbus_property(access=PropertyAccess.READ)
+    def StateReason(self) -> DBusStr:
+        return self.inst.state_reason
+
+    @dbus_property(access=PropertyAccess.READ)
+    def MainPID(self) -> DBusUInt32:
+        return self.inst.main_pid
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Vmm(self) -> DBusStr:
+        return self.inst.definition.vmm.value
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Resources(self) -> DBusStrList:
+        return list(self.inst.definition.resources)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def StartedAt(self) -> DBusUInt64:
+        return self.inst.started_at_us
+
+    @dbus_property(access=PropertyAccess.READ)
+    def GuestReady(self) -> DBusBool:
+        return self.inst.guest_ready
+
+    @dbus_property(access=PropertyAccess.READ)
+    def NeedsRestart(self) -> DBusBool:
+        return self.inst.needs_restart
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ConsoleLog(self) -> DBusStr:
+        return str(self.inst.env.log_path(self.inst.name))
+
+    @dbus_method()
+    @wire_errors
+    async def Start(self) -> None:
+        await self._auth.require_admin(f"start {self.inst.name}")
+        await self.inst.start()
+
+    @dbus_method()
+    @wire_errors
+    async def Stop(self) -> None:
+        await self._auth.require_admin(f"stop {self.inst.name}")
+        await self.inst.stop()
+
+    @dbus_method()
+    @wire_errors
+    async def Kill(self) -> None:
+        await self._auth.require_admin(f"kill {self.inst.name}")
+        await self.inst.kill()
+
+    @dbus_method()
+    @wire_errors
+    async def Pause(self) -> None:
+        await self._auth.require_admin(f"pause {self.inst.name}")
+        await self.inst.pause()
+
+    @dbus_method()
+    @wire_errors
+    async def Resume(self) -> None:
+        await self._auth.require_admin(f"resume {self.inst.name}")
+        await self.inst.resume()

@@ -1,0 +1,136 @@
+"""``org.spectrum_os.Spectrum1.Manager`` and the objects it manages."""
+
+import logging
+from typing import Annotated
+
+from dbus_fast import Variant
+from dbus_fast.aio import MessageBus
+from dbus_fast.annotations import DBusObjectPath, DBusSignature, DBusStr
+from dbus_fast.service import ServiceInterface, dbus_method
+
+from spectrumd.bus import validate
+from spectrumd.bus.auth import CallerCheck
+from spectrumd.bus.errors import wire_errors
+from spectrumd.bus.instance import InstanceInterface
+from spectrumd.bus.names import MANAGER_IFACE, MANAGER_PATH, instance_path
+from spectrumd.supervisor import Instance, Supervisor
+
+log = logging.getLogger(__name__)
+
+InstanceList = Annotated[list[list[str]], DBusSignature("a(ssso)")]
+AppList = Annotated[list[list[str]], DBusSignature("a(ss)")]
+ResourceList = Annotated[list[list[str]], DBusSignature("a(sss)")]
+StrList = Annotated[list[str], DBusSignature("as")]
+OptionDict = Annotated[dict[str, Variant], DBusSignature("a{sv}")]
+
+
+class ObjectManagerInterface(ServiceInterface):
+    """Declares org.freedesktop.DBus.ObjectManager at the manager path for introspection.
+
+    dbus-fast answers GetManagedObjects itself and SpectrumBus sends the
+    signals from this path; this class only makes the interface visible.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("org.freedesktop.DBus.ObjectManager")
+
+
+class ManagerInterface(ServiceInterface):
+    def __init__(self, bus: MessageBus, sup: Supervisor, auth: CallerCheck) -> None:
+        super().__init__(MANAGER_IFACE)
+        self.bus = bus
+        self.sup = sup
+        self.auth = auth
+        self.objects: dict[str, InstanceInterface] = {}
+        sup.on_added.append(self._export)
+        sup.on_removed.append(self._unexport)
+        sup.on_changed.append(self._changed)
+
+    def export_all(self) -> None:
+        self.bus.export(MANAGER_PATH, self)
+        self.bus.export(MANAGER_PATH, ObjectManagerInterface())
+        for inst in self.sup.instances.values():
+            self._export(inst)
+
+    def _export(self, inst: Instance) -> None:
+        iface = InstanceInterface(inst, self.auth)
+        self.objects[inst.name] = iface
+        self.bus.export(instance_path(inst.name), iface)
+
+    def _unexport(self, inst: Instance) -> None:
+        iface = self.objects.pop(inst.name, None)
+        if iface is not None:
+            self.bus.unexport(instance_path(inst.name), iface)
+
+    def _changed(self, inst: Instance, changed: frozenset[str]) -> None:
+        iface = self.objects.get(inst.name)
+        if iface is not None and iface.inst is inst:
+            iface.refresh()
+
+    def _instance(self, untrusted_name: str) -> Instance:
+        return self.sup.get(validate.name("name", untrusted_name))
+
+    @dbus_method()
+    @wire_errors
+    async def ListInstances(self) -> InstanceList:
+        return [
+            [i.name, i.definition.application, i.state.value, instance_path(i.name)]
+            for i in self.sup.instances.values()
+        ]
+
+    @dbus_method()
+    @wire_errors
+    async def GetInstance(self, name: DBusStr) -> DBusObjectPath:
+        return instance_path(self._instance(name).name)
+
+    @dbus_method()
+    @wire_errors
+    async def StartInstance(self, name: DBusStr) -> None:
+        inst = self._instance(name)
+        await self.auth.require_admin(f"start {inst.name}")
+        await inst.start()
+
+    @dbus_method()
+    @wire_errors
+    async def StopInstance(self, name: DBusStr) -> None:
+        inst = self._instance(name)
+        await self.auth.require_admin(f"stop {inst.name}")
+        await inst.stop()
+
+    @dbus_method()
+    @wire_errors
+    async def CreateInstance(
+        self, name: DBusStr, application: DBusStr, resources: StrList, options: OptionDict
+    ) -> DBusObjectPath:
+        untrusted_name = validate.name("name", name)
+        untrusted_app = validate.name("application", application)
+        untrusted_resources = validate.names("resources", resources)
+        untrusted_options = validate.options(options)
+        await self.auth.require_admin(f"create {untrusted_name}")
+        inst = self.sup.create_instance(
+            untrusted_name, untrusted_app, untrusted_resources, untrusted_options
+        )
+        return instance_path(inst.name)
+
+    @dbus_method()
+    @wire_errors
+    async def DeleteInstance(self, name: DBusStr) -> None:
+        inst = self._instance(name)
+        await self.auth.require_admin(f"delete {inst.name}")
+        self.sup.delete_instance(inst.name)
+
+    @dbus_method()
+    @wire_errors
+    async def Reload(self) -> None:
+        await self.auth.require_admin("reload")
+        self.sup.reload()
+
+    @dbus_method()
+    @wire_errors
+    async def ListApplications(self) -> AppList:
+        return [[a.name, a.command] for a in self.sup.config.applications.values()]
+
+    @dbus_method()
+    @wire_errors
+    async def ListResources(self) -> ResourceList:
+        return [[r.name, r.type, r.summary()] for r in self.sup.config.resources.values()]

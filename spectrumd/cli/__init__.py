@@ -1,0 +1,1 @@
+"""``spectrumctl``: a D-Bus client of spectrumd for people and scripts."""

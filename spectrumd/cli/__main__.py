@@ -1,0 +1,3 @@
+from spectrumd.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""The composition root: wiring, signals, sd_notify, the state directory."""

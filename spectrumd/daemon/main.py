@@ -1,0 +1,128 @@
+"""``spectrumd``: load the configuration, serve the D-Bus API, supervise VMs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from dbus_fast import BusType, RequestNameReply
+from dbus_fast.errors import DBusError
+
+from spectrumd.bus.auth import CallerCheck
+from spectrumd.bus.connection import SpectrumBus
+from spectrumd.bus.manager import ManagerInterface
+from spectrumd.bus.names import BUS_NAME
+from spectrumd.daemon.notify import sd_notify
+from spectrumd.errors import ConfigError, SpectrumError
+from spectrumd.supervisor import Environment, Supervisor
+
+log = logging.getLogger("spectrumd")
+
+DEFAULT_STATE_DIR = Path("/var/lib/spectrumd")
+DEFAULT_GUEST_DIR = Path("/var/cache/spectrumd/guest")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="spectrumd", description=__doc__)
+    p.add_argument("--config", type=Path, required=True, help="JSON configuration file")
+    p.add_argument(
+        "--bus", default="system", help="session, system, or a D-Bus address (default: system)"
+    )
+    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
+    p.add_argument(
+        "--guest-dir",
+        type=Path,
+        default=Path(os.environ.get("SPECTRUMD_GUEST_DIR", DEFAULT_GUEST_DIR)),
+        help="where the embedded default guest (vmlinuz, initramfs.img) lives",
+    )
+    p.add_argument("--console-log-size", type=int, default=1024 * 1024, metavar="BYTES")
+    p.add_argument("--console-log-keep", type=int, default=3, metavar="N")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p.parse_args(argv)
+
+
+def bus_for(spec: str) -> SpectrumBus:
+    if spec == "session":
+        return SpectrumBus(bus_type=BusType.SESSION)
+    if spec == "system":
+        return SpectrumBus(bus_type=BusType.SYSTEM)
+    return SpectrumBus(bus_address=spec)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    env = Environment(
+        state_dir=args.state_dir.absolute(),
+        guest_dir=args.guest_dir.absolute(),
+        console_max_bytes=args.console_log_size,
+        console_keep=args.console_log_keep,
+    )
+    env.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    try:
+        sup = Supervisor(args.config, env)
+    except ConfigError as e:
+        print(f"spectrumd: {e}", file=sys.stderr)
+        return 2
+
+    bus = await bus_for(args.bus).connect()
+    manager = ManagerInterface(bus, sup, CallerCheck(bus))
+    manager.export_all()
+    reply = await bus.request_name(BUS_NAME)
+    if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+        print(f"spectrumd: the name {BUS_NAME} is already owned on this bus", file=sys.stderr)
+        bus.disconnect()
+        return 1
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(sup))
+    disconnected = asyncio.ensure_future(bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
+    stopped = asyncio.ensure_future(stop.wait())
+
+    log.info("serving %s with %d instances", BUS_NAME, len(sup.instances))
+    sd_notify("READY=1", f"STATUS=serving {len(sup.instances)} instances")
+    await asyncio.wait({disconnected, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    sd_notify("STOPPING=1", "STATUS=stopping instances")
+    if disconnected.done():
+        log.error("lost the bus connection")
+    log.info("stopping running instances")
+    await sup.stop_all()
+    await sup.close()
+    stopped.cancel()
+    if not disconnected.done():
+        bus.disconnect()
+    with contextlib.suppress(Exception):
+        await disconnected
+    return 1 if not stop.is_set() else 0
+
+
+def _reload(sup: Supervisor) -> None:
+    try:
+        sup.reload()
+    except SpectrumError as e:
+        log.error("reload refused: %s", e)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        sys.exit(asyncio.run(serve(args)))
+    except DBusError as e:
+        print(f"spectrumd: D-Bus error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except (OSError, ValueError) as e:
+        # e.g. no bus at the given address
+        print(f"spectrumd: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,331 @@
+"""Loading and validating the JSON configuration (the form the Nix side emits).
+
+Every error is a :class:`ConfigError` whose path names the offending key, e.g.
+``instances.work-shell.application: no application "shel"``. Validation is
+pure: it reads the parsed JSON and returns immutable values.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+
+from spectrumd.errors import ConfigError
+from spectrumd.model.types import (
+    Accel,
+    Application,
+    DirectoryResource,
+    InstanceDef,
+    NetworkResource,
+    Resource,
+    VmmKind,
+)
+
+_E = TypeVar("_E", VmmKind, Accel)
+
+NAME_RULE = "[a-z0-9][a-z0-9-]{0,62}"
+_NAME_RE = re.compile(NAME_RULE)
+MAX_COMMAND = 64 * 1024
+DEFAULT_STOP_TIMEOUT = 30.0
+
+
+def validate_name(path: str, untrusted_name: object) -> str:
+    """Return the name if it follows :data:`NAME_RULE`, else raise ConfigError."""
+    if not isinstance(untrusted_name, str):
+        raise ConfigError(path, f"a name must be a string, not {_json_type(untrusted_name)}")
+    if not _NAME_RE.fullmatch(untrusted_name):
+        shown = untrusted_name if len(untrusted_name) <= 80 else untrusted_name[:77] + "..."
+        raise ConfigError(path, f"invalid name {json.dumps(shown)}: names must match {NAME_RULE}")
+    return untrusted_name
+
+
+@attrs.frozen
+class Defaults:
+    vmm: VmmKind = VmmKind.qemu
+    accel: Accel = Accel.kvm
+    stop_timeout: float = DEFAULT_STOP_TIMEOUT
+
+
+@attrs.frozen
+class Config:
+    defaults: Defaults
+    applications: Mapping[str, Application]
+    resources: Mapping[str, Resource]
+    instances: Mapping[str, InstanceDef]
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    return {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "an object",
+    }.get(type(value), type(value).__name__)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+class _Obj:
+    """Typed access to one JSON object; remembers which keys were read."""
+
+    def __init__(self, path: str, value: object) -> None:
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"expected an object, got {_json_type(value)}")
+        self.path = path
+        self.value: dict[str, Any] = value
+        self.seen: set[str] = set()
+
+    def _get(self, key: str, required: bool) -> object:
+        self.seen.add(key)
+        if key not in self.value:
+            if required:
+                raise ConfigError(_join(self.path, key), "missing")
+            return None
+        return self.value[key]
+
+    def string(self, key: str, *, required: bool = False, default: str | None = None) -> str | None:
+        v = self._get(key, required)
+        if v is None:
+            return default
+        if not isinstance(v, str):
+            raise ConfigError(_join(self.path, key), f"expected a string, got {_json_type(v)}")
+        if "\0" in v:
+            raise ConfigError(_join(self.path, key), "must not contain NUL")
+        return v
+
+    def integer(self, key: str, default: int, lo: int, hi: int) -> int:
+        v = self._get(key, False)
+        if v is None:
+            return default
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ConfigError(_join(self.path, key), f"expected an integer, got {_json_type(v)}")
+        if not lo <= v <= hi:
+            raise ConfigError(_join(self.path, key), f"{v} is out of range {lo}..{hi}")
+        return v
+
+    def number(self, key: str, default: float, lo: float, hi: float) -> float:
+        v = self._get(key, False)
+        if v is None:
+            return default
+        if not isinstance(v, int | float) or isinstance(v, bool):
+            raise ConfigError(_join(self.path, key), f"expected a number, got {_json_type(v)}")
+        if not lo <= v <= hi:
+            raise ConfigError(_join(self.path, key), f"{v} is out of range {lo}..{hi}")
+        return float(v)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        v = self._get(key, False)
+        if v is None:
+            return default
+        if not isinstance(v, bool):
+            raise ConfigError(_join(self.path, key), f"expected true or false, got {_json_type(v)}")
+        return v
+
+    def obj(self, key: str) -> _Obj:
+        v = self._get(key, False)
+        return _Obj(_join(self.path, key), {} if v is None else v)
+
+    def abspath(self, key: str, *, required: bool = False) -> Path | None:
+        v = self.string(key, required=required)
+        if v is None:
+            return None
+        where = _join(self.path, key)
+        if not v.startswith("/"):
+            raise ConfigError(where, f"{json.dumps(v)} is not an absolute path")
+        parts = v.split("/")
+        if any(p in (".", "..") for p in parts) or "//" in v or (len(v) > 1 and v.endswith("/")):
+            raise ConfigError(where, f"{json.dumps(v)} is not a canonical path")
+        return Path(v)
+
+    def enum(self, key: str, kind: type[_E], default: _E) -> _E:
+        v = self.string(key)
+        if v is None:
+            return default
+        try:
+            return kind(v)
+        except ValueError:
+            allowed = " or ".join(json.dumps(m.value) for m in kind)
+            raise ConfigError(_join(self.path, key), f"{json.dumps(v)} is not {allowed}") from None
+
+    def done(self) -> None:
+        unknown = sorted(set(self.value) - self.seen)
+        if unknown:
+            raise ConfigError(_join(self.path, unknown[0]), "unknown key")
+
+
+def _parse_defaults(o: _Obj) -> Defaults:
+    d = Defaults(
+        vmm=o.enum("vmm", VmmKind, VmmKind.qemu),
+        accel=o.enum("accel", Accel, Accel.kvm),
+        stop_timeout=o.number("stop_timeout", DEFAULT_STOP_TIMEOUT, 0.0, 3600.0),
+    )
+    o.done()
+    return d
+
+
+def _parse_application(name: str, o: _Obj) -> Application:
+    command = o.string("command", required=True)
+    assert command is not None
+    if len(command.encode()) > MAX_COMMAND:
+        raise ConfigError(_join(o.path, "command"), f"longer than {MAX_COMMAND} bytes")
+    app = Application(
+        name=name,
+        command=command,
+        memory_mib=o.integer("memory_mib", 256, 64, 1024 * 1024),
+        vcpus=o.integer("vcpus", 1, 1, 256),
+        kernel=o.abspath("kernel"),
+        initrd=o.abspath("initrd"),
+        params=o.string("params", default="") or "",
+    )
+    if app.initrd is not None and app.kernel is None:
+        raise ConfigError(_join(o.path, "initrd"), "an initrd needs a kernel")
+    o.done()
+    return app
+
+
+def _parse_resource(name: str, o: _Obj) -> Resource:
+    kind = o.string("type", required=True)
+    res: Resource
+    if kind == "network":
+        res = NetworkResource(name=name, host_address=o.string("host_address"))
+    elif kind == "directory":
+        path = o.abspath("path", required=True)
+        assert path is not None
+        res = DirectoryResource(name=name, path=path, writable=o.boolean("writable", False))
+    else:
+        raise ConfigError(
+            _join(o.path, "type"),
+            f'unknown resource type {json.dumps(kind)} (known: "network", "directory")',
+        )
+    o.done()
+    return res
+
+
+def parse_instance(
+    name: str,
+    o: _Obj | Mapping[str, object],
+    defaults: Defaults,
+    applications: Mapping[str, object],
+    resources: Mapping[str, object],
+    *,
+    path: str | None = None,
+    origin: str = "config",
+) -> InstanceDef:
+    """Validate one instance definition against known applications and resources."""
+    if not isinstance(o, _Obj):
+        o = _Obj(path if path is not None else f"instances.{name}", dict(o))
+    app = o.string("application", required=True)
+    assert app is not None
+    if app not in applications:
+        raise ConfigError(_join(o.path, "application"), f"no application {json.dumps(app)}")
+    raw_res = o._get("resources", False)
+    if raw_res is None:
+        raw_res = []
+    if not isinstance(raw_res, list):
+        raise ConfigError(_join(o.path, "resources"), f"expected a list, got {_json_type(raw_res)}")
+    seen: list[str] = []
+    for i, r in enumerate(raw_res):
+        where = f"{_join(o.path, 'resources')}[{i}]"
+        if not isinstance(r, str):
+            raise ConfigError(where, f"expected a resource name, got {_json_type(r)}")
+        if r not in resources:
+            raise ConfigError(where, f"no resource {json.dumps(r)}")
+        if r in seen:
+            raise ConfigError(where, f"resource {json.dumps(r)} is listed twice")
+        seen.append(r)
+    inst = InstanceDef(
+        name=name,
+        application=app,
+        resources=tuple(seen),
+        vmm=o.enum("vmm", VmmKind, defaults.vmm),
+        accel=o.enum("accel", Accel, defaults.accel),
+        stop_timeout=o.number("stop_timeout", defaults.stop_timeout, 0.0, 3600.0),
+        origin=origin,
+    )
+    o.done()
+    return inst
+
+
+def _section(top: _Obj, key: str) -> list[tuple[str, _Obj]]:
+    sec = top.obj(key)
+    out = []
+    for name, value in sec.value.items():
+        validate_name(_join(sec.path, name), name)
+        out.append((name, _Obj(_join(sec.path, name), value)))
+    sec.seen.update(sec.value)
+    return out
+
+
+def parse_config(untrusted: object, runtime_instances: object = None) -> Config:
+    """Validate a parsed JSON configuration, plus the data file's instances if given."""
+    top = _Obj("", untrusted)
+    version = top.integer("version", 1, 1, 1)
+    del version
+    defaults = _parse_defaults(top.obj("defaults"))
+    apps = {n: _parse_application(n, o) for n, o in _section(top, "applications")}
+    resources = {n: _parse_resource(n, o) for n, o in _section(top, "resources")}
+    instances = {
+        n: parse_instance(n, o, defaults, apps, resources) for n, o in _section(top, "instances")
+    }
+    top.done()
+    if runtime_instances is not None:
+        data = _Obj("data", runtime_instances)
+        for name, o in _section(data, "instances"):
+            if name in instances:
+                raise ConfigError(
+                    f"data.instances.{name}",
+                    f'instance "{name}" is also defined in the configuration (instances.{name})',
+                )
+            instances[name] = parse_instance(name, o, defaults, apps, resources, origin="runtime")
+        data.integer("version", 1, 1, 1)
+        data.done()
+    return Config(defaults=defaults, applications=apps, resources=resources, instances=instances)
+
+
+def _read_json(path: Path, what: str) -> object:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError("", f"cannot read {what} {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("", f"{what} {path} is not UTF-8") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError("", f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+
+
+def load_data_file(path: Path) -> object:
+    """Read the runtime data file; a missing file is an empty one."""
+    if not path.exists():
+        return None
+    return _read_json(path, "data file")
+
+
+def load_config(path: Path, data_file: Path | None = None) -> Config:
+    raw = _read_json(path, "configuration")
+    data = load_data_file(data_file) if data_file is not None else None
+    return parse_config(raw, data)
+
+
+def instance_to_json(inst: InstanceDef, defaults: Defaults) -> dict[str, object]:
+    """The data-file form of a runtime instance (only what differs from defaults)."""
+    out: dict[str, object] = {"application": inst.application, "resources": list(inst.resources)}
+    if inst.vmm != defaults.vmm:
+        out["vmm"] = inst.vmm.value
+    if inst.accel != defaults.accel:
+        out["accel"] = inst.accel.value
+    if inst.stop_timeout != defaults.stop_timeout:
+        out["stop_timeout"] = inst.stop_timeout
+    return out

@@ -1,0 +1,452 @@
+"""One application instance: its state, its VMM, and the calls on it.
+
+Calls that change the VMM (start, stop, pause, resume) hold the instance's
+lock, so two of them never interleave and there are never two VMMs for one
+instance. ``kill`` does not wait for the lock: it must be able to end a start
+or a stop that hangs. The VMM's exit is observed in one place (``_watch``),
+which alone turns it into the final state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import shutil
+import signal
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from spectrumd.errors import Cancelled, Failed, InvalidState, SpectrumError
+from spectrumd.lifecycle import Event, State, next_state
+from spectrumd.lifecycle.machine import InvalidTransition
+from spectrumd.model.types import Application, InstanceDef
+from spectrumd.supervisor import process
+from spectrumd.supervisor.console import ConsoleLog, pump
+from spectrumd.supervisor.guest import GuestChannel, encode_run
+from spectrumd.vmm import BACKENDS, PORT_CONTROL, VmmControl, VmmError, VmSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CMDLINE = "console=ttyS0 panic=-1 quiet"
+# Unix socket paths are limited to 108 bytes (sun_path).
+MAX_SOCKET_PATH = 107
+
+
+@attrs.frozen
+class Environment:
+    """Daemon-wide settings an instance needs."""
+
+    state_dir: Path
+    guest_dir: Path
+    console_max_bytes: int = 1024 * 1024
+    console_keep: int = 3
+    attach_timeout: float = 30.0
+    term_timeout: float = 5.0
+
+    def run_dir(self, name: str) -> Path:
+        return self.state_dir / "run" / name
+
+    def log_path(self, name: str) -> Path:
+        return self.state_dir / "logs" / name / "console.log"
+
+
+ChangeListener = Callable[["Instance", frozenset[str]], None]
+
+
+@attrs.define(eq=False)
+class _Run:
+    """What one VMM run holds; torn down in reverse by ``stack``."""
+
+    definition: InstanceDef
+    application: Application
+    stack: contextlib.AsyncExitStack = attrs.Factory(contextlib.AsyncExitStack)
+    proc: asyncio.subprocess.Process | None = None
+    control: VmmControl | None = None
+    guest: GuestChannel | None = None
+    # Set before a stop step or a kill: the reason the exit will be reported with.
+    stop_reason: str | None = None
+    guest_exit: int | None = None
+    command_sent: bool = False
+    # QMP SHUTDOWN's reason: "guest-shutdown" (powered off), "guest-reset", "guest-panic".
+    shutdown_reason: str | None = None
+    done: asyncio.Future[None] = attrs.Factory(lambda: asyncio.get_running_loop().create_future())
+    stderr: process.StderrTail | None = None
+
+
+class Instance:
+    def __init__(self, definition: InstanceDef, application: Application, env: Environment):
+        self.definition = definition
+        self.application = application
+        self.env = env
+        self.state = State.stopped
+        self.state_reason = ""
+        self.main_pid = 0
+        self.started_at_us = 0
+        self.guest_ready = False
+        self.removed = False  # dropped from the configuration; deleted once stopped
+        self.listeners: list[ChangeListener] = []
+        self._lock = asyncio.Lock()
+        self._run: _Run | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.log = log.getChild(definition.name)
+
+    @property
+    def name(self) -> str:
+        return self.definition.name
+
+    @property
+    def needs_restart(self) -> bool:
+        """True while the VMM runs a definition that the configuration has since changed."""
+        run = self._run
+        return run is not None and (
+            run.definition != self.definition or run.application != self.application
+        )
+
+    @property
+    def active(self) -> bool:
+        return self.state in (State.starting, State.running, State.paused, State.stopping)
+
+    # -- state ------------------------------------------------------------
+
+    def _notify(self, changed: set[str]) -> None:
+        if not changed:
+            return
+        frozen = frozenset(changed)
+        for listener in list(self.listeners):
+            try:
+                listener(self, frozen)
+            except Exception:
+                self.log.exception("change listener failed")
+
+    def _set(self, **values: object) -> None:
+        changed = set()
+        for key, value in values.items():
+            if getattr(self, key) != value:
+                setattr(self, key, value)
+                changed.add(key)
+        self._notify(changed)
+
+    def _fire(self, event: Event, reason: str | None = None, **values: object) -> None:
+        """Apply ``event`` to the state; raises InvalidState naming the current state."""
+        self._check(event)
+        new = next_state(self.state, event)
+        if reason is not None:
+            values["state_reason"] = reason
+        self._set(state=new, **values)
+
+    def _check(self, event: Event) -> None:
+        """Raise InvalidState if ``event`` is not possible now, without applying it."""
+        try:
+            next_state(self.state, event)
+        except InvalidTransition:
+            raise InvalidState(
+                f"cannot {event.value} {self.name}: it is {self.state.value}"
+            ) from None
+
+    def update_definition(self, definition: InstanceDef, application: Application) -> None:
+        """Take a reloaded definition; a running VMM keeps the old one until restarted."""
+        before = (self.definition, self.application, self.needs_restart)
+        self.definition, self.application = definition, application
+        after = (self.definition, self.application, self.needs_restart)
+        changed = {
+            k
+            for k, a, b in zip(
+                ("definition", "application", "needs_restart"), before, after, strict=True
+            )
+            if a != b
+        }
+        self._notify(changed)
+
+    # -- calls -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the VM; returns when the VMM runs and its control channel answers.
+
+        Raises InvalidState, Failed (missing kernel or VMM, VMM exited at start),
+        Cancelled (killed while starting).
+        """
+        async with self._lock:
+            self._fire(Event.start, reason="")
+            run = _Run(self.definition, self.application)
+            self._run = run
+            try:
+                await self._start_run(run)
+            except BaseException as e:
+                await self._abort_start(run, e)
+                raise self._start_error(run, e) from None
+
+    def _start_error(self, run: _Run, e: BaseException) -> BaseException:
+        if run.stop_reason is not None:
+            return Cancelled(f"start of {self.name} was cancelled: {run.stop_reason}")
+        if isinstance(e, SpectrumError | asyncio.CancelledError):
+            return e
+        return Failed(f"cannot start {self.name}: {e}")
+
+    async def _abort_start(self, run: _Run, e: BaseException) -> None:
+        with contextlib.suppress(Exception):
+            await run.stack.aclose()
+        self._run = None
+        if run.stop_reason is not None:
+            self._fire(Event.exited, reason=run.stop_reason, main_pid=0, guest_ready=False)
+        else:
+            reason = str(e) if isinstance(e, SpectrumError) else f"start failed: {e}"
+            if isinstance(e, asyncio.CancelledError):
+                reason = "start failed: cancelled"
+            self._fire(Event.crashed, reason=reason, main_pid=0, guest_ready=False)
+        self.log.error("%s", self.state_reason)
+        self.log.debug("start failed", exc_info=e)
+        if not run.done.done():
+            run.done.set_result(None)
+
+    def _spec(self, run: _Run) -> VmSpec:
+        app = run.application
+        kernel = app.kernel or self.env.guest_dir / "vmlinuz"
+        initrd = app.initrd if app.kernel else self.env.guest_dir / "initramfs.img"
+        for what, path in (("kernel", kernel), ("initrd", initrd)):
+            if path is not None and not path.is_file():
+                hint = "" if app.kernel else " (build the embedded guest: make guest)"
+                raise Failed(f"cannot start {self.name}: {what} {path} not found{hint}")
+        spec = VmSpec(
+            instance=self.name,
+            accel=run.definition.accel,
+            memory_mib=app.memory_mib,
+            vcpus=app.vcpus,
+            kernel=kernel,
+            initrd=initrd,
+            cmdline=f"{DEFAULT_CMDLINE} {app.params}".strip(),
+            run_dir=self.env.run_dir(self.name),
+            ports=(PORT_CONTROL,),
+        )
+        longest = max(len(str(p)) for p in (spec.control_socket, spec.console_socket))
+        if longest > MAX_SOCKET_PATH:
+            raise Failed(f"cannot start {self.name}: state directory path is too long for sockets")
+        return spec
+
+    async def _start_run(self, run: _Run) -> None:
+        backend = BACKENDS[run.definition.vmm]
+        spec = self._spec(run)
+        binary = spec.binary or backend.default_binary(spec.arch)
+        if shutil.which(binary) is None:
+            raise Failed(f"cannot start {self.name}: VMM binary {binary} not found")
+        argv = backend.argv(spec)
+
+        shutil.rmtree(spec.run_dir, ignore_errors=True)
+        spec.run_dir.mkdir(mode=0o700, parents=True)
+        run.stack.callback(shutil.rmtree, spec.run_dir, True)
+
+        self.log.debug("exec %s", argv)
+        proc = await process.spawn(argv)
+        run.proc = proc
+        run.stack.push_async_callback(process.reap, proc)
+        self._set(main_pid=proc.pid)
+        # Recorded so that a later run (or a test's cleanup) can find our child.
+        (spec.run_dir / "vmm.pid").write_text(f"{proc.pid}\n")
+        assert proc.stderr is not None
+        run.stderr = process.StderrTail(self.log)
+        self._spawn_task(run.stderr.read(proc.stderr), run)
+
+        run.control = await self._attach(run, spec, proc)
+        run.stack.push_async_callback(run.control.close)
+
+        console_r, console_w = await asyncio.open_unix_connection(spec.console_socket)
+        run.stack.callback(console_w.close)
+        console = ConsoleLog(
+            self.env.log_path(self.name), self.env.console_max_bytes, self.env.console_keep
+        )
+        run.stack.callback(console.close)
+        self._spawn_task(pump(console_r, console), run)
+
+        guest_r, guest_w = await asyncio.open_unix_connection(spec.port_socket(PORT_CONTROL))
+        run.guest = GuestChannel(
+            guest_r,
+            guest_w,
+            on_ready=lambda: self._guest_ready(run),
+            on_exited=lambda status: self._guest_exited(run, status),
+        )
+        run.stack.callback(run.guest.close)
+        self._spawn_task(run.guest.run(), run)
+
+        await run.control.start_cpus()
+        self._fire(Event.started, started_at_us=time.time_ns() // 1000)
+        self._spawn_task(self._watch(run), None)
+        self.log.info("started (pid %d)", proc.pid)
+
+    async def _attach(
+        self, run: _Run, spec: VmSpec, proc: asyncio.subprocess.Process
+    ) -> VmmControl:
+        backend = BACKENDS[run.definition.vmm]
+        attach = asyncio.ensure_future(
+            backend.attach(spec, functools.partial(self._vmm_event, run), self.env.attach_timeout)
+        )
+        exited = asyncio.ensure_future(proc.wait())
+        try:
+            await asyncio.wait({attach, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+        if attach.done() and attach.exception() is None:
+            return attach.result()
+        if not attach.done():
+            attach.cancel()
+            with contextlib.suppress(BaseException):
+                await attach
+            # Let the stderr reader catch the VMM's last words.
+            await asyncio.sleep(0.05)
+            assert proc.returncode is not None and run.stderr is not None
+            detail = run.stderr.last()
+            raise Failed(
+                f"cannot start {self.name}: {process.describe_exit(proc.returncode)}"
+                + (f": {detail}" if detail else "")
+            )
+        err = attach.exception()
+        assert err is not None
+        if isinstance(err, VmmError | TimeoutError | OSError):
+            raise Failed(
+                f"cannot start {self.name}: no answer from the VMM's control socket: {err}"
+            )
+        raise err
+
+    def _spawn_task(self, coro: Any, run: _Run | None) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        if run is not None:
+            run.stack.callback(task.cancel)
+
+    def _guest_ready(self, run: _Run) -> None:
+        if self._run is not run:
+            return
+        self._set(guest_ready=True)
+        if not run.command_sent and run.guest is not None:
+            run.command_sent = True
+            self._spawn_task(run.guest.send(encode_run(run.application.command)), run)
+
+    def _vmm_event(self, run: _Run, name: str, data: Mapping[str, Any]) -> None:
+        self.log.debug("vmm event %s %s", name, dict(data))
+        if name == "SHUTDOWN" and data.get("guest"):
+            run.shutdown_reason = str(data.get("reason", ""))
+
+    def _guest_exited(self, run: _Run, status: int) -> None:
+        if self._run is not run or run.guest_exit is not None:
+            return
+        run.guest_exit = status
+        self.log.info("application exited with status %d", status)
+        if self.state in (State.running, State.paused):
+            self._fire(Event.guest_shutdown, reason=f"application exited with status {status}")
+
+    async def _watch(self, run: _Run) -> None:
+        """Turn the VMM's exit, asked for or not, into the final state."""
+        assert run.proc is not None
+        returncode = await run.proc.wait()
+        await asyncio.sleep(0)  # let the stderr reader drain what is buffered
+        await run.stack.aclose()
+        self._run = None
+        final = dict(main_pid=0, started_at_us=0, guest_ready=False)
+        if run.stop_reason is not None:
+            self._fire(Event.exited, reason=run.stop_reason, **final)
+        elif run.guest_exit == 0 and self.state == State.stopping:
+            self._fire(Event.exited, reason="application exited with status 0", **final)
+        elif run.guest_exit is None and run.shutdown_reason == "guest-shutdown":
+            self._fire(Event.guest_shutdown)
+            self._fire(Event.exited, reason="the guest powered off", **final)
+        else:
+            if run.guest_exit is not None:
+                reason = f"application exited with status {run.guest_exit}"
+            elif run.shutdown_reason in ("guest-reset", "guest-panic"):
+                reason = f"the guest crashed or rebooted ({run.shutdown_reason})"
+            else:
+                reason = process.describe_exit(returncode)
+                if run.stderr is not None and run.stderr.last() and returncode > 0:
+                    reason += f": {run.stderr.last()}"
+            self._fire(Event.crashed, reason=reason, **final)
+            self.log.error("%s", reason)
+        self.log.info("%s: %s", self.state.value, self.state_reason)
+        run.done.set_result(None)
+
+    async def stop(self) -> None:
+        """Graceful stop: power button → stop timeout → SIGTERM → SIGKILL.
+
+        Returns when the VMM has exited; StateReason says which step ended it.
+        Raises InvalidState.
+        """
+        async with self._lock:
+            run = self._run
+            was_paused = self.state == State.paused
+            self._fire(Event.stop)
+            assert run is not None and run.proc is not None and run.control is not None
+            timeout = run.definition.stop_timeout
+            run.stop_reason = "stopped: the guest shut down after the power button"
+            try:
+                if was_paused:
+                    await run.control.resume()
+                await run.control.powerdown()
+            except VmmError as e:
+                self.log.info("power button not delivered: %s", e)
+            if await self._wait_done(run, timeout):
+                return
+            run.stop_reason = (
+                f"stopped: vmm terminated with SIGTERM after the {timeout:g} s stop timeout"
+            )
+            process.send_signal(run.proc, signal.SIGTERM)
+            if await self._wait_done(run, self.env.term_timeout):
+                return
+            run.stop_reason = (
+                f"stopped: vmm killed with SIGKILL; SIGTERM did not end it "
+                f"within {self.env.term_timeout:g} s"
+            )
+            process.send_signal(run.proc, signal.SIGKILL)
+            await asyncio.shield(run.done)
+
+    async def _wait_done(self, run: _Run, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(asyncio.shield(run.done), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def kill(self) -> None:
+        """SIGKILL the VMM now (also during a start or a stop). Raises InvalidState."""
+        run = self._run
+        self._fire(Event.kill)
+        assert run is not None
+        run.stop_reason = "killed"
+        if run.proc is not None:
+            process.send_signal(run.proc, signal.SIGKILL)
+        await asyncio.shield(run.done)
+
+    async def pause(self) -> None:
+        """Freeze the guest's CPUs. Raises InvalidState, Failed."""
+        async with self._lock:
+            self._check(Event.pause)
+            run = self._run
+            assert run is not None and run.control is not None
+            try:
+                await run.control.pause()
+            except VmmError as e:
+                raise Failed(f"cannot pause {self.name}: {e}") from None
+            self._fire(Event.pause)
+
+    async def resume(self) -> None:
+        """Let a paused guest run again. Raises InvalidState, Failed."""
+        async with self._lock:
+            self._check(Event.resume)
+            run = self._run
+            assert run is not None and run.control is not None
+            try:
+                await run.control.resume()
+            except VmmError as e:
+                raise Failed(f"cannot resume {self.name}: {e}") from None
+            self._fire(Event.resume)
+
+    async def shutdown_tasks(self) -> None:
+        """Cancel helper tasks (daemon exit); the VMM is left as it is."""
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task

@@ -1,0 +1,101 @@
+"""The seam between the supervisor and a VMM backend.
+
+A backend is a module with a pure argv builder and a control client, chosen by
+:class:`VmmKind` through the ``BACKENDS`` table in ``spectrumd.vmm``. The
+supervisor spawns the argv itself (so every child is reaped in one place),
+then calls :meth:`VmmBackend.attach` to reach the VMM's control channel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import attrs
+
+from spectrumd.model.types import Accel, VmmKind
+
+# Virtio-serial ports of the guest contract, by name → socket file name in run_dir.
+PORT_CONTROL = "org.spectrum_os.control"
+PORT_FS = "org.spectrum_os.fs"
+PORT_PORTAL = "org.spectrum_os.portal"
+
+
+def port_socket_name(port: str) -> str:
+    """``org.spectrum_os.control`` → ``control.sock``."""
+    return port.rsplit(".", 1)[-1] + ".sock"
+
+
+@attrs.frozen
+class VmSpec:
+    """Everything a backend needs to build its command line; paths are absolute."""
+
+    instance: str
+    accel: Accel
+    memory_mib: int
+    vcpus: int
+    kernel: Path
+    initrd: Path | None
+    cmdline: str
+    # Directory private to this run: control, console and port sockets live here.
+    run_dir: Path
+    arch: str = "x86_64"
+    # Names of the guest-contract ports to create (each backed by a unix socket
+    # in run_dir, the VMM being the listening side).
+    ports: tuple[str, ...] = (PORT_CONTROL,)
+    binary: str | None = None  # override the backend's default binary
+
+    @property
+    def console_socket(self) -> Path:
+        return self.run_dir / "console.sock"
+
+    @property
+    def control_socket(self) -> Path:
+        """The VMM's own control socket (QMP for QEMU, crosvm's --socket)."""
+        return self.run_dir / "vmm.sock"
+
+    def port_socket(self, port: str) -> Path:
+        return self.run_dir / port_socket_name(port)
+
+
+EventHandler = Callable[[str, Mapping[str, Any]], None]
+
+
+class VmmError(Exception):
+    """The VMM's control channel failed or refused a command."""
+
+
+class VmmControl(Protocol):
+    """A connected control channel to one running VMM."""
+
+    async def start_cpus(self) -> None:
+        """Let the guest run (the VMM is started with its CPUs held)."""
+
+    async def pause(self) -> None: ...
+
+    async def resume(self) -> None: ...
+
+    async def powerdown(self) -> None:
+        """Ask the guest to shut down (ACPI power button)."""
+
+    async def quit(self) -> None:
+        """Ask the VMM itself to exit now (the guest gets no say)."""
+
+    async def close(self) -> None: ...
+
+
+class VmmBackend(Protocol):
+    kind: VmmKind
+
+    def default_binary(self, arch: str) -> str: ...
+
+    def argv(self, spec: VmSpec) -> list[str]:
+        """The full command line, a pure function of ``spec``."""
+
+    async def attach(self, spec: VmSpec, on_event: EventHandler, timeout: float) -> VmmControl:
+        """Connect to the VMM started from ``argv(spec)``.
+
+        Retries until its control socket answers or ``timeout`` passes.
+        Raises VmmError (or TimeoutError) if it cannot.
+        """

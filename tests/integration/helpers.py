@@ -1,0 +1,102 @@
+"""Small helpers for tests that talk to a real spectrumd over a real bus."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dbus_fast import Message
+
+from spectrumd.bus.names import ERROR_PREFIX, INSTANCE_IFACE, MANAGER_PATH
+from spectrumd.cli.client import CallError, Client
+
+
+def app_config(command: str, **instances: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "defaults": {"vmm": "qemu", "accel": "tcg", "stop_timeout": 20},
+        "applications": {"app": {"command": command, "memory_mib": 128}},
+        "resources": {
+            "lan": {"type": "network"},
+            "docs": {"type": "directory", "path": "/srv/docs"},
+        },
+        "instances": instances or {"one": {"application": "app"}},
+    }
+
+
+async def props(c: Client, name: str) -> dict[str, Any]:
+    return await c.properties(await c.instance_path(name))
+
+
+async def wait_for(
+    c: Client, name: str, pred: Callable[[dict[str, Any]], bool], timeout: float = 60
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        p = await props(c, name)
+        if pred(p):
+            return p
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting on {name}: {p}")
+        await asyncio.sleep(0.1)
+
+
+async def wait_log(path: Path, text: str, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        content = path.read_text(errors="replace") if path.exists() else ""
+        if text in content:
+            return content
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not in {path} after {timeout}s:\n{content[-2000:]}")
+        await asyncio.sleep(0.2)
+
+
+async def error_of(coro: Any) -> CallError:
+    try:
+        await coro
+    except CallError as e:
+        return e
+    raise AssertionError("the call succeeded but should have failed")
+
+
+def short(name: str) -> str:
+    return name.removeprefix(ERROR_PREFIX)
+
+
+class SignalRecorder:
+    """Records PropertiesChanged and ObjectManager signals of spectrumd."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+
+    async def attach(self, c: Client) -> SignalRecorder:
+        c.bus.add_message_handler(self._on)
+        await c.add_match(
+            "type='signal',interface='org.freedesktop.DBus.Properties',"
+            f"path_namespace='{MANAGER_PATH}'"
+        )
+        await c.add_match(
+            f"type='signal',interface='org.freedesktop.DBus.ObjectManager',path='{MANAGER_PATH}'"
+        )
+        return self
+
+    def _on(self, msg: Message) -> bool:
+        if msg.member in ("PropertiesChanged", "InterfacesAdded", "InterfacesRemoved"):
+            self.messages.append(msg)
+        return False
+
+    def states(self, path: str) -> list[str]:
+        return [
+            m.body[1]["State"].value
+            for m in self.messages
+            if m.member == "PropertiesChanged"
+            and m.path == path
+            and m.body[0] == INSTANCE_IFACE
+            and "State" in m.body[1]
+        ]
+
+    def object_events(self) -> list[tuple[str, str, str]]:
+        return [(m.member, m.path or "", m.body[0]) for m in self.messages if "Interfaces" in m.member]

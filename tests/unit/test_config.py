@@ -1,0 +1,107 @@
+"""Configuration validation: every error names the key path and the problem."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from spectrumd.errors import ConfigError
+from spectrumd.model import Accel, VmmKind, load_config, parse_config
+
+GOOD = {
+    "defaults": {"vmm": "qemu", "accel": "tcg"},
+    "applications": {"shell": {"command": "echo hello; exec sleep 3600", "memory_mib": 256}},
+    "resources": {
+        "lan": {"type": "network"},
+        "docs": {"type": "directory", "path": "/srv/docs", "writable": False},
+    },
+    "instances": {
+        "work-shell": {"application": "shell", "resources": ["lan", "docs"]},
+        "home-shell": {"application": "shell", "resources": [], "accel": "kvm"},
+    },
+}
+
+
+def with_(path: str, value: object) -> dict[str, object]:
+    """A copy of GOOD with one key (dotted path) replaced; value None deletes it."""
+    cfg = json.loads(json.dumps(GOOD))
+    *parents, last = path.split(".")
+    node = cfg
+    for p in parents:
+        node = node[p]
+    if value is None:
+        del node[last]
+    else:
+        node[last] = value
+    return cfg
+
+
+def test_good_config() -> None:
+    c = parse_config(GOOD)
+    ws = c.instances["work-shell"]
+    assert ws.resources == ("lan", "docs")
+    assert ws.vmm is VmmKind.qemu and ws.accel is Accel.tcg
+    assert c.instances["home-shell"].accel is Accel.kvm
+    assert ws.stop_timeout == 30.0
+    assert c.applications["shell"].vcpus == 1
+
+
+def test_defaults_are_kvm_and_qemu() -> None:
+    c = parse_config(with_("defaults", {}))
+    assert c.instances["work-shell"].accel is Accel.kvm
+    assert c.instances["work-shell"].vmm is VmmKind.qemu
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("instances.work-shell.application", "shel", 'instances.work-shell.application: no application "shel"'),
+        ("instances.work-shell.resources", ["lan", "nope"], 'instances.work-shell.resources[1]: no resource "nope"'),
+        ("instances.work-shell.resources", ["lan", "lan"], 'instances.work-shell.resources[1]: resource "lan" is listed twice'),
+        ("instances.work-shell.resources", "lan", "instances.work-shell.resources: expected a list, got a string"),
+        ("instances.work-shell.colour", "red", "instances.work-shell.colour: unknown key"),
+        ("instances.Work_Shell", {"application": "shell"}, 'instances.Work_Shell: invalid name "Work_Shell"'),
+        ("applications.shell.memory_mib", "256", "applications.shell.memory_mib: expected an integer, got a string"),
+        ("applications.shell.memory_mib", 1, "applications.shell.memory_mib: 1 is out of range"),
+        ("applications.shell.vcpus", True, "applications.shell.vcpus: expected an integer, got a boolean"),
+        ("applications.shell.command", None, "applications.shell.command: missing"),
+        ("applications.shell.kernel", "vmlinuz", 'applications.shell.kernel: "vmlinuz" is not an absolute path'),
+        ("resources.docs.path", "/srv/../etc", 'resources.docs.path: "/srv/../etc" is not a canonical path'),
+        ("resources.docs.type", "disk", 'resources.docs.type: unknown resource type "disk"'),
+        ("resources.docs.writable", "yes", "resources.docs.writable: expected true or false, got a string"),
+        ("defaults.vmm", "firecracker", 'defaults.vmm: "firecracker" is not "qemu" or "crosvm"'),
+        ("defaults.accel", "hvf", 'defaults.accel: "hvf" is not "kvm" or "tcg"'),
+        ("defaults.stop_timeout", -1, "defaults.stop_timeout: -1 is out of range"),
+        ("colour", "red", "colour: unknown key"),
+        ("instances", [], "instances: expected an object, got a list"),
+    ],
+)
+def test_bad_config_names_key(path: str, value: object, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config(with_(path, value))
+    assert str(e.value).startswith(message)
+
+
+def test_long_name_is_refused() -> None:
+    with pytest.raises(ConfigError, match="names must match"):
+        parse_config(with_("instances." + "a" * 64, {"application": "shell"}))
+
+
+def test_data_file_instances_are_runtime_and_must_not_collide() -> None:
+    data = {"version": 1, "instances": {"extra": {"application": "shell", "resources": ["lan"]}}}
+    c = parse_config(GOOD, data)
+    assert c.instances["extra"].origin == "runtime"
+    dup = {"instances": {"work-shell": {"application": "shell"}}}
+    with pytest.raises(ConfigError) as e:
+        parse_config(GOOD, dup)
+    assert "data.instances.work-shell" in str(e.value)
+    assert "instances.work-shell" in str(e.value).split(":", 1)[1]
+
+
+def test_load_config_reports_json_position(tmp_path: Path) -> None:
+    p = tmp_path / "c.json"
+    p.write_text('{"applications": {,}}')
+    with pytest.raises(ConfigError, match=r"c.json:1:\d+: invalid JSON"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.json")

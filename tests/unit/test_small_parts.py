@@ -1,0 +1,82 @@
+"""Console log rotation, the guest control channel, path escaping, argument checks."""
+
+import asyncio
+import base64
+from pathlib import Path
+
+import pytest
+from dbus_fast import Variant
+
+from spectrumd.bus import validate
+from spectrumd.bus.names import escape_path_element, instance_path, unescape_path_element
+from spectrumd.errors import InvalidArgument
+from spectrumd.supervisor.console import ConsoleLog
+from spectrumd.supervisor.guest import GuestChannel, encode_run
+
+
+def test_console_log_is_bounded_and_rotated(tmp_path: Path) -> None:
+    log = ConsoleLog(tmp_path / "console.log", max_bytes=100, keep=2)
+    for i in range(50):
+        log.write(f"line {i:03d}\n".encode())  # 9 bytes each, 450 in all
+    log.close()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["console.log", "console.log.1", "console.log.2"]
+    sizes = [(tmp_path / f).stat().st_size for f in files]
+    assert all(s <= 100 for s in sizes)
+    # The newest output is in console.log, the one before it in .1.
+    assert (tmp_path / "console.log").read_text().endswith("line 049\n")
+    whole = (tmp_path / "console.log.1").read_text() + (tmp_path / "console.log").read_text()
+    assert "line 040" in whole
+
+
+def test_path_escaping_round_trips() -> None:
+    assert escape_path_element("work-shell") == "work_2dshell"
+    assert instance_path("a1") == "/org/spectrum_os/Spectrum1/instance/a1"
+    for name in ("work-shell", "a", "0-0", "x--y", ""):
+        assert unescape_path_element(escape_path_element(name)) == name
+
+
+def test_validate_names_and_options() -> None:
+    assert validate.name("name", "ok-1") == "ok-1"
+    with pytest.raises(InvalidArgument, match="invalid name"):
+        validate.name("name", "Bad Name")
+    with pytest.raises(InvalidArgument, match="invalid name"):
+        validate.name("name", "x" * 100)
+    with pytest.raises(InvalidArgument, match="more than"):
+        validate.names("resources", ["a"] * 65)
+    assert validate.options({"accel": Variant("s", "tcg")}) == {"accel": "tcg"}
+    with pytest.raises(InvalidArgument, match='unknown option "colour"'):
+        validate.options({"colour": Variant("s", "red")})
+    with pytest.raises(InvalidArgument, match="options.accel: wrong type"):
+        validate.options({"accel": Variant("u", 1)})
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, b: bytes) -> None:
+        self.data += b
+
+    async def drain(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+async def test_guest_channel_parses_only_what_it_knows() -> None:
+    reader = asyncio.StreamReader()
+    ready: list[bool] = []
+    exited: list[int] = []
+    sink = _Sink()
+    ch = GuestChannel(reader, sink, lambda: ready.append(True), exited.append)  # type: ignore[arg-type]
+    reader.feed_data(b"garbage\xff\nready\nexited 300\nexited -1\nexited x\n")
+    reader.feed_data(b"A" * 10000 + b"\n")  # over-long: dropped
+    reader.feed_data(b"exited 3\n")
+    reader.feed_eof()
+    await ch.run()
+    assert ready == [True]
+    assert exited == [3]
+    await ch.send(encode_run("echo hi; true"))
+    assert sink.data == b"run " + base64.b64encode(b"echo hi; true") + b"\n"
