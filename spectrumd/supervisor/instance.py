@@ -380,7 +380,7 @@ class Instance:
             self._fire(Event.stop)
             assert run is not None and run.proc is not None and run.control is not None
             timeout = run.definition.stop_timeout
-            run.stop_reason = "stopped: the guest shut down after the power button"
+            run.stop_reason = "the guest shut down after the power button"
             try:
                 if was_paused:
                     await run.control.resume()
@@ -390,13 +390,13 @@ class Instance:
             if await self._wait_done(run, timeout):
                 return
             run.stop_reason = (
-                f"stopped: vmm terminated with SIGTERM after the {timeout:g} s stop timeout"
+                f"vmm terminated with SIGTERM after the {timeout:g} s stop timeout"
             )
             process.send_signal(run.proc, signal.SIGTERM)
             if await self._wait_done(run, self.env.term_timeout):
                 return
             run.stop_reason = (
-                f"stopped: vmm killed with SIGKILL; SIGTERM did not end it "
+                f"vmm killed with SIGKILL; SIGTERM did not end it "
                 f"within {self.env.term_timeout:g} s"
             )
             process.send_signal(run.proc, signal.SIGKILL)

@@ -99,4 +99,6 @@ class SignalRecorder:
         ]
 
     def object_events(self) -> list[tuple[str, str, str]]:
-        return [(m.member, m.path or "", m.body[0]) for m in self.messages if "Interfaces" in m.member]
+        return [
+            (m.member, m.path or "", m.body[0]) for m in self.messages if "Interfaces" in m.member
+        ]

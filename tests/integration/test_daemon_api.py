@@ -27,7 +27,9 @@ TWO = app_config(
 )
 
 
-def spectrumctl(d: Daemon, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def spectrumctl(
+    d: Daemon, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "spectrumd.cli", "--bus", d.address, *args],
         capture_output=True,
@@ -41,9 +43,20 @@ async def test_bad_config_at_start_exits_with_the_message(daemon: Daemon) -> Non
     cfg = app_config("x", **{"work-shell": {"application": "shel"}})
     daemon.write_config(cfg)
     r = subprocess.run(
-        [sys.executable, "-m", "spectrumd", "--bus", daemon.address, "--config",
-         str(daemon.config_path), "--state-dir", str(daemon.state_dir)],
-        capture_output=True, text=True, timeout=30,
+        [
+            sys.executable,
+            "-m",
+            "spectrumd",
+            "--bus",
+            daemon.address,
+            "--config",
+            str(daemon.config_path),
+            "--state-dir",
+            str(daemon.state_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert r.returncode == 2
     assert 'instances.work-shell.application: no application "shel"' in r.stderr
@@ -69,9 +82,21 @@ async def test_lists_and_errors(daemon: Daemon) -> None:
         (c.manager("StopInstance", "s", "work-shell"), "InvalidState", "it is stopped"),
         (c.call(instance_path("work-shell"), INSTANCE_IFACE, "Pause"), "InvalidState", "stopped"),
         (c.call(instance_path("work-shell"), INSTANCE_IFACE, "Kill"), "InvalidState", "stopped"),
-        (c.manager("CreateInstance", "ssasa{sv}", "work-shell", "app", [], {}), "Exists", "already exists"),
-        (c.manager("CreateInstance", "ssasa{sv}", "n1", "nope", [], {}), "NoSuchApplication", 'no application "nope"'),
-        (c.manager("CreateInstance", "ssasa{sv}", "n1", "app", ["nope"], {}), "NoSuchResource", 'no resource "nope"'),
+        (
+            c.manager("CreateInstance", "ssasa{sv}", "work-shell", "app", [], {}),
+            "Exists",
+            "already exists",
+        ),
+        (
+            c.manager("CreateInstance", "ssasa{sv}", "n1", "nope", [], {}),
+            "NoSuchApplication",
+            'no application "nope"',
+        ),
+        (
+            c.manager("CreateInstance", "ssasa{sv}", "n1", "app", ["nope"], {}),
+            "NoSuchResource",
+            'no resource "nope"',
+        ),
         (c.manager("DeleteInstance", "s", "work-shell"), "InvalidArgument", "configuration file"),
     ]
     for coro, name, text in cases:
@@ -135,12 +160,13 @@ async def test_reload_keeps_state_on_bad_file_and_applies_a_good_one(daemon: Dae
 
 async def test_runtime_instances_persist_across_restart(daemon: Daemon) -> None:
     c = await daemon.start(TWO)
-    (path,) = await c.manager(
-        "CreateInstance", "ssasa{sv}", "scratch", "app", ["docs"], {}
-    )
+    (path,) = await c.manager("CreateInstance", "ssasa{sv}", "scratch", "app", ["docs"], {})
     assert path == instance_path("scratch")
     data = json.loads((daemon.state_dir / "instances.json").read_text())
-    assert data == {"version": 1, "instances": {"scratch": {"application": "app", "resources": ["docs"]}}}
+    assert data == {
+        "version": 1,
+        "instances": {"scratch": {"application": "app", "resources": ["docs"]}},
+    }
     await daemon.stop()
     c = await daemon.start()
     assert (await props(c, "scratch"))["Resources"] == ["docs"]
@@ -155,25 +181,38 @@ async def test_busctl_works(daemon: Daemon) -> None:
     base = ["busctl", f"--address={daemon.address}"]
     r = subprocess.run(
         [*base, "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "ListInstances"],
-        capture_output=True, text=True, timeout=10, check=True,
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
     )
     assert r.stdout.startswith("a(ssso) 2 ")
     assert '"work-shell" "app" "stopped"' in r.stdout
     r = subprocess.run(
         [*base, "get-property", BUS_NAME, instance_path("work-shell"), INSTANCE_IFACE, "State"],
-        capture_output=True, text=True, timeout=10, check=True,
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
     )
     assert r.stdout.strip() == 's "stopped"'
-    r = subprocess.run([*base, "tree", BUS_NAME], capture_output=True, text=True, timeout=10, check=True)
+    r = subprocess.run(
+        [*base, "tree", BUS_NAME], capture_output=True, text=True, timeout=10, check=True
+    )
     assert "/org/spectrum_os/Spectrum1/instance/work_2dshell" in r.stdout
     r = subprocess.run(
         [*base, "introspect", BUS_NAME, instance_path("work-shell")],
-        capture_output=True, text=True, timeout=10, check=True,
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
     )
     assert ".Start" in r.stdout and ".StateReason" in r.stdout
     r = subprocess.run(
         [*base, "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "GetInstance", "s", "nope"],
-        capture_output=True, text=True, timeout=10,
+        capture_output=True,
+        text=True,
+        timeout=10,
     )
     assert r.returncode != 0 and 'no instance "nope"' in r.stderr
 
@@ -205,7 +244,8 @@ async def test_served_introspection_matches_dbus_xml(daemon: Daemon) -> None:
             xml_file.write_text(
                 '<!DOCTYPE node PUBLIC "-//freedesktop//DTD D-BUS Object Introspection 1.0//EN"\n'
                 ' "http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd">\n'
-                + ET.tostring(node, encoding="unicode") + "\n"
+                + ET.tostring(node, encoding="unicode")
+                + "\n"
             )
         assert _interface_xml(served, iface) == _interface_xml(xml_file.read_text(), iface)
 

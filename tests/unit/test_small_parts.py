@@ -47,7 +47,7 @@ def test_validate_names_and_options() -> None:
     assert validate.options({"accel": Variant("s", "tcg")}) == {"accel": "tcg"}
     with pytest.raises(InvalidArgument, match='unknown option "colour"'):
         validate.options({"colour": Variant("s", "red")})
-    with pytest.raises(InvalidArgument, match="options.accel: wrong type"):
+    with pytest.raises(InvalidArgument, match=r"options\.accel: wrong type"):
         validate.options({"accel": Variant("u", 1)})
 
 

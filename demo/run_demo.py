@@ -1,0 +1,134 @@
+"""The demo: a private bus, spectrumd on demo/config.json, two guests started and stopped.
+
+Run by ``make demo``; exits 0 when both guests printed their application's
+output and stopped gracefully. Everything it starts it ends, by pid.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "demo" / "config.json"
+INSTANCES = ("work-shell", "home-shell")
+GUEST_OUTPUT = "hello from"
+
+
+def ctl(address: str, *args: str) -> str:
+    r = subprocess.run(
+        [sys.executable, "-m", "spectrumd.cli", "--bus", address, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if r.returncode != 0:
+        raise SystemExit(f"spectrumctl {' '.join(args)} failed: {r.stderr.strip()}")
+    return r.stdout
+
+
+def step(text: str) -> None:
+    print(f"\n==> {text}", flush=True)
+
+
+def wait_for_output(address: str, name: str, timeout: float = 90) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = ctl(address, "logs", name)
+        if GUEST_OUTPUT in log:
+            return log
+        time.sleep(0.5)
+    raise SystemExit(f"{name} printed nothing within {timeout:.0f}s")
+
+
+def main() -> int:
+    work = Path(tempfile.mkdtemp(prefix="spectrum-demo.", dir="/tmp"))
+    bus = daemon = None
+    try:
+        step("starting a private D-Bus daemon")
+        bus = subprocess.Popen(
+            [
+                "dbus-daemon",
+                "--session",
+                "--nofork",
+                "--nopidfile",
+                f"--address=unix:path={work}/bus",
+                "--print-address=1",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert bus.stdout is not None
+        address = bus.stdout.readline().strip()
+        print(address)
+
+        step(f"starting spectrumd with {CONFIG.relative_to(ROOT)}")
+        daemon = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "spectrumd",
+                "--bus",
+                address,
+                "--config",
+                str(CONFIG),
+                "--state-dir",
+                str(work / "state"),
+            ],
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        for _ in range(100):
+            try:
+                ctl(address, "list")
+                break
+            except SystemExit:
+                time.sleep(0.1)
+        print(ctl(address, "list"), end="")
+
+        for name in INSTANCES:
+            step(f"spectrumctl start {name}")
+            t0 = time.monotonic()
+            ctl(address, "start", name)
+            print(f"{name}: VMM running after {time.monotonic() - t0:.2f}s")
+
+        step("spectrumctl list")
+        print(ctl(address, "list"), end="")
+
+        for name in INSTANCES:
+            step(f"output of {name} (spectrumctl logs {name})")
+            for line in wait_for_output(address, name).splitlines():
+                if line.strip():
+                    print(f"  {line}")
+            print(ctl(address, "status", name), end="")
+
+        for name in INSTANCES:
+            step(f"spectrumctl stop {name}")
+            t0 = time.monotonic()
+            ctl(address, "stop", name)
+            print(f"{name}: stopped in {time.monotonic() - t0:.2f}s")
+            print(ctl(address, "status", name), end="")
+
+        step("spectrumctl list")
+        print(ctl(address, "list"), end="")
+        print("\ndemo finished")
+        return 0
+    finally:
+        for proc in (daemon, bus):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
