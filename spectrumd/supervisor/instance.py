@@ -229,7 +229,12 @@ class Instance:
         return spec
 
     async def _start_run(self, run: _Run) -> None:
-        backend = BACKENDS[run.definition.vmm]
+        backend = BACKENDS.get(run.definition.vmm)
+        if backend is None:
+            raise Failed(
+                f"cannot start {self.name}: the {run.definition.vmm.value} backend "
+                "is not available in this version of spectrumd"
+            )
         spec = self._spec(run)
         binary = spec.binary or backend.default_binary(spec.arch)
         if shutil.which(binary) is None:
