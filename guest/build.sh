@@ -1,8 +1,10 @@
 #!/bin/sh
 # Build spectrumd's embedded default guest: OUTDIR/vmlinuz (Debian's generic
 # kernel) and OUTDIR/initramfs.img (static busybox, the modules the guest
-# contract needs, /init).  Idempotent: exits at once when both outputs are
-# newer than this script and the guest sources.  Run as root on Debian 12.
+# contract needs, /init).  Idempotent: exits at once when both outputs exist
+# and were built from the same sources (a hash of them is kept in
+# OUTDIR/sources.sha256; a fresh clone has new mtimes but the same hash).
+# Run as root on Debian 12.
 #
 # Usage: guest/build.sh OUTDIR
 # Environment: SPECTRUM_GUEST_KERNEL_PKG overrides the kernel package name.
@@ -23,11 +25,14 @@ core_modules="virtio_pci virtio_mmio virtio_console virtio_net virtio_blk
   9p 9pnet_fd button evdev af_packet"
 usb_modules="xhci_pci usb_storage sd_mod"
 
+sources_hash() {
+  # shellcheck disable=SC2086
+  cat $sources | sha256sum | cut -d' ' -f1
+}
+
 up_to_date() {
-  [ -f "$out/vmlinuz" ] && [ -f "$out/initramfs.img" ] || return 1
-  for s in $sources; do
-    [ "$out/vmlinuz" -nt "$s" ] && [ "$out/initramfs.img" -nt "$s" ] || return 1
-  done
+  [ -f "$out/vmlinuz" ] && [ -f "$out/initramfs.img" ] && [ -f "$out/sources.sha256" ] || return 1
+  [ "$(cat "$out/sources.sha256")" = "$(sources_hash)" ]
 }
 
 if up_to_date; then
@@ -180,6 +185,7 @@ cp "$tmp/initramfs.img" "$out/.initramfs.img.tmp"
 cp "$kernel_image" "$out/.vmlinuz.tmp"
 mv -f "$out/.initramfs.img.tmp" "$out/initramfs.img"
 mv -f "$out/.vmlinuz.tmp" "$out/vmlinuz"
+sources_hash > "$out/sources.sha256"
 printf '%s %s\n' "$pkg" "$kver" >"$out/kernel-version"
 log "wrote $out/vmlinuz ($kver, $(du -k "$out/vmlinuz" | cut -f1) KiB)" \
   "and $out/initramfs.img ($(du -k "$out/initramfs.img" | cut -f1) KiB)"
