@@ -8,7 +8,7 @@ from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
 
 from spectrumd.bus.auth import CallerCheck
 from spectrumd.bus.errors import wire_errors
-from spectrumd.bus.names import INSTANCE_IFACE
+from spectrumd.bus.names import INSTANCE_IFACE, instance_path
 from spectrumd.supervisor import Instance
 
 DBusStrList = Annotated[list[str], DBusSignature("as")]
@@ -37,6 +37,7 @@ class InstanceInterface(ServiceInterface):
     def __init__(self, inst: Instance, auth: CallerCheck) -> None:
         super().__init__(INSTANCE_IFACE)
         self.inst = inst
+        self.path = instance_path(inst.name)
         self._auth = auth
         self._emitted = property_values(inst)
 

@@ -42,6 +42,8 @@ class ManagerInterface(ServiceInterface):
         self.sup = sup
         self.auth = auth
         self.objects: dict[str, InstanceInterface] = {}
+        # ListInstances is the hot read: its rows are kept until something changes.
+        self._rows: list[list[str]] | None = None
         sup.on_added.append(self._export)
         sup.on_removed.append(self._unexport)
         sup.on_changed.append(self._changed)
@@ -53,16 +55,19 @@ class ManagerInterface(ServiceInterface):
             self._export(inst)
 
     def _export(self, inst: Instance) -> None:
+        self._rows = None
         iface = InstanceInterface(inst, self.auth)
         self.objects[inst.name] = iface
-        self.bus.export(instance_path(inst.name), iface)
+        self.bus.export(iface.path, iface)
 
     def _unexport(self, inst: Instance) -> None:
+        self._rows = None
         iface = self.objects.pop(inst.name, None)
         if iface is not None:
-            self.bus.unexport(instance_path(inst.name), iface)
+            self.bus.unexport(iface.path, iface)
 
     def _changed(self, inst: Instance, changed: frozenset[str]) -> None:
+        self._rows = None
         iface = self.objects.get(inst.name)
         if iface is not None and iface.inst is inst:
             iface.refresh()
@@ -73,10 +78,12 @@ class ManagerInterface(ServiceInterface):
     @dbus_method()
     @wire_errors
     async def ListInstances(self) -> InstanceList:
-        return [
-            [i.name, i.definition.application, i.state.value, instance_path(i.name)]
-            for i in self.sup.instances.values()
-        ]
+        if self._rows is None:
+            self._rows = [
+                [i.name, i.definition.application, i.state.value, self.objects[i.name].path]
+                for i in self.sup.instances.values()
+            ]
+        return self._rows
 
     @dbus_method()
     @wire_errors

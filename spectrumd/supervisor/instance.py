@@ -16,13 +16,13 @@ import logging
 import shutil
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from spectrumd.errors import Cancelled, Failed, InvalidState, SpectrumError
+from spectrumd.errors import Cancelled, Failed, InvalidState, SpectrumError, Timeout
 from spectrumd.lifecycle import Event, State, next_state
 from spectrumd.lifecycle.machine import InvalidTransition
 from spectrumd.model.types import Application, InstanceDef
@@ -48,6 +48,7 @@ class Environment:
     console_keep: int = 3
     attach_timeout: float = 30.0
     term_timeout: float = 5.0
+    control_timeout: float = 10.0
 
     def run_dir(self, name: str) -> Path:
         return self.state_dir / "run" / name
@@ -277,7 +278,7 @@ class Instance:
         run.stack.callback(run.guest.close)
         self._spawn_task(run.guest.run(), run)
 
-        await run.control.start_cpus()
+        await self._control(run.control.start_cpus(), "start")
         self._fire(Event.started, started_at_us=time.time_ns() // 1000)
         self._spawn_task(self._watch(run), None)
         self.log.info("started (pid %d)", proc.pid)
@@ -387,16 +388,20 @@ class Instance:
             timeout = run.definition.stop_timeout
             run.stop_reason = "the guest shut down after the power button"
             try:
-                if was_paused:
-                    await run.control.resume()
-                await run.control.powerdown()
-            except VmmError as e:
-                self.log.info("power button not delivered: %s", e)
-            if await self._wait_done(run, timeout):
+                # The whole graceful step is bounded: a VMM that does not even
+                # answer QMP (stopped, wedged) must not hold the stop up.
+                async with asyncio.timeout(timeout):
+                    try:
+                        if was_paused:
+                            await run.control.resume()
+                        await run.control.powerdown()
+                    except VmmError as e:
+                        self.log.info("power button not delivered: %s", e)
+                    await asyncio.shield(run.done)
                 return
-            run.stop_reason = (
-                f"vmm terminated with SIGTERM after the {timeout:g} s stop timeout"
-            )
+            except TimeoutError:
+                pass
+            run.stop_reason = f"vmm terminated with SIGTERM after the {timeout:g} s stop timeout"
             process.send_signal(run.proc, signal.SIGTERM)
             if await self._wait_done(run, self.env.term_timeout):
                 return
@@ -430,10 +435,7 @@ class Instance:
             self._check(Event.pause)
             run = self._run
             assert run is not None and run.control is not None
-            try:
-                await run.control.pause()
-            except VmmError as e:
-                raise Failed(f"cannot pause {self.name}: {e}") from None
+            await self._control(run.control.pause(), "pause")
             self._fire(Event.pause)
 
     async def resume(self) -> None:
@@ -442,11 +444,21 @@ class Instance:
             self._check(Event.resume)
             run = self._run
             assert run is not None and run.control is not None
-            try:
-                await run.control.resume()
-            except VmmError as e:
-                raise Failed(f"cannot resume {self.name}: {e}") from None
+            await self._control(run.control.resume(), "resume")
             self._fire(Event.resume)
+
+    async def _control(self, call: Coroutine[Any, Any, None], what: str) -> None:
+        """Run one VMM control call, bounded in time. Raises Failed or Timeout."""
+        try:
+            async with asyncio.timeout(self.env.control_timeout):
+                await call
+        except VmmError as e:
+            raise Failed(f"cannot {what} {self.name}: {e}") from None
+        except TimeoutError:
+            raise Timeout(
+                f"cannot {what} {self.name}: the VMM did not answer within "
+                f"{self.env.control_timeout:g} s"
+            ) from None
 
     async def shutdown_tasks(self) -> None:
         """Cancel helper tasks (daemon exit); the VMM is left as it is."""

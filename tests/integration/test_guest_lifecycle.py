@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -120,3 +122,68 @@ async def test_concurrent_starts_make_one_vmm(daemon: Daemon) -> None:
     e = await error_of(c.instance_call("one", "Resume"))
     assert short(e.name) == "InvalidState" and "running" in e.message
     await c.instance_call("one", "Kill")
+
+
+async def test_stop_escalates_to_sigterm_then_sigkill(daemon: Daemon) -> None:
+    cfg = app_config(TICKER)
+    cfg["defaults"]["stop_timeout"] = 0  # no time for the power button: straight to SIGTERM
+    c = await daemon.start(cfg)
+    await c.manager("StartInstance", "s", "one")
+    await c.manager("StopInstance", "s", "one")
+    p = await props(c, "one")
+    assert p["State"] == "stopped"
+    assert p["StateReason"] == "vmm terminated with SIGTERM after the 0 s stop timeout"
+
+    # A VMM that ignores even SIGTERM (here: stopped) is killed after 5 s.
+    await c.manager("StartInstance", "s", "one")
+    pid = (await props(c, "one"))["MainPID"]
+    os.kill(pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    await c.manager("StopInstance", "s", "one")
+    p = await props(c, "one")
+    assert p["State"] == "stopped"
+    assert p["StateReason"].startswith("vmm killed with SIGKILL; SIGTERM did not end it")
+    assert 4 < time.monotonic() - t0 < 15
+
+
+async def test_spectrumctl_logs_and_watch(daemon: Daemon) -> None:
+    c = await daemon.start(app_config("echo from-the-guest-console; exec sleep 600"))
+    watch = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "spectrumd.cli",
+        "--bus",
+        daemon.address,
+        "--json",
+        "watch",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        await asyncio.sleep(1.5)  # let watch subscribe
+        await c.manager("StartInstance", "s", "one")
+        await wait_for(c, "one", lambda p: p["GuestReady"])
+        await wait_log(Path((await props(c, "one"))["ConsoleLog"]), "from-the-guest-console")
+        logs = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "spectrumd.cli",
+            "--bus",
+            daemon.address,
+            "logs",
+            "one",
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await logs.communicate()
+        assert logs.returncode == 0
+        assert b"from-the-guest-console" in out
+        await c.instance_call("one", "Kill")
+        seen = []
+        assert watch.stdout is not None
+        while "stopped" not in [e.get("state") for e in seen]:
+            line = await asyncio.wait_for(watch.stdout.readline(), 20)
+            seen.append(json.loads(line))
+        states = [e["state"] for e in seen if e.get("instance") == "one" and "state" in e]
+        assert states == ["starting", "running", "stopping", "stopped"]
+    finally:
+        watch.kill()
+        await watch.wait()
