@@ -17,20 +17,28 @@ import attrs
 
 from spectrumd.errors import ConfigError
 from spectrumd.model.types import (
+    RESOURCE_TYPES,
     Accel,
     Application,
+    Arch,
     DirectoryResource,
+    Disk,
     InstanceDef,
     NetworkResource,
     Resource,
+    UsbResource,
     VmmKind,
+    WaylandResource,
 )
 
-_E = TypeVar("_E", VmmKind, Accel)
+_E = TypeVar("_E", VmmKind, Accel, Arch)
 
 NAME_RULE = "[a-z0-9][a-z0-9-]{0,62}"
 _NAME_RE = re.compile(NAME_RULE)
 MAX_COMMAND = 64 * 1024
+MAX_DISKS = 16
+_USB_ID_RE = re.compile("[0-9a-f]{4}")
+_USB_SERIAL_RE = re.compile("[\x21-\x7e]{1,126}")
 DEFAULT_STOP_TIMEOUT = 30.0
 
 
@@ -187,11 +195,44 @@ def _parse_application(name: str, o: _Obj) -> Application:
         kernel=o.abspath("kernel"),
         initrd=o.abspath("initrd"),
         params=o.string("params", default="") or "",
+        arch=o.enum("arch", Arch, Arch.x86_64),
+        root_image=o.abspath("root_image"),
+        share_root=o.boolean("share_root", False),
+        disks=_parse_disks(o),
     )
+    if app.share_root and app.root_image is None:
+        raise ConfigError(_join(o.path, "share_root"), "needs a root_image to share")
     if app.initrd is not None and app.kernel is None:
         raise ConfigError(_join(o.path, "initrd"), "an initrd needs a kernel")
     o.done()
     return app
+
+
+def _parse_disks(o: _Obj) -> tuple[Disk, ...]:
+    raw = o._get("disks", False)
+    if raw is None:
+        return ()
+    where = _join(o.path, "disks")
+    if not isinstance(raw, list):
+        raise ConfigError(where, f"expected a list, got {_json_type(raw)}")
+    if len(raw) > MAX_DISKS:
+        raise ConfigError(where, f"more than {MAX_DISKS} disks")
+    disks = []
+    for i, item in enumerate(raw):
+        d = _Obj(f"{where}[{i}]", item)
+        path = d.abspath("path", required=True)
+        assert path is not None
+        disks.append(Disk(path=path, writable=d.boolean("writable", False)))
+        d.done()
+    return tuple(disks)
+
+
+def _usb_id(o: _Obj, key: str) -> str:
+    v = o.string(key, required=True)
+    assert v is not None
+    if not _USB_ID_RE.fullmatch(v):
+        raise ConfigError(_join(o.path, key), f"{json.dumps(v)} is not 4 lower-case hex digits")
+    return v
 
 
 def _parse_resource(name: str, o: _Obj) -> Resource:
@@ -203,10 +244,21 @@ def _parse_resource(name: str, o: _Obj) -> Resource:
         path = o.abspath("path", required=True)
         assert path is not None
         res = DirectoryResource(name=name, path=path, writable=o.boolean("writable", False))
+    elif kind == "usb":
+        serial = o.string("serial")
+        if serial is not None and not _USB_SERIAL_RE.fullmatch(serial):
+            raise ConfigError(_join(o.path, "serial"), "must be 1-126 printable ASCII characters")
+        res = UsbResource(
+            name=name, vendor=_usb_id(o, "vendor"), product=_usb_id(o, "product"), serial=serial
+        )
+    elif kind == "wayland":
+        path = o.abspath("path", required=True)
+        assert path is not None
+        res = WaylandResource(name=name, path=path)
     else:
+        known = ", ".join(json.dumps(t) for t in RESOURCE_TYPES)
         raise ConfigError(
-            _join(o.path, "type"),
-            f'unknown resource type {json.dumps(kind)} (known: "network", "directory")',
+            _join(o.path, "type"), f"unknown resource type {json.dumps(kind)} (known: {known})"
         )
     o.done()
     return res

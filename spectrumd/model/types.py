@@ -18,6 +18,18 @@ class Accel(enum.StrEnum):
     tcg = "tcg"
 
 
+class Arch(enum.StrEnum):
+    x86_64 = "x86_64"
+    aarch64 = "aarch64"
+    ppc64le = "ppc64le"
+
+
+@attrs.frozen
+class Disk:
+    path: Path
+    writable: bool = False
+
+
 @attrs.frozen
 class Application:
     """What runs inside a VM. No kernel/initrd means the embedded default guest."""
@@ -29,6 +41,12 @@ class Application:
     kernel: Path | None = None
     initrd: Path | None = None
     params: str = ""
+    arch: Arch = Arch.x86_64
+    # A root file-system image, attached read-only; with share_root, mapped so
+    # that every instance of the application shares its page cache (pmem/DAX).
+    root_image: Path | None = None
+    share_root: bool = False
+    disks: tuple[Disk, ...] = ()
 
 
 @attrs.frozen
@@ -56,7 +74,37 @@ class DirectoryResource:
         return f"{self.path} ({'read-write' if self.writable else 'read-only'})"
 
 
-Resource = NetworkResource | DirectoryResource
+@attrs.frozen
+class UsbResource:
+    """USB devices matched by identity (lower-case hex ids, optional serial)."""
+
+    name: str
+    vendor: str
+    product: str
+    serial: str | None = None
+
+    type = "usb"
+
+    def summary(self) -> str:
+        ident = f"{self.vendor}:{self.product}"
+        return f"USB {ident}" + (f" serial {self.serial}" if self.serial else "")
+
+
+@attrs.frozen
+class WaylandResource:
+    """A Wayland compositor socket, given to the guest through virtio-wl."""
+
+    name: str
+    path: Path
+
+    type = "wayland"
+
+    def summary(self) -> str:
+        return f"Wayland socket {self.path}"
+
+
+Resource = NetworkResource | DirectoryResource | UsbResource | WaylandResource
+RESOURCE_TYPES = ("network", "directory", "usb", "wayland")
 
 
 @attrs.frozen

@@ -113,6 +113,32 @@ def test_defaults_are_kvm_and_qemu() -> None:
         ("defaults.accel", "hvf", 'defaults.accel: "hvf" is not "kvm" or "tcg"'),
         ("defaults.stop_timeout", -1, "defaults.stop_timeout: -1 is out of range"),
         ("colour", "red", "colour: unknown key"),
+        (
+            "resources.docs",
+            {"type": "usb", "vendor": "12AB", "product": "0001"},
+            'resources.docs.vendor: "12AB" is not 4 lower-case hex digits',
+        ),
+        ("resources.docs", {"type": "usb", "vendor": "12ab"}, "resources.docs.product: missing"),
+        (
+            "resources.docs",
+            {"type": "wayland", "path": "wayland-0"},
+            'resources.docs.path: "wayland-0" is not an absolute path',
+        ),
+        (
+            "applications.shell.arch",
+            "riscv64",
+            'applications.shell.arch: "riscv64" is not "x86_64" or "aarch64" or "ppc64le"',
+        ),
+        (
+            "applications.shell.share_root",
+            True,
+            "applications.shell.share_root: needs a root_image to share",
+        ),
+        (
+            "applications.shell.disks",
+            [{"path": "/d", "size": 1}],
+            "applications.shell.disks[0].size: unknown key",
+        ),
         ("instances", [], "instances: expected an object, got a list"),
     ],
 )
@@ -120,6 +146,21 @@ def test_bad_config_names_key(path: str, value: object, message: str) -> None:
     with pytest.raises(ConfigError) as e:
         parse_config(with_(path, value))
     assert str(e.value).startswith(message)
+
+
+def test_every_resource_type() -> None:
+    cfg = with_(
+        "resources",
+        {
+            "lan": {"type": "network", "host_address": "10.0.0.1/24"},
+            "docs": {"type": "directory", "path": "/srv/docs", "writable": True},
+            "key": {"type": "usb", "vendor": "1050", "product": "0407", "serial": "X1"},
+            "wl": {"type": "wayland", "path": "/run/user/1000/wayland-0"},
+        },
+    )
+    c = parse_config(cfg)
+    assert [r.type for r in c.resources.values()] == ["network", "directory", "usb", "wayland"]
+    assert c.resources["key"].summary() == "USB 1050:0407 serial X1"
 
 
 def test_long_name_is_refused() -> None:
