@@ -21,6 +21,7 @@ from spectrumd.bus.names import BUS_NAME
 from spectrumd.daemon.notify import sd_notify
 from spectrumd.errors import ConfigError, SpectrumError
 from spectrumd.supervisor import Environment, Supervisor
+from spectrumd.supervisor.files import FileService
 
 log = logging.getLogger("spectrumd")
 
@@ -41,6 +42,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=Path(os.environ.get("SPECTRUMD_GUEST_DIR", DEFAULT_GUEST_DIR)),
         help="where the embedded default guest (vmlinuz, initramfs.img) lives",
     )
+    p.add_argument(
+        "--fs-user",
+        default="nobody" if os.geteuid() == 0 else "",
+        help="user the file server runs as (default: nobody when run as root; '' keeps ours)",
+    )
     p.add_argument("--console-log-size", type=int, default=1024 * 1024, metavar="BYTES")
     p.add_argument("--console-log-keep", type=int, default=3, metavar="N")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -56,11 +62,13 @@ def bus_for(spec: str) -> SpectrumBus:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    files = FileService(user=args.fs_user or None)
     env = Environment(
         state_dir=args.state_dir.absolute(),
         guest_dir=args.guest_dir.absolute(),
         console_max_bytes=args.console_log_size,
         console_keep=args.console_log_keep,
+        drivers=(files,),
     )
     env.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
     try:
@@ -68,6 +76,25 @@ async def serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"spectrumd: {e}", file=sys.stderr)
         return 2
+    try:
+        await files.start()
+    except SpectrumError as e:
+        print(f"spectrumd: {e}", file=sys.stderr)
+        return 1
+    files.on_restart.append(lambda name: _remount(sup, name))
+    try:
+        return await _serve_bus(args, sup)
+    finally:
+        await files.close()
+
+
+def _remount(sup: Supervisor, name: str) -> None:
+    inst = sup.instances.get(name)
+    if inst is not None:
+        inst.send_guest(b"mount-fs\n")
+
+
+async def _serve_bus(args: argparse.Namespace, sup: Supervisor) -> int:
 
     bus = await bus_for(args.bus).connect()
     manager = ManagerInterface(bus, sup, CallerCheck(bus))

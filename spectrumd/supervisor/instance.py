@@ -25,10 +25,11 @@ import attrs
 from spectrumd.errors import Cancelled, Failed, InvalidState, SpectrumError, Timeout
 from spectrumd.lifecycle import Event, State, next_state
 from spectrumd.lifecycle.machine import InvalidTransition
-from spectrumd.model.types import Application, InstanceDef
+from spectrumd.model.types import Application, InstanceDef, Resource
 from spectrumd.supervisor import process
 from spectrumd.supervisor.console import ConsoleLog, pump
 from spectrumd.supervisor.guest import GuestChannel, encode_run
+from spectrumd.supervisor.resources import ResourceDriver, RunContext
 from spectrumd.vmm import BACKENDS, PORT_CONTROL, VmmControl, VmmError, VmSpec
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class Environment:
     guest_dir: Path
     console_max_bytes: int = 1024 * 1024
     console_keep: int = 3
+    # Parts that provide resources (file server, networks, ...), in setup order.
+    drivers: tuple[ResourceDriver, ...] = ()
     attach_timeout: float = 30.0
     term_timeout: float = 5.0
     control_timeout: float = 10.0
@@ -66,6 +69,7 @@ class _Run:
 
     definition: InstanceDef
     application: Application
+    resources: tuple[Resource, ...]
     stack: contextlib.AsyncExitStack = attrs.Factory(contextlib.AsyncExitStack)
     proc: asyncio.subprocess.Process | None = None
     control: VmmControl | None = None
@@ -81,9 +85,16 @@ class _Run:
 
 
 class Instance:
-    def __init__(self, definition: InstanceDef, application: Application, env: Environment):
+    def __init__(
+        self,
+        definition: InstanceDef,
+        application: Application,
+        resources: tuple[Resource, ...],
+        env: Environment,
+    ) -> None:
         self.definition = definition
         self.application = application
+        self.resources = resources
         self.env = env
         self.state = State.stopped
         self.state_reason = ""
@@ -106,7 +117,9 @@ class Instance:
         """True while the VMM runs a definition that the configuration has since changed."""
         run = self._run
         return run is not None and (
-            run.definition != self.definition or run.application != self.application
+            run.definition != self.definition
+            or run.application != self.application
+            or run.resources != self.resources
         )
 
     @property
@@ -150,10 +163,12 @@ class Instance:
                 f"cannot {event.value} {self.name}: it is {self.state.value}"
             ) from None
 
-    def update_definition(self, definition: InstanceDef, application: Application) -> None:
+    def update_definition(
+        self, definition: InstanceDef, application: Application, resources: tuple[Resource, ...]
+    ) -> None:
         """Take a reloaded definition; a running VMM keeps the old one until restarted."""
         before = (self.definition, self.application, self.needs_restart)
-        self.definition, self.application = definition, application
+        self.definition, self.application, self.resources = definition, application, resources
         after = (self.definition, self.application, self.needs_restart)
         changed = {
             k
@@ -174,7 +189,7 @@ class Instance:
         """
         async with self._lock:
             self._fire(Event.start, reason="")
-            run = _Run(self.definition, self.application)
+            run = _Run(self.definition, self.application, self.resources)
             self._run = run
             try:
                 await self._start_run(run)
@@ -205,7 +220,7 @@ class Instance:
         if not run.done.done():
             run.done.set_result(None)
 
-    def _spec(self, run: _Run) -> VmSpec:
+    def _spec(self, run: _Run, ports: list[str]) -> VmSpec:
         app = run.application
         kernel = app.kernel or self.env.guest_dir / "vmlinuz"
         initrd = app.initrd if app.kernel else self.env.guest_dir / "initramfs.img"
@@ -222,7 +237,7 @@ class Instance:
             initrd=initrd,
             cmdline=f"{DEFAULT_CMDLINE} {app.params}".strip(),
             run_dir=self.env.run_dir(self.name),
-            ports=(PORT_CONTROL,),
+            ports=(PORT_CONTROL, *ports),
         )
         longest = max(len(str(p)) for p in (spec.control_socket, spec.console_socket))
         if longest > MAX_SOCKET_PATH:
@@ -236,15 +251,25 @@ class Instance:
                 f"cannot start {self.name}: the {run.definition.vmm.value} backend "
                 "is not available in this version of spectrumd"
             )
-        spec = self._spec(run)
+        ctx = RunContext(
+            name=self.name,
+            definition=run.definition,
+            application=run.application,
+            resources=run.resources,
+            run_dir=self.env.run_dir(self.name),
+            stack=run.stack,
+            log=self.log,
+        )
+        shutil.rmtree(ctx.run_dir, ignore_errors=True)
+        ctx.run_dir.mkdir(mode=0o700, parents=True)
+        run.stack.callback(shutil.rmtree, ctx.run_dir, True)
+        for driver in self.env.drivers:
+            await driver.prepare(ctx)
+        spec = self._spec(run, ctx.ports)
         binary = spec.binary or backend.default_binary(spec.arch)
         if shutil.which(binary) is None:
             raise Failed(f"cannot start {self.name}: VMM binary {binary} not found")
         argv = backend.argv(spec)
-
-        shutil.rmtree(spec.run_dir, ignore_errors=True)
-        spec.run_dir.mkdir(mode=0o700, parents=True)
-        run.stack.callback(shutil.rmtree, spec.run_dir, True)
 
         self.log.debug("exec %s", argv)
         proc = await process.spawn(argv)
@@ -278,6 +303,8 @@ class Instance:
         run.stack.callback(run.guest.close)
         self._spawn_task(run.guest.run(), run)
 
+        for driver in self.env.drivers:
+            await driver.started(ctx, spec)
         await self._control(run.control.start_cpus(), "start")
         self._fire(Event.started, started_at_us=time.time_ns() // 1000)
         self._spawn_task(self._watch(run), None)
@@ -446,6 +473,12 @@ class Instance:
             assert run is not None and run.control is not None
             await self._control(run.control.resume(), "resume")
             self._fire(Event.resume)
+
+    def send_guest(self, line: bytes) -> None:
+        """Send one control line to the running guest, if it is connected."""
+        run = self._run
+        if run is not None and run.guest is not None:
+            self._spawn_task(run.guest.send(line), run)
 
     async def _control(self, call: Coroutine[Any, Any, None], what: str) -> None:
         """Run one VMM control call, bounded in time. Raises Failed or Timeout."""

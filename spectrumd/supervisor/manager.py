@@ -36,7 +36,7 @@ from spectrumd.model.config import (
     parse_instance,
     validate_name,
 )
-from spectrumd.model.types import InstanceDef
+from spectrumd.model.types import InstanceDef, Resource
 from spectrumd.supervisor.instance import Environment, Instance
 
 log = logging.getLogger(__name__)
@@ -82,13 +82,22 @@ class Supervisor:
     # -- membership ----------------------------------------------------------
 
     def _add(self, inst_def: InstanceDef, notify: bool = True) -> Instance:
-        inst = Instance(inst_def, self.config.applications[inst_def.application], self.env)
+        inst = Instance(
+            inst_def,
+            self.config.applications[inst_def.application],
+            self._resources_of(inst_def, self.config),
+            self.env,
+        )
         inst.listeners.append(self._instance_changed)
         self.instances[inst.name] = inst
         if notify:
             for cb in self.on_added:
                 cb(inst)
         return inst
+
+    @staticmethod
+    def _resources_of(inst_def: InstanceDef, config: Config) -> tuple[Resource, ...]:
+        return tuple(config.resources[r] for r in inst_def.resources)
 
     def _remove(self, inst: Instance) -> None:
         del self.instances[inst.name]
@@ -131,9 +140,10 @@ class Supervisor:
                 continue
             inst.removed = False
             app = new.applications[inst_def.application]
-            if (inst.definition, inst.application) != (inst_def, app):
+            res = self._resources_of(inst_def, new)
+            if (inst.definition, inst.application, inst.resources) != (inst_def, app, res):
                 changed.append(name)
-            inst.update_definition(inst_def, app)
+            inst.update_definition(inst_def, app, res)
         for name, inst_def in new.instances.items():
             if name not in self.instances:
                 added.append(name)

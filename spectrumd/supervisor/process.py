@@ -10,7 +10,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import os
 import signal
 
 log = logging.getLogger(__name__)
@@ -65,21 +64,11 @@ class StderrTail:
         return self.lines[-1] if self.lines else ""
 
 
-def describe_exit(returncode: int) -> str:
+def describe_exit(returncode: int, what: str = "vmm") -> str:
     if returncode < 0:
         try:
             name = signal.Signals(-returncode).name
         except ValueError:
-            return f"vmm exited with signal {-returncode}"
-        return f"vmm exited with signal {-returncode} ({name})"
-    return f"vmm exited with status {returncode}"
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+            return f"{what} exited with signal {-returncode}"
+        return f"{what} exited with signal {-returncode} ({name})"
+    return f"{what} exited with status {returncode}"

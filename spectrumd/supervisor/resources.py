@@ -1,0 +1,47 @@
+"""The seam between an instance's start and the parts that provide its resources.
+
+A :class:`ResourceDriver` (file server, networks, USB, ...) contributes to a
+VM in two steps of every start, and undoes its work through the run's exit
+stack, so a start that fails half way, a stop and a crash all tear down the
+same way, in reverse order:
+
+1. ``prepare(ctx)`` before the VMM is spawned: ask for guest-contract ports,
+   open descriptors the VMM inherits, name devices for the command line.
+2. ``started(ctx, spec)`` once the VMM's control channel answers and before
+   the guest's CPUs run: connect to the VMM's sockets, hot-attach devices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Protocol
+
+import attrs
+
+from spectrumd.model.types import Application, InstanceDef, Resource
+from spectrumd.vmm.base import VmSpec
+
+
+@attrs.define(eq=False)
+class RunContext:
+    """One start of one instance, as the drivers see it."""
+
+    name: str
+    definition: InstanceDef
+    application: Application
+    resources: tuple[Resource, ...]
+    run_dir: Path
+    stack: contextlib.AsyncExitStack
+    log: logging.Logger
+    # What the drivers ask of the VM (read when the VmSpec is built).
+    ports: list[str] = attrs.Factory(list)
+
+
+class ResourceDriver(Protocol):
+    async def prepare(self, ctx: RunContext) -> None:
+        """Before the spawn. Push every undo on ``ctx.stack``. Raises SpectrumError."""
+
+    async def started(self, ctx: RunContext, spec: VmSpec) -> None:
+        """After the VMM answers, before the guest runs. Raises SpectrumError."""
