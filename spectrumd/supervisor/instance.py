@@ -30,13 +30,10 @@ from spectrumd.supervisor import process
 from spectrumd.supervisor.console import ConsoleLog, pump
 from spectrumd.supervisor.guest import GuestChannel, encode_run
 from spectrumd.supervisor.resources import ResourceDriver, RunContext
+from spectrumd.supervisor.spec import build_spec
 from spectrumd.vmm import BACKENDS, PORT_CONTROL, VmmControl, VmmError, VmSpec
 
 log = logging.getLogger(__name__)
-
-DEFAULT_CMDLINE = "console=ttyS0 panic=-1 quiet"
-# Unix socket paths are limited to 108 bytes (sun_path).
-MAX_SOCKET_PATH = 107
 
 
 @attrs.frozen
@@ -220,30 +217,6 @@ class Instance:
         if not run.done.done():
             run.done.set_result(None)
 
-    def _spec(self, run: _Run, ports: list[str]) -> VmSpec:
-        app = run.application
-        kernel = app.kernel or self.env.guest_dir / "vmlinuz"
-        initrd = app.initrd if app.kernel else self.env.guest_dir / "initramfs.img"
-        for what, path in (("kernel", kernel), ("initrd", initrd)):
-            if path is not None and not path.is_file():
-                hint = "" if app.kernel else " (build the embedded guest: make guest)"
-                raise Failed(f"cannot start {self.name}: {what} {path} not found{hint}")
-        spec = VmSpec(
-            instance=self.name,
-            accel=run.definition.accel,
-            memory_mib=app.memory_mib,
-            vcpus=app.vcpus,
-            kernel=kernel,
-            initrd=initrd,
-            cmdline=f"{DEFAULT_CMDLINE} {app.params}".strip(),
-            run_dir=self.env.run_dir(self.name),
-            ports=(PORT_CONTROL, *ports),
-        )
-        longest = max(len(str(p)) for p in (spec.control_socket, spec.console_socket))
-        if longest > MAX_SOCKET_PATH:
-            raise Failed(f"cannot start {self.name}: state directory path is too long for sockets")
-        return spec
-
     async def _start_run(self, run: _Run) -> None:
         backend = BACKENDS.get(run.definition.vmm)
         if backend is None:
@@ -265,14 +238,14 @@ class Instance:
         run.stack.callback(shutil.rmtree, ctx.run_dir, True)
         for driver in self.env.drivers:
             await driver.prepare(ctx)
-        spec = self._spec(run, ctx.ports)
+        spec = build_spec(ctx, self.env.guest_dir)
         binary = spec.binary or backend.default_binary(spec.arch)
         if shutil.which(binary) is None:
             raise Failed(f"cannot start {self.name}: VMM binary {binary} not found")
         argv = backend.argv(spec)
 
         self.log.debug("exec %s", argv)
-        proc = await process.spawn(argv)
+        proc = await process.spawn(argv, spec.pass_fds)
         run.proc = proc
         run.stack.push_async_callback(process.reap, proc)
         self._set(main_pid=proc.pid)
@@ -428,6 +401,12 @@ class Instance:
                 return
             except TimeoutError:
                 pass
+            run.stop_reason = f"the vmm exited when asked, after the {timeout:g} s stop timeout"
+            with contextlib.suppress(VmmError, TimeoutError):
+                async with asyncio.timeout(self.env.term_timeout):
+                    if await run.control.request_exit():
+                        await asyncio.shield(run.done)
+                        return
             run.stop_reason = f"vmm terminated with SIGTERM after the {timeout:g} s stop timeout"
             process.send_signal(run.proc, signal.SIGTERM)
             if await self._wait_done(run, self.env.term_timeout):

@@ -17,13 +17,15 @@ log = logging.getLogger(__name__)
 STDERR_LINES = 20
 
 
-async def spawn(argv: list[str]) -> asyncio.subprocess.Process:
+async def spawn(argv: list[str], pass_fds: tuple[int, ...] = ()) -> asyncio.subprocess.Process:
     """Start a VMM in its own session (crosvm SIGKILLs its whole process group on exit).
 
-    Raises FileNotFoundError / PermissionError from exec.
+    ``pass_fds`` (taps, device nodes) were opened by the daemon with
+    O_CLOEXEC; the child inherits exactly these. Raises OSError from exec.
     """
     return await asyncio.create_subprocess_exec(
         *argv,
+        pass_fds=pass_fds,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,

@@ -21,7 +21,7 @@ from typing import Protocol
 import attrs
 
 from spectrumd.model.types import Application, InstanceDef, Resource
-from spectrumd.vmm.base import VmSpec
+from spectrumd.vmm.base import NetDev, VmSpec
 
 
 @attrs.define(eq=False)
@@ -37,6 +37,7 @@ class RunContext:
     log: logging.Logger
     # What the drivers ask of the VM (read when the VmSpec is built).
     ports: list[str] = attrs.Factory(list)
+    nets: list[NetDev] = attrs.Factory(list)
 
 
 class ResourceDriver(Protocol):

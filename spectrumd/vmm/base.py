@@ -28,6 +28,16 @@ def port_socket_name(port: str) -> str:
 
 
 @attrs.frozen
+class NetDev:
+    """A network interface backed by a tap the daemon opened (``tap_fd`` is inherited)."""
+
+    id: str  # unique in the VM, e.g. "net0"
+    tap_fd: int
+    tap_name: str
+    mac: str  # "02:xx:xx:xx:xx:xx", locally administered
+
+
+@attrs.frozen
 class VmSpec:
     """Everything a backend needs to build its command line; paths are absolute."""
 
@@ -45,6 +55,12 @@ class VmSpec:
     # in run_dir, the VMM being the listening side).
     ports: tuple[str, ...] = (PORT_CONTROL,)
     binary: str | None = None  # override the backend's default binary
+    nets: tuple[NetDev, ...] = ()
+
+    @property
+    def pass_fds(self) -> tuple[int, ...]:
+        """Descriptors the VMM must inherit."""
+        return tuple(n.tap_fd for n in self.nets)
 
     @property
     def console_socket(self) -> Path:
@@ -81,6 +97,19 @@ class VmmControl(Protocol):
 
     async def quit(self) -> None:
         """Ask the VMM itself to exit now (the guest gets no say)."""
+
+    async def request_exit(self) -> bool:
+        """The stop step between the guest's power button and SIGTERM.
+
+        crosvm: ``crosvm stop``. Returns False for a backend without such a
+        step (QEMU's stop is power button → SIGTERM → SIGKILL).
+        """
+
+    async def add_net(self, net: NetDev) -> None:
+        """Hot-add a network interface on ``net.tap_fd``. Raises VmmError."""
+
+    async def remove_net(self, net_id: str) -> None:
+        """Hot-remove the interface added as ``net_id``. Raises VmmError."""
 
     async def close(self) -> None: ...
 

@@ -14,6 +14,7 @@ change the value.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import attrs
 
 from spectrumd.model.types import Accel, VmmKind
-from spectrumd.vmm.base import EventHandler, VmmError, VmSpec
+from spectrumd.vmm.base import EventHandler, NetDev, VmmError, VmSpec
 from spectrumd.vmm.qmp import QmpClient, QmpError
 
 # Longest unix socket path the kernel accepts (sun_path is 108 bytes with the NUL).
@@ -71,6 +72,20 @@ def _socket_path(what: str, path: Path) -> str:
 
 def _chardev_socket(chardev_id: str, path: str) -> list[str]:
     return ["-chardev", f"socket,id={chardev_id},path={opt_escape(path)},server=on,wait=off"]
+
+
+_MAC_RE = re.compile("[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+_ID_RE = re.compile("[a-z][a-z0-9]{0,15}")
+
+
+def net_args(net: NetDev) -> list[str]:
+    """``-netdev``/``-device`` for a tap the daemon opened (vhost-net is not used)."""
+    if not _ID_RE.fullmatch(net.id) or not _MAC_RE.fullmatch(net.mac) or net.tap_fd < 0:
+        raise ValueError(f"bad network device {net!r}")
+    return [
+        "-netdev", f"tap,id={net.id},fd={net.tap_fd},vhost=off",
+        "-device", f"virtio-net-pci,netdev={net.id},id={net.id}-dev,mac={net.mac}",
+    ]  # fmt: skip
 
 
 def _arch(name: str) -> _Arch:
@@ -145,6 +160,8 @@ class QemuBackend:
                 "-device",
                 f"virtserialport,bus=vser0.0,chardev=port{i},name={opt_escape(port)}",
             ]
+        for net in spec.nets:
+            argv += net_args(net)
         return argv
 
     # The timeout parameter is the VmmBackend Protocol's signature.
@@ -201,6 +218,15 @@ class QemuControl:
 
     async def powerdown(self) -> None:
         await self._qmp.execute("system_powerdown")
+
+    async def request_exit(self) -> bool:
+        return False
+
+    async def add_net(self, net: NetDev) -> None:
+        raise VmmError("network hot-add is not implemented for QEMU yet")
+
+    async def remove_net(self, net_id: str) -> None:
+        raise VmmError("network hot-remove is not implemented for QEMU yet")
 
     async def quit(self) -> None:
         """Make QEMU exit now. The connection closing before the reply is success."""
