@@ -34,8 +34,17 @@ def check(path: Path, data_file: Path | None = None) -> int:
     except ConfigError as e:
         print(f"{_where(e, path, data_file)}{e}", file=sys.stderr)
         return 1
-    print(
-        f"{path}: OK ({len(config.applications)} applications, "
-        f"{len(config.resources)} resources, {len(config.instances)} instances)"
+    counts = ", ".join(
+        _count(len(part), what)
+        for part, what in (
+            (config.applications, "application"),
+            (config.resources, "resource"),
+            (config.instances, "instance"),
+        )
     )
+    print(f"{path}: OK ({counts})")
     return 0
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" + ("" if n == 1 else "s")

@@ -20,6 +20,7 @@ from dbus_fast import Message
 from dbus_fast.errors import DBusError
 
 from spectrumd.bus.names import INSTANCE_IFACE, INSTANCE_PREFIX, MANAGER_PATH, unescape_path_element
+from spectrumd.cli import config_check
 from spectrumd.cli.client import CallError, Client, connect
 
 ACTIONS = ("start", "stop", "kill", "pause", "resume")
@@ -48,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("resources", nargs="*")
     sub.add_parser("delete", help="delete a run-time instance").add_argument("name")
     sub.add_parser("reload", help="re-read the configuration")
+    config = sub.add_parser("config", help="work with configuration files (no daemon needed)")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser("check", help="validate a JSON configuration")
+    check.add_argument("file", type=Path)
+    check.add_argument("--data-file", type=Path, help="also the daemon's instances.json")
     sub.add_parser("applications", help="list applications")
     sub.add_parser("resources", help="list resources")
     return p
@@ -240,6 +246,8 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.command == "config":
+        sys.exit(config_check.check(args.file, args.data_file))
     try:
         sys.exit(asyncio.run(run(args)))
     except KeyboardInterrupt:

@@ -95,12 +95,12 @@ class _Obj:
         self.seen: set[str] = set()
 
     def _get(self, key: str, required: bool) -> object:
+        """The value at ``key``; an explicit null counts as not given."""
         self.seen.add(key)
-        if key not in self.value:
-            if required:
-                raise ConfigError(_join(self.path, key), "missing")
-            return None
-        return self.value[key]
+        value = self.value.get(key)
+        if value is None and required:
+            raise ConfigError(_join(self.path, key), "missing")
+        return value
 
     def string(self, key: str, *, required: bool = False, default: str | None = None) -> str | None:
         v = self._get(key, required)
