@@ -1,6 +1,7 @@
 """``org.spectrum_os.Spectrum1.Manager`` and the objects it manages."""
 
 import logging
+import time
 from typing import Annotated
 
 from dbus_fast import Variant
@@ -10,7 +11,9 @@ from dbus_fast.service import ServiceInterface, dbus_method
 
 from spectrumd.bus import validate
 from spectrumd.bus.auth import CallerCheck
+from spectrumd.bus.connection import current_sender
 from spectrumd.bus.errors import wire_errors
+from spectrumd.bus.grants import GrantsBus, grant_path, request_path
 from spectrumd.bus.instance import InstanceInterface
 from spectrumd.bus.names import MANAGER_IFACE, MANAGER_PATH, instance_path
 from spectrumd.supervisor import Instance, Supervisor
@@ -19,6 +22,7 @@ log = logging.getLogger(__name__)
 
 InstanceList = Annotated[list[list[str]], DBusSignature("a(ssso)")]
 AppList = Annotated[list[list[str]], DBusSignature("a(ss)")]
+GrantList = Annotated[list[list[str]], DBusSignature("a(ssssso)")]
 ResourceList = Annotated[list[list[str]], DBusSignature("a(sss)")]
 StrList = Annotated[list[str], DBusSignature("as")]
 OptionDict = Annotated[dict[str, Variant], DBusSignature("a{sv}")]
@@ -36,8 +40,9 @@ class ObjectManagerInterface(ServiceInterface):
 
 
 class ManagerInterface(ServiceInterface):
-    def __init__(self, bus: MessageBus, sup: Supervisor, auth: CallerCheck) -> None:
+    def __init__(self, bus: MessageBus, sup: Supervisor, auth: CallerCheck, hub: GrantsBus) -> None:
         super().__init__(MANAGER_IFACE)
+        self.hub = hub
         self.bus = bus
         self.sup = sup
         self.auth = auth
@@ -53,6 +58,7 @@ class ManagerInterface(ServiceInterface):
         self.bus.export(MANAGER_PATH, ObjectManagerInterface())
         for inst in self.sup.instances.values():
             self._export(inst)
+        self.hub.export_all()
 
     def _export(self, inst: Instance) -> None:
         self._rows = None
@@ -141,3 +147,62 @@ class ManagerInterface(ServiceInterface):
     @wire_errors
     async def ListResources(self) -> ResourceList:
         return [[r.name, r.type, r.summary()] for r in self.sup.config.resources.values()]
+
+    # -- grants -----------------------------------------------------------------
+
+    @dbus_method()
+    @wire_errors
+    async def Grant(
+        self, instance: DBusStr, resource: DBusStr, options: OptionDict
+    ) -> DBusObjectPath:
+        inst = self._instance(instance)
+        untrusted_resource = validate.string("resource", resource)
+        access, lifetime, expires = validate.grant_options(options, time.time_ns() // 1000)
+        await self.auth.require_admin(f"grant {untrusted_resource[:200]} to {inst.name}")
+        g = await self.hub.grants.create(
+            inst.name, untrusted_resource, access, lifetime, expires, origin="user"
+        )
+        return grant_path(g.id)
+
+    @dbus_method()
+    @wire_errors
+    async def ListGrants(self) -> GrantList:
+        return [
+            [g.id, g.instance, g.resource, g.access, g.lifetime, grant_path(g.id)]
+            for g in self.hub.grants.grants.values()
+        ]
+
+    @dbus_method()
+    @wire_errors
+    async def RequestGrant(
+        self, instance: DBusStr, resource: DBusStr, options: OptionDict
+    ) -> DBusObjectPath:
+        inst = self._instance(instance)
+        untrusted_resource = validate.string("resource", resource)
+        access, lifetime, expires = validate.grant_options(options, time.time_ns() // 1000)
+        await self.auth.require_admin(f"request {untrusted_resource[:200]} for {inst.name}")
+        req = self.hub.broker.submit(
+            inst.name,
+            inst.definition.application,
+            untrusted_resource,
+            access,
+            lifetime,
+            expires,
+            origin="bus",
+        )
+        return request_path(req.id)
+
+    @dbus_method()
+    @wire_errors
+    async def RegisterAgent(self, path: DBusObjectPath) -> None:
+        await self.auth.require_admin("register the agent")
+        sender = current_sender.get()
+        assert sender is not None
+        await self.hub.register_agent(sender, path)
+
+    @dbus_method()
+    @wire_errors
+    async def UnregisterAgent(self, path: DBusObjectPath) -> None:
+        sender = current_sender.get()
+        assert sender is not None
+        self.hub.unregister_agent(sender)

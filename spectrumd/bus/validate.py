@@ -59,3 +59,47 @@ def options(untrusted_options: Mapping[str, Variant]) -> dict[str, object]:
             )
         out[key] = variant.value
     return out
+
+
+GRANT_OPTION_SIGNATURES: dict[str, frozenset[str]] = {
+    "access": frozenset({"s"}),
+    "lifetime": frozenset({"s"}),
+    "expires_at": frozenset({"t", "x"}),
+    "duration": frozenset({"t", "u", "i", "x"}),
+}
+
+
+def grant_options(untrusted_options: Mapping[str, Variant], now_us: int) -> tuple[str, str, int]:
+    """(access, lifetime, expires_at_us) from Grant/RequestGrant options.
+
+    ``duration`` (seconds) is a shorthand for ``expires_at`` = now + duration;
+    either implies lifetime ``until``. Defaults: ``ro``, ``running``.
+    """
+    if len(untrusted_options) > MAX_OPTIONS:
+        raise InvalidArgument(f"options: more than {MAX_OPTIONS} entries")
+    values: dict[str, object] = {}
+    for key, variant in untrusted_options.items():
+        allowed = GRANT_OPTION_SIGNATURES.get(key)
+        if allowed is None:
+            known = ", ".join(sorted(GRANT_OPTION_SIGNATURES))
+            raise InvalidArgument(f'options: unknown option "{key[:64]}" (known: {known})')
+        if variant.signature not in allowed:
+            raise InvalidArgument(
+                f"options.{key}: wrong type {variant.signature!r} "
+                f"(expected {' or '.join(sorted(allowed))})"
+            )
+        values[key] = variant.value
+    if "expires_at" in values and "duration" in values:
+        raise InvalidArgument("options: give expires_at or duration, not both")
+    expires = 0
+    if "duration" in values:
+        seconds = int(values["duration"])  # type: ignore[call-overload]
+        if not 0 < seconds <= 10 * 365 * 24 * 3600:
+            raise InvalidArgument("options.duration: must be 1 second to 10 years")
+        expires = now_us + seconds * 1_000_000
+    elif "expires_at" in values:
+        expires = int(values["expires_at"])  # type: ignore[call-overload]
+    default_lifetime = "until" if expires else "running"
+    access = str(values.get("access", "ro"))
+    lifetime = str(values.get("lifetime", default_lifetime))
+    return access, lifetime, expires

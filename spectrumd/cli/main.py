@@ -20,7 +20,7 @@ from dbus_fast import Message
 from dbus_fast.errors import DBusError
 
 from spectrumd.bus.names import INSTANCE_IFACE, INSTANCE_PREFIX, MANAGER_PATH, unescape_path_element
-from spectrumd.cli import config_check
+from spectrumd.cli import config_check, grants
 from spectrumd.cli.client import CallError, Client, connect
 
 ACTIONS = ("start", "stop", "kill", "pause", "resume")
@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = config_sub.add_parser("check", help="validate a JSON configuration")
     check.add_argument("file", type=Path)
     check.add_argument("--data-file", type=Path, help="also the daemon's instances.json")
+    grants.add_parsers(sub)
     sub.add_parser("applications", help="list applications")
     sub.add_parser("resources", help="list resources")
     return p
@@ -221,6 +222,10 @@ COMMANDS = {
     "reload": cmd_reload,
     "applications": cmd_applications,
     "resources": cmd_resources,
+    "grant": grants.cmd_grant,
+    "grants": grants.cmd_grants,
+    "revoke": grants.cmd_revoke,
+    "agent": grants.cmd_agent,
     **dict.fromkeys(ACTIONS, cmd_action),
 }
 

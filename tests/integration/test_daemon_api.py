@@ -11,7 +11,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from dbus_fast import Variant
 
+from spectrumd.bus.grants import GRANT_IFACE
 from spectrumd.bus.names import BUS_NAME, INSTANCE_IFACE, MANAGER_IFACE, MANAGER_PATH, instance_path
 from tests.conftest import ROOT, Daemon
 from tests.integration.helpers import SignalRecorder, app_config, error_of, props, short
@@ -228,11 +230,15 @@ def _interface_xml(xml: str, name: str) -> str:
     raise AssertionError(f"{name} not served")
 
 
-async def test_served_introspection_matches_dbus_xml(daemon: Daemon) -> None:
+async def test_served_introspection_matches_dbus_xml(daemon: Daemon, short_tmp: Path) -> None:
     c = await daemon.start(TWO)
+    (grant,) = await c.manager(
+        "Grant", "ssa{sv}", "work-shell", str(short_tmp), {"lifetime": Variant("s", "permanent")}
+    )
     files = {
         MANAGER_IFACE: (MANAGER_PATH, ROOT / "dbus" / f"{MANAGER_IFACE}.xml"),
         INSTANCE_IFACE: (instance_path("work-shell"), ROOT / "dbus" / f"{INSTANCE_IFACE}.xml"),
+        GRANT_IFACE: (grant, ROOT / "dbus" / f"{GRANT_IFACE}.xml"),
     }
     for iface, (path, xml_file) in files.items():
         (served,) = await c.call(path, "org.freedesktop.DBus.Introspectable", "Introspect")

@@ -135,8 +135,14 @@ async def test_system_bus_policy_lets_others_read_not_change(
         r = call(system_bus, "StartInstance", "s", "one")
         assert r.returncode != 0
         assert "Access denied" in r.stderr or "AccessDenied" in r.stderr, r.stderr
-        r = call(system_bus, "Reload")
-        assert r.returncode != 0 and ("Access denied" in r.stderr or "AccessDenied" in r.stderr)
+        for member, *args in (
+            ("Reload",),
+            ("RegisterAgent", "o", "/agent"),
+            ("Grant", "ssa{sv}", "one", "/tmp", "0"),
+            ("RequestGrant", "ssa{sv}", "one", "/tmp", "0"),
+        ):
+            r = call(system_bus, member, *args)
+            assert r.returncode != 0 and "Access denied" in r.stderr, (member, r.stderr)
     finally:
         await d.stop()
 
@@ -153,6 +159,13 @@ async def test_daemon_checks_the_caller_itself(
         assert "only root and the group spectrum may do this" in r.stderr, r.stderr
         r = call(open_bus, "CreateInstance", "ssasa{sv}", "x", "app", "0", "0")
         assert "only root and the group spectrum" in r.stderr, r.stderr
+        for member, *args in (
+            ("RegisterAgent", "o", "/agent"),
+            ("Grant", "ssa{sv}", "one", "/tmp", "0"),
+            ("RequestGrant", "ssa{sv}", "one", "/tmp", "0"),
+        ):
+            r = call(open_bus, member, *args)
+            assert "only root and the group spectrum" in r.stderr, (member, r.stderr)
         r = call(open_bus, "GetInstance", "s", "one")
         assert r.returncode == 0, r.stderr
     finally:

@@ -1,0 +1,335 @@
+"""Runtime grants: resources given to an instance for a while, and taken back.
+
+A grant names an instance, a resource (a configured one, or an ad-hoc host
+directory such as a file chooser returns), an access (``ro``/``rw`` for
+directories) and a lifetime:
+
+- ``running``: until the instance stops;
+- ``until``: until ``expires_at_us`` (µs since the epoch);
+- ``permanent``: until revoked; kept in ``STATE_DIR/grants.json`` and applied
+  again whenever the instance starts.
+
+A grant is ``active`` while its effect is applied (the instance runs) and
+``waiting`` while the instance is not running (only permanent grants wait).
+Ending a grant (revoke, expiry, instance stop) undoes its effect at once.
+Every change is one ``audit`` log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import stat
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+
+import attrs
+
+from spectrumd.errors import (
+    Failed,
+    InvalidArgument,
+    InvalidState,
+    NoSuchInstance,
+    NoSuchResource,
+)
+from spectrumd.lifecycle import State
+from spectrumd.model.types import DirectoryResource, Resource
+from spectrumd.supervisor.files import Exports, exports_of
+from spectrumd.supervisor.instance import Instance
+
+log = logging.getLogger(__name__)
+audit = logging.getLogger("spectrumd.audit")
+
+LIFETIMES = ("running", "until", "permanent")
+ACCESSES = ("ro", "rw")
+GRANTS_FILE = "grants.json"
+MAX_PATH = 4096
+MAX_GRANTS = 1024
+
+
+@attrs.define(eq=False)
+class Grant:
+    id: str
+    instance: str
+    resource: str  # a configured resource's name, or an absolute host path
+    access: str  # "ro" | "rw"
+    lifetime: str  # "running" | "until" | "permanent"
+    expires_at_us: int = 0
+    origin: str = "user"  # "user" | "request"
+    state: str = "waiting"  # "active" | "waiting" | "ended"
+    # For ad-hoc paths: the entry name under the guest's file mount.
+    entry: str = ""
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            k: getattr(self, k)
+            for k in ("id", "instance", "resource", "access", "lifetime", "expires_at_us", "origin")
+        }
+
+
+def audit_line(event: str, **fields: object) -> None:
+    """One structured line per security-relevant event: key=value, values JSON-quoted."""
+    audit.info("%s %s", event, " ".join(f"{k}={json.dumps(v)}" for k, v in fields.items()))
+
+
+def check_lifetime(lifetime: str, expires_at_us: int, now_us: int) -> None:
+    if lifetime not in LIFETIMES:
+        raise InvalidArgument(f'lifetime "{lifetime[:32]}" is not one of {", ".join(LIFETIMES)}')
+    if lifetime == "until":
+        if expires_at_us <= now_us:
+            raise InvalidArgument("expires_at is in the past")
+    elif expires_at_us:
+        raise InvalidArgument(f'expires_at only goes with lifetime "until", not "{lifetime}"')
+
+
+def check_host_directory(untrusted_path: str) -> Path:
+    """An ad-hoc path must be absolute, canonical and an existing directory (no symlink)."""
+    if len(untrusted_path) > MAX_PATH or "\0" in untrusted_path:
+        raise InvalidArgument("path is too long or contains NUL")
+    if not untrusted_path.startswith("/"):
+        raise InvalidArgument(f'"{untrusted_path[:200]}" is not an absolute path')
+    parts = untrusted_path.split("/")[1:]
+    if untrusted_path != "/" and any(p in ("", ".", "..") for p in parts):
+        raise InvalidArgument(f'"{untrusted_path[:200]}" is not a canonical path')
+    try:
+        st = os.lstat(untrusted_path)
+    except OSError as e:
+        raise InvalidArgument(f'"{untrusted_path[:200]}": {e.strerror}') from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise InvalidArgument(f'"{untrusted_path[:200]}" is not a directory')
+    return Path(untrusted_path)
+
+
+ExportSetter = Callable[[str, Exports], Awaitable[None]]
+
+
+class GrantService:
+    """Keeps the grants, applies and undoes their effects, persists permanent ones."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        instances: Mapping[str, Instance],
+        resources: Callable[[], Mapping[str, Resource]],
+        set_exports: ExportSetter,
+    ) -> None:
+        self.path = state_dir / GRANTS_FILE
+        self._instances = instances
+        self._resources = resources
+        self._set_exports = set_exports
+        self.grants: dict[str, Grant] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self.on_added: list[Callable[[Grant], None]] = []
+        self.on_removed: list[Callable[[Grant], None]] = []
+        self.on_changed: list[Callable[[Grant], None]] = []
+
+    # -- persistence ---------------------------------------------------------
+
+    def load(self) -> None:
+        """Read permanent grants; an unreadable file is logged and set aside, not fatal."""
+        try:
+            raw = json.loads(self.path.read_text())
+            entries = raw["grants"]
+            assert isinstance(entries, list)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+            log.error("cannot read %s (%s); permanent grants start empty", self.path, e)
+            return
+        for entry in entries:
+            try:
+                g = Grant(
+                    id=str(entry["id"]),
+                    instance=str(entry["instance"]),
+                    resource=str(entry["resource"]),
+                    access=str(entry["access"]),
+                    lifetime="permanent",
+                    origin=str(entry.get("origin", "user")),
+                )
+            except (KeyError, TypeError, AttributeError) as err:
+                log.error("skipping a bad entry in %s: %s", self.path, err)
+                continue
+            if g.instance in self._instances:
+                g.entry = self._entry_name(g)
+                self.grants[g.id] = g
+
+    def _save(self) -> None:
+        body = {
+            "version": 1,
+            "grants": [g.to_json() for g in self.grants.values() if g.lifetime == "permanent"],
+        }
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(json.dumps(body, indent=2) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError as e:
+            raise Failed(f"cannot write {self.path}: {e.strerror or e}") from None
+
+    # -- creation -------------------------------------------------------------
+
+    def _entry_name(self, g: Grant) -> str:
+        if not g.resource.startswith("/"):
+            return g.resource
+        base = os.path.basename(g.resource) or "root"
+        taken = set(exports_of(self._instances[g.instance].resources))
+        taken |= {o.entry for o in self.grants.values() if o.instance == g.instance and o is not g}
+        name, n = base, 1
+        while name in taken:
+            n += 1
+            name = f"{base}-{n}"
+        return name
+
+    def validate(
+        self, instance: str, untrusted_resource: str, access: str, lifetime: str, expires_at_us: int
+    ) -> Resource | Path:
+        """Check a grant before anyone is asked. Raises a named SpectrumError."""
+        if instance not in self._instances:
+            raise NoSuchInstance(f'no instance "{instance}"')
+        if access not in ACCESSES:
+            raise InvalidArgument(f'access "{access[:16]}" is not ro or rw')
+        check_lifetime(lifetime, expires_at_us, time.time_ns() // 1000)
+        if untrusted_resource.startswith("/"):
+            return check_host_directory(untrusted_resource)
+        res = self._resources().get(untrusted_resource)
+        if res is None:
+            raise NoSuchResource(f'no resource "{untrusted_resource[:64]}"')
+        if not isinstance(res, DirectoryResource):
+            raise InvalidArgument(
+                f'resource "{res.name}" is a {res.type}; only directories can be granted so far'
+            )
+        if access == "rw" and not res.writable:
+            raise InvalidArgument(f'resource "{res.name}" is read-only; it cannot be granted rw')
+        return res
+
+    async def create(
+        self,
+        instance: str,
+        untrusted_resource: str,
+        access: str = "ro",
+        lifetime: str = "running",
+        expires_at_us: int = 0,
+        origin: str = "user",
+    ) -> Grant:
+        """Make a grant and apply it now if the instance runs. Raises a named SpectrumError."""
+        self.validate(instance, untrusted_resource, access, lifetime, expires_at_us)
+        inst = self._instances[instance]
+        if lifetime != "permanent" and inst.state not in (State.running, State.paused):
+            raise InvalidState(
+                f"{instance} is {inst.state.value}: only a permanent grant can wait for a start"
+            )
+        if len(self.grants) >= MAX_GRANTS:
+            raise Failed(f"too many grants (at most {MAX_GRANTS})")
+        g = Grant(
+            id=secrets.token_hex(4),
+            instance=instance,
+            resource=untrusted_resource,
+            access=access,
+            lifetime=lifetime,
+            expires_at_us=expires_at_us,
+            origin=origin,
+        )
+        g.entry = self._entry_name(g)
+        self.grants[g.id] = g
+        try:
+            if lifetime == "permanent":
+                self._save()
+            if inst.state in (State.running, State.paused):
+                await self._apply(inst)
+                g.state = "active"
+        except BaseException:
+            del self.grants[g.id]
+            if lifetime == "permanent":
+                self._save()
+            raise
+        if lifetime == "until":
+            delay = max(0.0, expires_at_us / 1e6 - time.time())
+            self._timers[g.id] = asyncio.get_running_loop().call_later(
+                delay, lambda: asyncio.ensure_future(self.end(g.id, "expired"))
+            )
+        audit_line(
+            "grant",
+            id=g.id,
+            instance=instance,
+            resource=g.resource,
+            access=access,
+            lifetime=lifetime,
+            expires_at_us=expires_at_us,
+            origin=origin,
+        )
+        for cb in self.on_added:
+            cb(g)
+        return g
+
+    # -- effects ----------------------------------------------------------------
+
+    def exports_for(self, inst: Instance) -> Exports:
+        exports = exports_of(inst.resources)
+        for g in self.grants.values():
+            if g.instance != inst.name:
+                continue
+            if g.resource.startswith("/"):
+                exports[g.entry] = (g.resource, g.access == "rw")
+            else:
+                res = self._resources().get(g.resource)
+                if isinstance(res, DirectoryResource):
+                    exports[g.entry] = (str(res.path), g.access == "rw" and res.writable)
+        return exports
+
+    async def _apply(self, inst: Instance) -> None:
+        await self._set_exports(inst.name, self.exports_for(inst))
+
+    async def end(self, grant_id: str, why: str) -> None:
+        """Revoke or expire a grant: undo its effect, forget it, tell listeners."""
+        g = self.grants.pop(grant_id, None)
+        if g is None:
+            return
+        timer = self._timers.pop(grant_id, None)
+        if timer is not None:
+            timer.cancel()
+        g.state = "ended"
+        if g.lifetime == "permanent":
+            self._save()
+        inst = self._instances.get(g.instance)
+        if inst is not None and inst.state in (State.running, State.paused):
+            try:
+                await self._apply(inst)
+            except Failed as e:
+                log.error("%s: cannot undo grant %s: %s", g.instance, g.id, e)
+        audit_line(why, id=g.id, instance=g.instance, resource=g.resource)
+        for cb in self.on_removed:
+            cb(g)
+
+    async def instance_changed(self, inst: Instance) -> None:
+        """Start: apply permanent grants. Stop: end ``running``/``until`` grants."""
+        mine = [g for g in self.grants.values() if g.instance == inst.name]
+        if inst.state == State.running and any(g.state == "waiting" for g in mine):
+            try:
+                await self._apply(inst)
+            except Failed as e:
+                log.error("%s: cannot apply grants: %s", inst.name, e)
+                return
+            for g in mine:
+                g.state = "active"
+                audit_line("reapplied", id=g.id, instance=g.instance, resource=g.resource)
+                for cb in self.on_changed:
+                    cb(g)
+        elif not inst.active:
+            for g in mine:
+                if g.lifetime != "permanent":
+                    await self.end(g.id, "ended-with-instance")
+                elif g.state != "waiting":
+                    g.state = "waiting"
+                    for cb in self.on_changed:
+                        cb(g)
+
+    def close(self) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()

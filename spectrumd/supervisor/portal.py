@@ -1,0 +1,167 @@
+"""The host side of the guest's portal port (``org.spectrum_os.portal``).
+
+Lines of text, each at most 4096 bytes; the instance is the port's own, never
+something the guest says.
+
+guest → host: ``request ID KIND B64 ACCESS LIFETIME [SECONDS]``
+  ID: 1-16 characters ``[A-Za-z0-9]``, chosen by the guest to match answers;
+  KIND: ``dir`` (B64 is base64 of an absolute host directory) or
+  ``resource`` (B64 is base64 of a configured resource's name);
+  ACCESS: ``ro`` | ``rw``; LIFETIME: ``running`` | ``until`` | ``permanent``;
+  SECONDS: for ``until``, how long from now.
+host → guest: ``response ID CODE B64``
+  CODE 0: granted, B64 is the path of the new entry in the guest
+  (``/mnt/spectrum/NAME``); 1: denied; 2: ended otherwise; B64 is the reason.
+
+A malformed line is dropped and logged; a well-formed request that cannot be
+asked (one is pending already, bad path) is answered with code 2 at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import logging
+import re
+import time
+
+from spectrumd.errors import SpectrumError
+from spectrumd.supervisor.requests import ENDED, GRANTED, Request, RequestBroker
+from spectrumd.supervisor.resources import RunContext
+from spectrumd.vmm.base import PORT_PORTAL, VmSpec
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 4096
+MOUNT_ROOT = "/mnt/spectrum"
+_ID = re.compile("[A-Za-z0-9]{1,16}")
+MAX_SECONDS = 10 * 365 * 24 * 3600
+
+
+class PortalRequest:
+    """A parsed, still untrusted request line."""
+
+    def __init__(self, rid: str, resource: str, access: str, lifetime: str, expires_us: int):
+        self.id, self.resource, self.access = rid, resource, access
+        self.lifetime, self.expires_at_us = lifetime, expires_us
+
+
+def parse_request(untrusted_line: bytes, now_us: int) -> PortalRequest | str | None:
+    """A request, or an ID to answer with an error, or None (drop: no usable ID)."""
+    try:
+        words = untrusted_line.decode("ascii").split(" ")
+    except UnicodeDecodeError:
+        return None
+    if len(words) < 2 or words[0] != "request" or not _ID.fullmatch(words[1]):
+        return None
+    rid = words[1]
+    if len(words) not in (6, 7):
+        return rid
+    _, _, kind, b64, access, lifetime, *rest = words
+    try:
+        value = base64.b64decode(b64, validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return rid
+    if kind not in ("dir", "resource") or (kind == "dir") != value.startswith("/"):
+        return rid
+    expires = 0
+    if lifetime == "until":
+        if len(rest) != 1 or not rest[0].isdigit() or not 0 < int(rest[0]) <= MAX_SECONDS:
+            return rid
+        expires = now_us + int(rest[0]) * 1_000_000
+    elif rest:
+        return rid
+    return PortalRequest(rid, value, access, lifetime, expires)
+
+
+def response_line(rid: str, code: int, text: str) -> bytes:
+    return f"response {rid} {code} {base64.b64encode(text.encode()).decode()}\n".encode()
+
+
+class PortalDriver:
+    """Gives every guest a portal port and turns its lines into broker requests."""
+
+    def __init__(self, broker: RequestBroker | None = None) -> None:
+        # Set by the daemon once the grants exist (they need the instances).
+        self.broker = broker
+
+    async def prepare(self, ctx: RunContext) -> None:
+        ctx.ports.append(PORT_PORTAL)
+
+    async def started(self, ctx: RunContext, spec: VmSpec) -> None:
+        reader, writer = await asyncio.open_unix_connection(spec.port_socket(PORT_PORTAL))
+        task = asyncio.ensure_future(self._serve(ctx, reader, writer))
+
+        async def stop() -> None:
+            if self.broker is not None:
+                self.broker.cancel_instance(ctx.name, "the instance stopped")
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            writer.close()
+
+        ctx.stack.push_async_callback(stop)
+
+    async def _serve(
+        self, ctx: RunContext, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        buf = b""
+        waiting: set[asyncio.Task[None]] = set()
+        try:
+            while chunk := await reader.read(4096):
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    task = self._handle(ctx, line, writer)
+                    if task is not None:
+                        waiting.add(task)
+                        task.add_done_callback(waiting.discard)
+                if len(buf) > MAX_LINE:
+                    ctx.log.warning("portal: dropped an over-long line")
+                    buf = b""
+        finally:
+            for task in waiting:
+                task.cancel()
+
+    def _handle(
+        self, ctx: RunContext, untrusted_line: bytes, writer: asyncio.StreamWriter
+    ) -> asyncio.Task[None] | None:
+        if len(untrusted_line) > MAX_LINE:
+            return None
+        parsed = parse_request(untrusted_line.rstrip(b"\r"), time.time_ns() // 1000)
+        if parsed is None:
+            ctx.log.warning("portal: dropped a malformed line (%d bytes)", len(untrusted_line))
+            return None
+        if isinstance(parsed, str):
+            writer.write(response_line(parsed, ENDED, "malformed request"))
+            return None
+        if self.broker is None:
+            writer.write(response_line(parsed.id, ENDED, "requests are not accepted yet"))
+            return None
+        try:
+            req = self.broker.submit(
+                ctx.name,
+                ctx.application.name,
+                parsed.resource,
+                parsed.access,
+                parsed.lifetime,
+                parsed.expires_at_us,
+                origin="portal",
+            )
+        except SpectrumError as e:
+            writer.write(response_line(parsed.id, ENDED, e.message))
+            return None
+        return asyncio.ensure_future(self._answer(parsed.id, req, writer))
+
+    async def _answer(self, rid: str, req: Request, writer: asyncio.StreamWriter) -> None:
+        await req.done.wait()
+        assert req.code is not None
+        if req.code == GRANTED and req.grant is not None:
+            text = f"{MOUNT_ROOT}/{req.grant.entry}"
+        else:
+            text = req.reason
+        writer.write(response_line(rid, req.code, text))
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
