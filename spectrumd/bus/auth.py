@@ -9,10 +9,10 @@ import logging
 import os
 import pwd
 
-from dbus_fast import Message, MessageType
+from dbus_fast import MessageType
 from dbus_fast.aio import MessageBus
 
-from spectrumd.bus.connection import current_sender
+from spectrumd.bus.connection import call_bus_daemon, current_sender
 from spectrumd.errors import AccessDenied
 
 log = logging.getLogger(__name__)
@@ -42,17 +42,8 @@ class CallerCheck:
     async def _uid(self, sender: str) -> int:
         uid = self._uids.get(sender)
         if uid is None:
-            reply = await self._bus.call(
-                Message(
-                    destination="org.freedesktop.DBus",
-                    path="/org/freedesktop/DBus",
-                    interface="org.freedesktop.DBus",
-                    member="GetConnectionUnixUser",
-                    signature="s",
-                    body=[sender],
-                )
-            )
-            if reply is None or reply.message_type != MessageType.METHOD_RETURN or not reply.body:
+            reply = await call_bus_daemon(self._bus, "GetConnectionUnixUser", "s", sender)
+            if reply.message_type != MessageType.METHOD_RETURN or not reply.body:
                 raise AccessDenied("cannot identify the caller")
             uid = int(reply.body[0])
             if len(self._uids) >= _CACHE_MAX:

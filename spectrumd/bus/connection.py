@@ -22,6 +22,22 @@ current_sender: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 
+async def call_bus_daemon(bus: MessageBus, member: str, signature: str, *args: Any) -> Message:
+    """Call org.freedesktop.DBus itself (AddMatch, GetConnectionUnixUser, ...)."""
+    reply = await bus.call(
+        Message(
+            destination="org.freedesktop.DBus",
+            path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus",
+            member=member,
+            signature=signature,
+            body=list(args),
+        )
+    )
+    assert reply is not None
+    return reply
+
+
 class SpectrumBus(MessageBus):
     def _make_method_handler(self, interface: Any, method: Any) -> Callable[..., None]:
         inner = super()._make_method_handler(interface, method)

@@ -21,6 +21,7 @@ from dbus_fast.annotations import DBusInt32, DBusObjectPath, DBusSignature, DBus
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
 from spectrumd.bus.auth import CallerCheck
+from spectrumd.bus.connection import call_bus_daemon
 from spectrumd.bus.errors import wire_errors
 from spectrumd.bus.names import MANAGER_PATH, instance_path
 from spectrumd.errors import AccessDenied, Busy, Failed
@@ -214,27 +215,12 @@ async def watch_name(bus: MessageBus, name: str, on_gone: Callable[[], None]) ->
 
     bus.add_message_handler(handler)
     rule = f"type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',arg0='{name}'"
-    await _bus_call(bus, "AddMatch", rule)
+    await call_bus_daemon(bus, "AddMatch", "s", rule)
     # It may have gone before the match existed.
-    reply = await _bus_call(bus, "NameHasOwner", name)
+    reply = await call_bus_daemon(bus, "NameHasOwner", "s", name)
     if reply.body and reply.body[0] is False:
         bus.remove_message_handler(handler)
         on_gone()
-
-
-async def _bus_call(bus: MessageBus, member: str, arg: str) -> Message:
-    reply = await bus.call(
-        Message(
-            destination="org.freedesktop.DBus",
-            path="/org/freedesktop/DBus",
-            interface="org.freedesktop.DBus",
-            member=member,
-            signature="s",
-            body=[arg],
-        )
-    )
-    assert reply is not None
-    return reply
 
 
 class GrantsBus:

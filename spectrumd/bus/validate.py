@@ -42,15 +42,17 @@ def names(what: str, untrusted_names: list[str]) -> list[str]:
     return [name(f"{what}[{i}]", n) for i, n in enumerate(untrusted_names)]
 
 
-def options(untrusted_options: Mapping[str, Variant]) -> dict[str, object]:
-    """Unwrap an a{sv} of known options; unknown keys and wrong types are refused."""
+def _typed(
+    untrusted_options: Mapping[str, Variant], table: Mapping[str, frozenset[str]]
+) -> dict[str, object]:
+    """Unwrap an a{sv}: unknown keys and wrong types are refused, naming the key."""
     if len(untrusted_options) > MAX_OPTIONS:
         raise InvalidArgument(f"options: more than {MAX_OPTIONS} entries")
     out: dict[str, object] = {}
     for key, variant in untrusted_options.items():
-        allowed = OPTION_SIGNATURES.get(key)
+        allowed = table.get(key)
         if allowed is None:
-            known = ", ".join(sorted(OPTION_SIGNATURES))
+            known = ", ".join(sorted(table))
             raise InvalidArgument(f'options: unknown option "{key[:64]}" (known: {known})')
         if variant.signature not in allowed:
             raise InvalidArgument(
@@ -59,6 +61,11 @@ def options(untrusted_options: Mapping[str, Variant]) -> dict[str, object]:
             )
         out[key] = variant.value
     return out
+
+
+def options(untrusted_options: Mapping[str, Variant]) -> dict[str, object]:
+    """CreateInstance's options."""
+    return _typed(untrusted_options, OPTION_SIGNATURES)
 
 
 GRANT_OPTION_SIGNATURES: dict[str, frozenset[str]] = {
@@ -75,20 +82,7 @@ def grant_options(untrusted_options: Mapping[str, Variant], now_us: int) -> tupl
     ``duration`` (seconds) is a shorthand for ``expires_at`` = now + duration;
     either implies lifetime ``until``. Defaults: ``ro``, ``running``.
     """
-    if len(untrusted_options) > MAX_OPTIONS:
-        raise InvalidArgument(f"options: more than {MAX_OPTIONS} entries")
-    values: dict[str, object] = {}
-    for key, variant in untrusted_options.items():
-        allowed = GRANT_OPTION_SIGNATURES.get(key)
-        if allowed is None:
-            known = ", ".join(sorted(GRANT_OPTION_SIGNATURES))
-            raise InvalidArgument(f'options: unknown option "{key[:64]}" (known: {known})')
-        if variant.signature not in allowed:
-            raise InvalidArgument(
-                f"options.{key}: wrong type {variant.signature!r} "
-                f"(expected {' or '.join(sorted(allowed))})"
-            )
-        values[key] = variant.value
+    values = _typed(untrusted_options, GRANT_OPTION_SIGNATURES)
     if "expires_at" in values and "duration" in values:
         raise InvalidArgument("options: give expires_at or duration, not both")
     expires = 0

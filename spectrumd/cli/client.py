@@ -7,6 +7,7 @@ from typing import Any
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
+from spectrumd.bus.connection import call_bus_daemon
 from spectrumd.bus.names import BUS_NAME, ERROR_PREFIX, INSTANCE_IFACE, MANAGER_IFACE, MANAGER_PATH
 
 
@@ -77,15 +78,6 @@ class Client:
         return {k: v.value if isinstance(v, Variant) else v for k, v in props.items()}
 
     async def add_match(self, rule: str) -> None:
-        reply = await self.bus.call(
-            Message(
-                destination="org.freedesktop.DBus",
-                path="/org/freedesktop/DBus",
-                interface="org.freedesktop.DBus",
-                member="AddMatch",
-                signature="s",
-                body=[rule],
-            )
-        )
-        if reply is None or reply.message_type == MessageType.ERROR:
+        reply = await call_bus_daemon(self.bus, "AddMatch", "s", rule)
+        if reply.message_type == MessageType.ERROR:
             raise CallError("org.freedesktop.DBus.Error.Failed", f"cannot subscribe: {rule}")

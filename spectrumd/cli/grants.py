@@ -1,6 +1,5 @@
 """``spectrumctl grant|grants|revoke|agent``."""
 
-
 import argparse
 import asyncio
 import json
