@@ -15,6 +15,9 @@ Checks, one QEMU per check:
   fs        (with --fs, needs diod) the fs port is mounted at
             /mnt/spectrum: the app reads a host file and writes one back.
   fs-down   (with --fs) an fs port with no server: logged, the guest runs on.
+  fs-remount (with --fs) the host's file server is killed: the guest's reads
+            fail with an I/O error; a new server and the control line
+            "mount-fs" make them work again.
 Stdlib only.  Exit status 0 when every check passed.
 """
 
@@ -112,6 +115,10 @@ class Guest:
         self.qmp = connect(f"{self.run}/qmp.sock", deadline)
         self.con = connect(f"{self.run}/console.sock", deadline)
         self.ctl = connect(f"{self.run}/control.sock", deadline)
+        if fs:
+            os.mkdir(f"{self.run}/export")
+            with open(f"{self.run}/export/from-host", "w") as f:
+                f.write("host-data-42\n")
         if fs and file_server:
             self._start_file_server(connect(f"{self.run}/fs.sock", deadline))
         self.qmp_file = self.qmp.makefile("rwb", buffering=0)
@@ -125,9 +132,6 @@ class Guest:
     def _start_file_server(self, sock: socket.socket) -> None:
         """diod serves a temp dir over our end of QEMU's fs socket."""
         export = f"{self.run}/export"
-        os.mkdir(export)
-        with open(f"{export}/from-host", "w") as f:
-            f.write("host-data-42\n")
         fd = sock.fileno()
         self.extra.append(
             subprocess.Popen(
@@ -302,6 +306,51 @@ def check_fs_down(g: Guest) -> str:
     return "with no file server on the fs port the mount fails, logged, and the guest runs on"
 
 
+def check_fs_remount(g: Guest) -> str:
+    g.expect("ready", READY_TIMEOUT)
+    g.send(
+        "run "
+        + b64(
+            "i=0; while :; do"
+            " if cat /mnt/spectrum/from-host >/dev/null 2>/tmp/err;"
+            ' then echo "rd-ok $i"; else echo "rd-fail $i $(cat /tmp/err)"; fi;'
+            " i=$((i+1)); sleep 0.2; done"
+        )
+    )
+    g.wait_console(b"rd-ok 2", 15)
+    server = g.extra.pop()
+    server.kill()
+    server.wait()
+    t = time.monotonic()
+    g.wait_console(b"rd-fail", 10)
+    failed_after = time.monotonic() - t
+    # The read in flight fails with ECONNRESET (the transport saw EOF); every
+    # later one with EIO (the client is disconnected).
+    first = g.console[g.console.index(b"rd-fail") :].split(b"\n")[0]
+    assert b"Connection reset by peer" in first or b"Input/output error" in first, first
+    mark = len(g.console)
+    deadline = time.monotonic() + 5
+    while b"Input/output error" not in g.console[mark:]:
+        if time.monotonic() > deadline:
+            raise AssertionError("reads did not fail with EIO after the server died")
+        time.sleep(0.05)
+    g._start_file_server(connect(f"{g.run}/fs.sock", time.monotonic() + 5))
+    g.send("mount-fs")
+    g.wait_console(b"spectrum-guest: remounted", 15)
+    mark = len(g.console)
+    deadline = time.monotonic() + 10
+    while b"rd-ok" not in g.console[mark:]:
+        if time.monotonic() > deadline:
+            raise AssertionError("no read succeeded after mount-fs")
+        time.sleep(0.05)
+    g.send("poweroff")
+    g.wait_exit(EXIT_TIMEOUT)
+    return (
+        f"reads failed with EIO {failed_after:.2f} s after the server died;"
+        " after a new server and mount-fs they work again"
+    )
+
+
 def iter_queue(q: queue.Queue[str]) -> Iterator[str]:
     while True:
         try:
@@ -320,10 +369,14 @@ def main() -> int:
         return 2
     checks = [("run", check_run), ("acpi", check_acpi), ("poweroff", check_poweroff)]
     if fs:
-        checks += [("fs", check_fs), ("fs-down", check_fs_down)]
+        checks += [
+            ("fs", check_fs),
+            ("fs-down", check_fs_down),
+            ("fs-remount", check_fs_remount),
+        ]
     failed = 0
     for name, check in checks:
-        g = Guest(out, fs=name.startswith("fs"), file_server=(name == "fs"))
+        g = Guest(out, fs=name.startswith("fs"), file_server=(name != "fs-down"))
         try:
             print(f"PASS {name}: {check(g)}")
         except AssertionError as e:

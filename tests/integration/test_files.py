@@ -1,0 +1,259 @@
+"""Directory resources as a guest sees them: the file server through real guests.
+
+Two boots. The first goes through the real daemon over D-Bus: file
+operations, a read-only export, and the file server killed and restarted
+under a running guest. The second drives a Supervisor and a FileService in
+this process (the daemon has no D-Bus method to change exports yet) to add
+and remove an export while the guest watches.
+
+Host directories must be readable by the server's user (``nobody`` when the
+daemon runs as root), so the trees made here are 0755/0644, and 0777 where
+the guest writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from spectrumd.supervisor import Environment, Supervisor
+from spectrumd.supervisor.files import FileService
+from tests.conftest import Daemon, kill_leftover_vmms
+from tests.integration.helpers import app_config, props, wait_log
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+SERVER_USER = "nobody" if os.geteuid() == 0 else None
+
+
+@pytest.fixture
+def trees() -> Iterator[Path]:
+    """``docs`` (read-only export) and ``work`` (writable) under a 0755 base."""
+    base = Path(tempfile.mkdtemp(prefix="spfs.", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        docs, work = base / "docs", base / "work"
+        docs.mkdir(mode=0o755)
+        work.mkdir()
+        work.chmod(0o777)
+        (docs / "hello.txt").write_text("hello from the host\n")
+        (docs / "hello.txt").chmod(0o644)
+        (work / "doomed.txt").write_text("to be removed\n")
+        (work / "doomed.txt").chmod(0o666)
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def dir_resources(base: Path, **writable: bool) -> dict[str, dict[str, object]]:
+    return {
+        name: {"type": "directory", "path": str(base / name), "writable": w}
+        for name, w in writable.items()
+    }
+
+
+async def wait_after(path: Path, offset: int, pattern: str, timeout: float = 30) -> str:
+    """The first console line after byte ``offset`` that matches ``pattern``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = path.read_bytes()[offset:].decode(errors="replace") if path.exists() else ""
+        for line in text[: text.rfind("\n") + 1].splitlines():  # whole lines only
+            if re.search(pattern, line):
+                return line
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"no line matching {pattern!r} within {timeout} s:\n{text[-2000:]}"
+            )
+        await asyncio.sleep(0.1)
+
+
+def file_server_pid(daemon_pid: int) -> int:
+    """The daemon's file-server child (its other children are VMMs)."""
+    children = Path(f"/proc/{daemon_pid}/task/{daemon_pid}/children").read_text().split()
+    for pid in children:
+        with contextlib.suppress(OSError):
+            if b"spectrumd.fileserver" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return int(pid)
+    raise AssertionError(f"spectrumd (pid {daemon_pid}) has no file-server child")
+
+
+# The first boot's application: each step prints one line for the test, then
+# the guest reads a host file every 0.2 s, forever.
+OPERATIONS = r"""
+cd /mnt/spectrum || { echo "STEP cd failed"; exit 9; }
+step() { echo "STEP $*"; }
+step "root: $(ls | tr '\n' ' ')"
+step "read: $(cat docs/hello.txt)"
+echo "guest wrote this" >work/new.txt && step "write ok"
+mkdir work/sub && step "mkdir ok"
+mv work/new.txt work/sub/moved.txt && step "rename ok"
+rm work/doomed.txt && step "unlink ok"
+step "ls-l: $(ls -l work/sub | grep moved)"
+step "readback: $(cat work/sub/moved.txt)"
+{ echo x >docs/new.txt; } 2>/tmp/e; step "ro-create: $(cat /tmp/e)"
+mkdir docs/d 2>/tmp/e; step "ro-mkdir: $(cat /tmp/e)"
+rm docs/hello.txt 2>/tmp/e; step "ro-unlink: $(cat /tmp/e)"
+step "ro-intact: $(cat docs/hello.txt)"
+i=0
+while :; do
+  if c=$(cat /mnt/spectrum/docs/hello.txt 2>&1); then echo "rd-ok $i"; else echo "rd-fail $i $c"; fi
+  i=$((i + 1))
+  sleep 0.2
+done
+"""
+
+
+async def test_guest_file_operations_and_server_restart(daemon: Daemon, trees: Path) -> None:
+    cfg = app_config(OPERATIONS, fs={"application": "app", "resources": ["docs", "work"]})
+    cfg["resources"] = dir_resources(trees, docs=False, work=True)
+    c = await daemon.start(cfg)
+    await c.manager("StartInstance", "s", "fs")
+    log = Path((await props(c, "fs"))["ConsoleLog"])
+    content = await wait_log(log, "STEP ro-intact", timeout=90)
+    steps: dict[str, str] = {}
+    for line in content.splitlines():
+        if line.startswith("STEP "):
+            key, _, value = line.removeprefix("STEP ").partition(": ")
+            steps[key] = value
+
+    assert steps["root"].split() == ["docs", "work"], content
+    assert steps["read"] == "hello from the host"
+    for op in ("write ok", "mkdir ok", "rename ok", "unlink ok"):
+        assert op in steps, f"{op!r} missing:\n{content}"
+    assert re.fullmatch(r"-rw-r--r--\s+1\s+\d+\s+\d+\s+17 .* moved\.txt", steps["ls-l"]), steps
+    assert steps["readback"] == "guest wrote this"
+    for op in ("ro-create", "ro-mkdir", "ro-unlink"):
+        assert steps[op].endswith("Read-only file system"), (op, steps[op])
+    assert steps["ro-intact"] == "hello from the host"
+
+    # What the host sees.
+    work = trees / "work"
+    assert (work / "sub" / "moved.txt").read_text() == "guest wrote this\n"
+    assert not (work / "new.txt").exists() and not (work / "doomed.txt").exists()
+    assert sorted(os.listdir(trees / "docs")) == ["hello.txt"]
+    if SERVER_USER is not None:
+        # Files are created as the server's user, not as root.
+        assert (work / "sub" / "moved.txt").stat().st_uid == pwd.getpwnam(SERVER_USER).pw_uid
+
+    # Kill the file server under the running guest.
+    await wait_log(log, "rd-ok 2")
+    old = file_server_pid(daemon.proc.pid)  # type: ignore[union-attr]
+    mark = log.stat().st_size
+    os.kill(old, signal.SIGKILL)
+    t0 = time.monotonic()
+    line = await wait_after(log, mark, r"^rd-fail ", timeout=10)
+    assert re.search(r"Input/output error|Connection reset by peer", line), line
+    failed_after = time.monotonic() - t0
+    # The daemon carries on: it answers at once and the instance keeps running.
+    async with asyncio.timeout(2):
+        (listed,) = await c.manager("ListInstances")
+    assert [(n, s) for n, _, s, _ in listed] == [("fs", "running")]
+    assert failed_after < 5
+
+    # The daemon restarts the server, serves the guest again and sends mount-fs.
+    await wait_after(log, mark, r"spectrum-guest: remounted org\.spectrum_os\.fs", timeout=30)
+    new = file_server_pid(daemon.proc.pid)  # type: ignore[union-attr]
+    assert new != old
+    remounted = log.read_bytes().rindex(b"spectrum-guest: remounted")
+    await wait_after(log, remounted, r"^rd-ok ", timeout=10)
+    assert "file server" in daemon.stderr_path.read_text() and "restarting" in (
+        daemon.stderr_path.read_text()
+    )
+
+    await c.manager("StopInstance", "s", "fs")
+    p = await props(c, "fs")
+    assert p["State"] == "stopped", p
+
+
+# The second boot's application: print the mount's entries and try a file
+# in "extra", by path and from a shell whose working directory is in it.
+WATCHER = r"""
+i=0
+while :; do
+  echo "ls $i: $(ls /mnt/spectrum | tr '\n' ' ')"
+  if c=$(cat /mnt/spectrum/extra/f 2>&1); then echo "path-ok $i $c"; else echo "path-fail $i $c"; fi
+  if [ ! -e /tmp/held ] && [ -d /mnt/spectrum/extra ]; then
+    : >/tmp/held
+    (
+      cd /mnt/spectrum/extra || exit
+      while :; do
+        if c=$(cat f 2>&1); then echo "held-ok $c"; else echo "held-fail $c"; fi
+        sleep 0.3
+      done
+    ) &
+  fi
+  i=$((i + 1))
+  sleep 0.3
+done
+"""
+
+
+async def test_exports_added_and_removed_while_running(
+    guest_dir: Path, short_tmp: Path, trees: Path
+) -> None:
+    extra = trees / "extra"
+    extra.mkdir(mode=0o755)
+    (extra / "f").write_text("extra-content\n")
+    (extra / "f").chmod(0o644)
+    state = Path(tempfile.mkdtemp(prefix="f.", dir=short_tmp))
+    cfg = app_config(WATCHER, live={"application": "app", "resources": ["docs"]})
+    cfg["resources"] = dir_resources(trees, docs=False)
+    (state / "config.json").write_text(json.dumps(cfg))
+    files = FileService(user=SERVER_USER)
+    env = Environment(state_dir=state, guest_dir=guest_dir, drivers=(files,))
+    sup = Supervisor(state / "config.json", env)
+    inst = sup.get("live")
+    log = env.log_path("live")
+    docs_only = {"docs": (str(trees / "docs"), False)}
+    try:
+        await files.start()
+        await inst.start()
+        line = await wait_after(log, 0, r"^ls \d+: ", timeout=90)
+        assert line.split(": ", 1)[1].split() == ["docs"], line
+        line = await wait_after(log, 0, r"^path-fail 0 ", timeout=10)
+        assert "No such file or directory" in line, line
+
+        # Added: it appears in the listing and can be read, at once.
+        mark = log.stat().st_size
+        await files.set_exports("live", {**docs_only, "extra": (str(extra), False)})
+        line = await wait_after(log, mark, r"^ls \d+: \S+ \S+", timeout=10)
+        assert line.split(": ", 1)[1].split() == ["docs", "extra"], line
+        assert (await wait_after(log, mark, r"^path-ok ")).endswith("extra-content")
+        assert (await wait_after(log, mark, r"^held-ok ")) == "held-ok extra-content"
+
+        # Removed: gone from the listing, not readable by path, and the shell
+        # that sits inside it gets I/O errors; and it stays so.
+        mark = log.stat().st_size
+        await files.set_exports("live", docs_only)
+        await wait_after(log, mark, r"^ls \d+: docs $", timeout=10)
+        line = await wait_after(log, mark, r"^path-fail ", timeout=10)
+        # ENOENT, or EIO while the guest kernel keeps the directory's dentry
+        # because the other shell's working directory pins it.
+        assert re.search(r"No such file or directory|Input/output error", line), line
+        line = await wait_after(log, mark, r"^held-fail ", timeout=10)
+        assert "Input/output error" in line, line
+        await asyncio.sleep(1.5)  # a few more rounds of both loops
+        after = log.read_bytes()[mark:].decode(errors="replace")
+        tail = after[after.index("held-fail") :]
+        assert "held-ok" not in tail and "path-ok" not in tail and "extra " not in tail, tail
+        assert inst.state.value == "running"
+    finally:
+        with contextlib.suppress(Exception):
+            if inst.active:
+                await inst.kill()
+        await files.close()
+        await sup.close()
+        kill_leftover_vmms(state)
+        shutil.rmtree(state, ignore_errors=True)
