@@ -41,6 +41,7 @@ demo: deps venv guest
 
 bench: deps venv guest
 	$(PY) bench/run.py
+	$(PY) bench/fs_bench.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
