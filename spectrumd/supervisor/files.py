@@ -28,6 +28,7 @@ from spectrumd.vmm.base import PORT_FS, VmSpec
 log = logging.getLogger(__name__)
 
 RESTART_DELAY = 1.0
+MAX_RESTART_DELAY = 30.0
 Exports = dict[str, tuple[str, bool]]
 
 
@@ -83,12 +84,15 @@ class FileService:
         log.error("%s; restarting it", process.describe_exit(rc, "file server"))
         if self._client is not None:
             self._client.close()
-        await asyncio.sleep(RESTART_DELAY)
-        try:
-            await self.start()
-        except Failed as e:
-            log.error("%s", e)
-            return
+        delay = RESTART_DELAY
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self.start()
+                break
+            except Failed as e:
+                delay = min(delay * 2, MAX_RESTART_DELAY)
+                log.error("%s; trying again in %g s", e, delay)
         self.restarts += 1
         for name, (sock_path, exports) in list(self._live.items()):
             try:
