@@ -16,7 +16,7 @@ die() { printf 'guest/build: error: %s\n' "$*" >&2; exit 1; }
 [ $# -eq 1 ] || die "usage: $0 OUTDIR"
 out=$1
 src=$(cd "$(dirname "$0")" && pwd)
-sources="$src/build.sh $src/init $src/spectrum-poweroff"
+sources="$src/build.sh $src/init $src/spectrum-poweroff $src/spectrum-request"
 
 # Modules loaded at every boot, then the USB ones, loaded only when the
 # machine has an xHCI controller (they are most of the initramfs's load time).
@@ -170,6 +170,7 @@ mknod -m 666 "$root/dev/null" c 1 3
 
 install -m 755 "$src/init" "$root/init"
 install -m 755 "$src/spectrum-poweroff" "$root/sbin/spectrum-poweroff"
+install -m 755 "$src/spectrum-request" "$root/bin/spectrum-request"
 # busybox acpid runs CONFDIR/PWRF/00000080 on the ACPI power button.
 printf '#!/bin/sh\nexec /sbin/spectrum-poweroff "power button"\n' \
   >"$root/etc/acpi/PWRF/00000080"

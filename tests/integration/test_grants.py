@@ -258,3 +258,34 @@ async def test_bad_grants_are_named(daemon: Daemon, shared_dir: Path) -> None:
         assert short(e.name) == name, (args, e.name, e.message)
         assert text in e.message, (args, e.message)
     assert os.listdir(daemon.state_dir).count("grants.json") == 0, "nothing was persisted"
+
+
+async def test_guest_asks_through_its_portal(daemon: Daemon, shared_dir: Path) -> None:
+    asker = (
+        f'p=$(spectrum-request dir {shared_dir} --lifetime running); echo "first rc=$? $p"; '
+        'cat "$p/marker"; '
+        # Ask again once the host says so (after its agent changed its mind).
+        'until [ -e "$p/ask-again" ]; do sleep 0.2; done; '
+        f'spectrum-request dir {shared_dir}; echo "second rc=$?"; exec sleep 600'
+    )
+    c = await daemon.start(app_config(asker))
+    _agent_client, agent = await register_agent(daemon.address, True)
+    await c.manager("StartInstance", "s", "one")
+    log = Path((await props(c, "one"))["ConsoleLog"])
+    # The first request is approved: the guest gets the path and reads the file.
+    text = await wait_log(log, "first rc=", timeout=90)
+    assert f"first rc=0 /mnt/spectrum/{shared_dir.name}" in text
+    await wait_log(log, "marker-from-the-host")
+    assert agent.asked[0][1:] == ["one", "app", str(shared_dir), "ro", "running"]
+    # The grant names the request as its origin and the instance by its path.
+    (rows,) = await c.manager("ListGrants")
+    assert [r[1] for r in rows] == ["one"]
+    agent.answer = False
+    (shared_dir / "ask-again").touch()
+    text = await wait_log(log, "second rc=", timeout=60)
+    assert "second rc=1" in text, "a denial is exit status 1 in the guest"
+    assert "spectrum-request: denied by the user" in text
+    await c.instance_call("one", "Kill")
+    await asyncio.sleep(0.3)
+    (rows,) = await c.manager("ListGrants")
+    assert rows == [], "running grants end with the instance"
