@@ -276,6 +276,7 @@ class Instance:
         run.stack.callback(run.guest.close)
         self._spawn_task(run.guest.run(), run)
 
+        ctx.control = run.control
         for driver in self.env.drivers:
             await driver.started(ctx, spec)
         await self._control(run.control.start_cpus(), "start")

@@ -21,7 +21,7 @@ from typing import Protocol
 import attrs
 
 from spectrumd.model.types import Application, InstanceDef, Resource
-from spectrumd.vmm.base import NetDev, VmSpec
+from spectrumd.vmm.base import NetDev, VmmControl, VmSpec
 
 
 @attrs.define(eq=False)
@@ -38,6 +38,8 @@ class RunContext:
     # What the drivers ask of the VM (read when the VmSpec is built).
     ports: list[str] = attrs.Factory(list)
     nets: list[NetDev] = attrs.Factory(list)
+    # The VMM's control channel, set once it answers (for hot-plugging in ``started``).
+    control: VmmControl | None = None
 
 
 class ResourceDriver(Protocol):
