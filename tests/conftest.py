@@ -81,7 +81,16 @@ class Daemon:
     def write_config(self, config: dict[str, Any]) -> None:
         self.config_path.write_text(json.dumps(config))
 
-    async def start(self, config: dict[str, Any] | None = None) -> Client:
+    async def start(
+        self,
+        config: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+        extra_args: list[str] | None = None,
+    ) -> Client:
+        """Start spectrumd; ``env`` replaces its environment (default: ours).
+
+        ``extra_args`` are added to its command line (e.g. ``--netns NAME``).
+        """
         if config is not None:
             self.write_config(config)
         self._stderr = open(self.stderr_path, "ab")  # noqa: SIM115
@@ -99,7 +108,9 @@ class Daemon:
             str(self.guest),
             "--log-level",
             "debug",
+            *(extra_args or []),
             stderr=self._stderr,
+            env=env,
         )
         bus = await connect(self.address)
         self.client = Client(bus)

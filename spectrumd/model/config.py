@@ -54,9 +54,17 @@ def validate_name(path: str, untrusted_name: object) -> str:
 
 @attrs.frozen
 class Defaults:
+    # Resolved: when the file has no defaults.vmm (vmm_auto), this is what
+    # resolve_auto_vmm chose at daemon start.
     vmm: VmmKind = VmmKind.qemu
     accel: Accel = Accel.kvm
     stop_timeout: float = DEFAULT_STOP_TIMEOUT
+    vmm_auto: bool = False
+
+
+def resolve_auto_vmm(crosvm_available: bool) -> VmmKind:
+    """What an absent ``defaults.vmm`` means: crosvm where its binary is found, else QEMU."""
+    return VmmKind.crosvm if crosvm_available else VmmKind.qemu
 
 
 @attrs.frozen
@@ -172,11 +180,12 @@ class _Obj:
             raise ConfigError(_join(self.path, unknown[0]), "unknown key")
 
 
-def _parse_defaults(o: _Obj) -> Defaults:
+def _parse_defaults(o: _Obj, auto_vmm: VmmKind) -> Defaults:
     d = Defaults(
-        vmm=o.enum("vmm", VmmKind, VmmKind.qemu),
+        vmm=o.enum("vmm", VmmKind, auto_vmm),
         accel=o.enum("accel", Accel, Accel.kvm),
         stop_timeout=o.number("stop_timeout", DEFAULT_STOP_TIMEOUT, 0.0, 3600.0),
+        vmm_auto="vmm" not in o.value,
     )
     o.done()
     return d
@@ -273,8 +282,13 @@ def parse_instance(
     *,
     path: str | None = None,
     origin: str = "config",
+    crosvm_available: bool | None = None,
 ) -> InstanceDef:
-    """Validate one instance definition against known applications and resources."""
+    """Validate one instance definition against known applications and resources.
+
+    ``crosvm_available`` False makes an instance on crosvm an error (None:
+    not checked, as when a configuration is checked off the host).
+    """
     if not isinstance(o, _Obj):
         o = _Obj(path if path is not None else f"instances.{name}", dict(o))
     app = o.string("application", required=True)
@@ -305,8 +319,51 @@ def parse_instance(
         stop_timeout=o.number("stop_timeout", defaults.stop_timeout, 0.0, 3600.0),
         origin=origin,
     )
+    _check_backend(o, inst, defaults, applications, resources, crosvm_available)
     o.done()
     return inst
+
+
+def _check_backend(
+    o: _Obj,
+    inst: InstanceDef,
+    defaults: Defaults,
+    applications: Mapping[str, object],
+    resources: Mapping[str, object],
+    crosvm_available: bool | None,
+) -> None:
+    """Refuse what the instance's VMM cannot express, before anything runs."""
+    vmm_path = _join(o.path, "vmm")
+    if "vmm" not in o.value:
+        vmm_path += " (automatic choice)" if defaults.vmm_auto else " (from defaults.vmm)"
+    accel_path = _join(o.path, "accel") + ("" if "accel" in o.value else " (from defaults.accel)")
+    app = applications[inst.application]
+    crosvm = inst.vmm is VmmKind.crosvm
+    if crosvm and crosvm_available is False:
+        raise ConfigError(vmm_path, "crosvm is asked for but no crosvm binary is on PATH")
+    if isinstance(app, Application):
+        if crosvm and app.arch is Arch.ppc64le:
+            raise ConfigError(
+                vmm_path,
+                f'crosvm does not support ppc64le (application "{app.name}"); use vmm qemu',
+            )
+        if crosvm and inst.accel is not Accel.kvm:
+            raise ConfigError(
+                accel_path, "crosvm runs guests only with KVM; use accel kvm or vmm qemu"
+            )
+        if not crosvm and app.share_root and app.root_image and app.arch is not Arch.x86_64:
+            raise ConfigError(
+                vmm_path,
+                f"QEMU 7.2 cannot share a root image on {app.arch.value} (applications."
+                f"{app.name}.share_root); use vmm crosvm or share_root false",
+            )
+    for i, name in enumerate(inst.resources):
+        if not crosvm and isinstance(resources.get(name), WaylandResource):
+            raise ConfigError(
+                f"{_join(o.path, 'resources')}[{i}]",
+                f'wayland resource "{name}": QEMU has no virtio-wl; use vmm crosvm '
+                f"({vmm_path} is qemu)",
+            )
 
 
 def _section(top: _Obj, key: str) -> list[tuple[str, _Obj]]:
@@ -319,16 +376,27 @@ def _section(top: _Obj, key: str) -> list[tuple[str, _Obj]]:
     return out
 
 
-def parse_config(untrusted: object, runtime_instances: object = None) -> Config:
-    """Validate a parsed JSON configuration, plus the data file's instances if given."""
+def parse_config(
+    untrusted: object,
+    runtime_instances: object = None,
+    *,
+    auto_vmm: VmmKind = VmmKind.qemu,
+    crosvm_available: bool | None = None,
+) -> Config:
+    """Validate a parsed JSON configuration, plus the data file's instances if given.
+
+    ``auto_vmm`` is what an absent ``defaults.vmm`` means (see
+    :func:`resolve_auto_vmm`); ``crosvm_available`` as for :func:`parse_instance`.
+    """
     top = _Obj("", untrusted)
     version = top.integer("version", 1, 1, 1)
     del version
-    defaults = _parse_defaults(top.obj("defaults"))
+    defaults = _parse_defaults(top.obj("defaults"), auto_vmm)
     apps = {n: _parse_application(n, o) for n, o in _section(top, "applications")}
     resources = {n: _parse_resource(n, o) for n, o in _section(top, "resources")}
     instances = {
-        n: parse_instance(n, o, defaults, apps, resources) for n, o in _section(top, "instances")
+        n: parse_instance(n, o, defaults, apps, resources, crosvm_available=crosvm_available)
+        for n, o in _section(top, "instances")
     }
     top.done()
     if runtime_instances is not None:
@@ -339,7 +407,15 @@ def parse_config(untrusted: object, runtime_instances: object = None) -> Config:
                     f"data.instances.{name}",
                     f'instance "{name}" is also defined in the configuration (instances.{name})',
                 )
-            instances[name] = parse_instance(name, o, defaults, apps, resources, origin="runtime")
+            instances[name] = parse_instance(
+                name,
+                o,
+                defaults,
+                apps,
+                resources,
+                origin="runtime",
+                crosvm_available=crosvm_available,
+            )
         data.integer("version", 1, 1, 1)
         data.done()
     return Config(defaults=defaults, applications=apps, resources=resources, instances=instances)
@@ -365,10 +441,16 @@ def load_data_file(path: Path) -> object:
     return _read_json(path, "data file")
 
 
-def load_config(path: Path, data_file: Path | None = None) -> Config:
+def load_config(
+    path: Path,
+    data_file: Path | None = None,
+    *,
+    auto_vmm: VmmKind = VmmKind.qemu,
+    crosvm_available: bool | None = None,
+) -> Config:
     raw = _read_json(path, "configuration")
     data = load_data_file(data_file) if data_file is not None else None
-    return parse_config(raw, data)
+    return parse_config(raw, data, auto_vmm=auto_vmm, crosvm_available=crosvm_available)
 
 
 def instance_to_json(inst: InstanceDef, defaults: Defaults) -> dict[str, object]:

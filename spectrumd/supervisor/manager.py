@@ -34,10 +34,12 @@ from spectrumd.model.config import (
     instance_to_json,
     load_config,
     parse_instance,
+    resolve_auto_vmm,
     validate_name,
 )
 from spectrumd.model.types import InstanceDef, Resource
 from spectrumd.supervisor.instance import Environment, Instance
+from spectrumd.vmm import crosvm_available
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,11 @@ class Supervisor:
         self.config_path = config_path
         self.env = env
         self.data_path = env.state_dir / DATA_FILE
-        self.config = load_config(config_path, self.data_path)
+        # An absent defaults.vmm is resolved once, here; an explicit crosvm is
+        # checked against PATH at every load.
+        self.auto_vmm = resolve_auto_vmm(crosvm_available())
+        log.info("automatic VMM choice: %s", self.auto_vmm.value)
+        self.config = self._load()
         self.instances: dict[str, Instance] = {}
         self.on_added: list[InstanceListener] = []
         self.on_removed: list[InstanceListener] = []
@@ -122,8 +128,16 @@ class Supervisor:
         Returns (added, removed, changed) names. Raises ConfigError (an
         InvalidArgument) and keeps the running configuration if the file is bad.
         """
-        new = load_config(self.config_path, self.data_path)
+        new = self._load()
         return self._apply(new)
+
+    def _load(self) -> Config:
+        return load_config(
+            self.config_path,
+            self.data_path,
+            auto_vmm=self.auto_vmm,
+            crosvm_available=crosvm_available(),
+        )
 
     def _apply(self, new: Config) -> tuple[list[str], list[str], list[str]]:
         self.config = new
@@ -207,6 +221,7 @@ class Supervisor:
             self.config.resources,
             path="options",
             origin="runtime",
+            crosvm_available=crosvm_available(),
         )
         self._save_data_file(
             {**{n: i.definition for n, i in self.instances.items()}, name: inst_def}

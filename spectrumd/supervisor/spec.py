@@ -5,23 +5,47 @@ from __future__ import annotations
 from pathlib import Path
 
 from spectrumd.errors import Failed
+from spectrumd.model.types import VmmKind, WaylandResource
 from spectrumd.supervisor.resources import RunContext
+from spectrumd.vmm import BACKENDS
 from spectrumd.vmm.base import PORT_CONTROL, VmSpec
 
-DEFAULT_CMDLINE = "console=ttyS0 panic=-1 quiet"
+CMDLINE_TAIL = "panic=-1 quiet"
+# Spare PCIe root ports for networks attached at run time (QEMU q35/virt need
+# one per hot-added device). Not passed to crosvm: --pci-hotplug-slots exists
+# only in crosvm builds with the pci-hotplug feature, and others refuse it.
+QEMU_HOTPLUG_SLOTS = 2
 # Unix socket paths are limited to 108 bytes (sun_path).
 MAX_SOCKET_PATH = 107
 
 
 def build_spec(ctx: RunContext, guest_dir: Path) -> VmSpec:
-    """Raises Failed naming a missing kernel/initrd or a run directory too deep for sockets."""
+    """The VmSpec of this start; also readies the backend's host side (before the spawn).
+
+    Raises Failed naming a missing kernel, initrd, root image or disk, a
+    run directory too deep for sockets, or host-side sockets that cannot be made.
+    """
     app = ctx.application
+    backend = BACKENDS[ctx.definition.vmm]
     kernel = app.kernel or guest_dir / "vmlinuz"
     initrd = app.initrd if app.kernel else guest_dir / "initramfs.img"
     for what, path in (("kernel", kernel), ("initrd", initrd)):
         if path is not None and not path.is_file():
             hint = "" if app.kernel else " (build the embedded guest: make guest)"
             raise Failed(f"cannot start {ctx.name}: {what} {path} not found{hint}")
+    root_size = 0
+    if app.root_image is not None:
+        try:
+            root_size = app.root_image.stat().st_size
+        except OSError as e:
+            raise Failed(f"cannot start {ctx.name}: root image {app.root_image}: {e}") from None
+    for disk in app.disks:
+        if not disk.path.exists():
+            raise Failed(f"cannot start {ctx.name}: disk {disk.path} not found")
+    try:
+        console = backend.kernel_console(app.arch.value)
+    except ValueError as e:
+        raise Failed(f"cannot start {ctx.name}: {e}") from None
     spec = VmSpec(
         instance=ctx.name,
         accel=ctx.definition.accel,
@@ -29,13 +53,25 @@ def build_spec(ctx: RunContext, guest_dir: Path) -> VmSpec:
         vcpus=app.vcpus,
         kernel=kernel,
         initrd=initrd,
-        cmdline=f"{DEFAULT_CMDLINE} {app.params}".strip(),
+        cmdline=f"console={console} {CMDLINE_TAIL} {app.params}".strip(),
         run_dir=ctx.run_dir,
         arch=app.arch.value,
         ports=(PORT_CONTROL, *ctx.ports),
         nets=tuple(ctx.nets),
+        root_image=app.root_image,
+        root_image_size=root_size,
+        share_root=app.share_root,
+        disks=app.disks,
+        wayland_sockets=tuple(r.path for r in ctx.resources if isinstance(r, WaylandResource)),
+        hotplug_slots=QEMU_HOTPLUG_SLOTS if ctx.definition.vmm is VmmKind.qemu else 0,
     )
     sockets = [spec.control_socket, spec.console_socket, *map(spec.port_socket, spec.ports)]
-    if max(len(str(p)) for p in sockets) > MAX_SOCKET_PATH:
+    # crosvm's side of each serial socket is "vmm-" + the name (spectrumd.vmm.crosvm).
+    extra = len("vmm-") if backend.vmm_connects else 0
+    if max(len(str(p)) for p in sockets) + extra > MAX_SOCKET_PATH:
         raise Failed(f"cannot start {ctx.name}: state directory path is too long for sockets")
+    try:
+        backend.prepare(spec, ctx.stack)
+    except OSError as e:
+        raise Failed(f"cannot start {ctx.name}: cannot listen for the VMM: {e}") from None
     return spec

@@ -1,5 +1,7 @@
 """VMM backends behind one Protocol, chosen by :class:`VmmKind`."""
 
+import shutil
+
 from spectrumd.model.types import VmmKind
 from spectrumd.vmm.base import (
     PORT_CONTROL,
@@ -10,11 +12,19 @@ from spectrumd.vmm.base import (
     VmmError,
     VmSpec,
 )
+from spectrumd.vmm.crosvm import CrosvmBackend
 from spectrumd.vmm.qemu import QemuBackend
 
 BACKENDS: dict[VmmKind, VmmBackend] = {
     VmmKind.qemu: QemuBackend(),
+    VmmKind.crosvm: CrosvmBackend(),
 }
+
+
+def crosvm_available() -> bool:
+    """Whether a ``crosvm`` binary is on the daemon's PATH."""
+    return shutil.which(BACKENDS[VmmKind.crosvm].default_binary("x86_64")) is not None
+
 
 __all__ = [
     "BACKENDS",
@@ -25,4 +35,5 @@ __all__ = [
     "VmmBackend",
     "VmmControl",
     "VmmError",
+    "crosvm_available",
 ]

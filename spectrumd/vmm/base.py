@@ -8,13 +8,14 @@ then calls :meth:`VmmBackend.attach` to reach the VMM's control channel.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 import attrs
 
-from spectrumd.model.types import Accel, VmmKind
+from spectrumd.model.types import Accel, Disk, VmmKind
 
 # Virtio-serial ports of the guest contract, by name → socket file name in run_dir.
 PORT_CONTROL = "org.spectrum_os.control"
@@ -56,6 +57,19 @@ class VmSpec:
     ports: tuple[str, ...] = (PORT_CONTROL,)
     binary: str | None = None  # override the backend's default binary
     nets: tuple[NetDev, ...] = ()
+    # The application's root file-system image, always read-only. With
+    # share_root it is mapped as persistent memory (crosvm --pmem, QEMU
+    # virtio-pmem) so that every VM of the application shares its page cache;
+    # root_image_size (bytes) is what QEMU's memory backend needs to know.
+    root_image: Path | None = None
+    root_image_size: int = 0
+    share_root: bool = False
+    disks: tuple[Disk, ...] = ()
+    # Wayland compositor sockets (virtio-wl; crosvm only).
+    wayland_sockets: tuple[Path, ...] = ()
+    # Spare slots for hot-added devices (add_net): QEMU pcie-root-ports,
+    # crosvm --pci-hotplug-slots.
+    hotplug_slots: int = 0
 
     @property
     def pass_fds(self) -> tuple[int, ...]:
@@ -116,8 +130,28 @@ class VmmControl(Protocol):
 
 class VmmBackend(Protocol):
     kind: VmmKind
+    # True if the VMM connects to the console and port sockets (crosvm), False
+    # if it listens on them (QEMU). The supervisor connects either way: for
+    # crosvm, prepare() and attach() put a relay in between.
+    vmm_connects: bool
 
     def default_binary(self, arch: str) -> str: ...
+
+    def kernel_console(self, arch: str) -> str:
+        """The guest's name of the serial console this backend wires up (``ttyS0``, ...)."""
+
+    def exit_reason(self, returncode: int) -> tuple[bool, str] | None:
+        """What the VMM's exit status says: (clean, reason), or None if nothing."""
+
+    def prepare(
+        self, spec: VmSpec, stack: contextlib.ExitStack | contextlib.AsyncExitStack
+    ) -> None:
+        """Set up, before the spawn, what the VMM needs on the host side.
+
+        crosvm connects to its serial sockets at startup, so they must be
+        listening before it is exec'd; QEMU listens itself and needs nothing.
+        Undo actions go on ``stack``. Raises OSError.
+        """
 
     def argv(self, spec: VmSpec) -> list[str]:
         """The full command line, a pure function of ``spec``."""

@@ -13,6 +13,8 @@ change the value.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
 from collections.abc import Mapping
@@ -25,6 +27,11 @@ from spectrumd.model.types import Accel, VmmKind
 from spectrumd.vmm.base import EventHandler, NetDev, VmmError, VmSpec
 from spectrumd.vmm.qmp import QmpClient, QmpError
 
+# How long remove_net waits for the guest to release a device (DEVICE_DELETED).
+UNPLUG_TIMEOUT = 5.0
+# virtio-pmem regions are mapped in whole 2 MiB pages.
+PMEM_ALIGN = 2 * 1024 * 1024
+
 # Longest unix socket path the kernel accepts (sun_path is 108 bytes with the NUL).
 _SUN_PATH_MAX = 107
 
@@ -32,21 +39,41 @@ _SUN_PATH_MAX = 107
 @attrs.frozen
 class _Arch:
     binary: str
-    # None: no argv for this architecture yet (the binary is still known).
-    machine: str | None
+    machine: str
+    # The guest's name for the serial port -serial wires up.
+    console: str
     # Firmware by file name in QEMU's data directory. qboot jumps straight to
     # the kernel (PVH) and prints nothing, where SeaBIOS costs boot time and
     # writes escape sequences to the serial console (the instance's log).
     firmware: str | None = None
+    # Machine options added under KVM.
+    kvm_machine: str = ""
+    # -cpu under TCG; None: the machine's default model.
+    tcg_cpu: str | None = "max"
+    # Hot-plugged PCI devices need a pcie-root-port each (q35, virt); the
+    # pseries PHB takes them on its root bus.
+    root_ports: bool = True
+    # Shared root image as virtio-pmem (QEMU 7.2 has it on x86 only).
+    pmem: bool = False
 
 
 ARCHES: dict[str, _Arch] = {
-    "x86_64": _Arch("qemu-system-x86_64", machine="q35", firmware="qboot.rom"),
-    "aarch64": _Arch("qemu-system-aarch64", machine=None),
-    "ppc64le": _Arch("qemu-system-ppc64", machine=None),
+    "x86_64": _Arch(
+        "qemu-system-x86_64", machine="q35", console="ttyS0", firmware="qboot.rom", pmem=True
+    ),
+    # GICv3 where the host has it; PL011 UART; direct kernel boot (no firmware).
+    "aarch64": _Arch("qemu-system-aarch64", machine="virt,gic-version=max", console="ttyAMA0"),
+    # The sPAPR VTY is hvc0. KVM on POWER is KVM-HV (a kernel on bare metal);
+    # pseries' TCG default CPU is the newest POWER it emulates.
+    "ppc64le": _Arch(
+        "qemu-system-ppc64",
+        machine="pseries",
+        console="hvc0",
+        kvm_machine="kvm-type=HV",
+        tcg_cpu=None,
+        root_ports=False,
+    ),
 }
-
-_CPU = {Accel.kvm: "host", Accel.tcg: "max"}
 
 
 def opt_escape(value: str) -> str:
@@ -97,22 +124,55 @@ def _arch(name: str) -> _Arch:
         ) from None
 
 
+def _drive_args(drive_id: str, path: str, writable: bool) -> list[str]:
+    ro = "" if writable else ",readonly=on"
+    return [
+        "-drive", f"file={opt_escape(path)},if=none,id={drive_id},format=raw{ro}",
+        "-device", f"virtio-blk-pci,drive={drive_id},id={drive_id}-dev",
+    ]  # fmt: skip
+
+
 class QemuBackend:
     kind = VmmKind.qemu
+    # QEMU listens on its console and port sockets; the daemon connects.
+    vmm_connects = False
 
     def default_binary(self, arch: str) -> str:
         return _arch(arch).binary
+
+    def kernel_console(self, arch: str) -> str:
+        return _arch(arch).console
+
+    def exit_reason(self, returncode: int) -> tuple[bool, str] | None:
+        """None: QEMU tells why over QMP (SHUTDOWN events), not by its status."""
+        return None
+
+    def prepare(
+        self, spec: VmSpec, stack: contextlib.ExitStack | contextlib.AsyncExitStack
+    ) -> None:
+        """Nothing: QEMU listens on its own sockets."""
 
     def argv(self, spec: VmSpec) -> list[str]:
         """The QEMU command line for ``spec``; a pure function.
 
         Raises ValueError for a spec no QEMU could run: an unsupported
         architecture, a path with a newline or NUL, a socket path too long
-        for a unix socket, two ports sharing one socket file.
+        for a unix socket, two ports sharing one socket file, a Wayland
+        socket (QEMU has no virtio-wl), a shared root image where QEMU 7.2
+        has no virtio-pmem or whose size is not a multiple of 2 MiB.
         """
         arch = _arch(spec.arch)
-        if arch.machine is None:
-            raise ValueError(f"QEMU backend cannot build a command line for {spec.arch} yet")
+        if spec.wayland_sockets:
+            raise ValueError("QEMU has no virtio-wl; use vmm crosvm")
+        pmem = spec.root_image is not None and spec.share_root
+        if pmem and not arch.pmem:
+            raise ValueError(f"QEMU 7.2 cannot share a root image (virtio-pmem) on {spec.arch}")
+        if pmem and (spec.root_image_size <= 0 or spec.root_image_size % PMEM_ALIGN):
+            raise ValueError(
+                f"a shared root image must be a multiple of 2 MiB, not {spec.root_image_size} bytes"
+            )
+        if spec.hotplug_slots < 0 or spec.hotplug_slots > 32:
+            raise ValueError(f"bad number of hot-plug slots: {spec.hotplug_slots}")
         if spec.memory_mib <= 0 or spec.vcpus <= 0:
             raise ValueError(f"bad VM size: {spec.memory_mib} MiB, {spec.vcpus} vCPUs")
         if "\0" in spec.cmdline:
@@ -121,6 +181,15 @@ class QemuBackend:
         initrd = None if spec.initrd is None else _checked_path("initrd", spec.initrd)
         _checked_path("run directory", spec.run_dir)
 
+        machine = arch.machine
+        if spec.accel is Accel.kvm and arch.kvm_machine:
+            machine += "," + arch.kvm_machine
+        cpu = "host" if spec.accel is Accel.kvm else arch.tcg_cpu
+        memory = f"{spec.memory_mib}M"
+        if pmem:
+            # virtio-pmem is a memory device: it needs a slot above guest RAM.
+            pmem_mib = spec.root_image_size // (1024 * 1024)
+            memory += f",slots=1,maxmem={spec.memory_mib + pmem_mib}M"
         argv = [
             spec.binary or arch.binary,
             "-nodefaults",
@@ -128,12 +197,12 @@ class QemuBackend:
             "-nographic",
             "-no-reboot",
             "-S",
-            "-machine", arch.machine,
+            "-machine", machine,
             "-accel", spec.accel.value,
-            "-cpu", _CPU[spec.accel],
-            "-m", f"{spec.memory_mib}M",
-            "-smp", str(spec.vcpus),
         ]  # fmt: skip
+        if cpu is not None:
+            argv += ["-cpu", cpu]
+        argv += ["-m", memory, "-smp", str(spec.vcpus)]
         if arch.firmware is not None:
             argv += ["-bios", arch.firmware]
         argv += ["-kernel", kernel]
@@ -162,6 +231,24 @@ class QemuBackend:
             ]
         for net in spec.nets:
             argv += net_args(net)
+        if spec.root_image is not None:
+            root = _checked_path("root image", spec.root_image)
+            if pmem:
+                # share=on maps the file MAP_SHARED: every VM of the application
+                # reads the same host page cache. readonly=on maps it PROT_READ.
+                argv += [
+                    "-object",
+                    f"memory-backend-file,id=rootmem,mem-path={opt_escape(root)},"
+                    f"size={spec.root_image_size},share=on,readonly=on",
+                    "-device", "virtio-pmem-pci,memdev=rootmem,id=root",
+                ]  # fmt: skip
+            else:
+                argv += _drive_args("root", root, writable=False)
+        for i, disk in enumerate(spec.disks):
+            argv += _drive_args(f"disk{i}", _checked_path("disk", disk.path), disk.writable)
+        if arch.root_ports:
+            for i in range(spec.hotplug_slots):
+                argv += ["-device", f"pcie-root-port,id=hp{i},chassis={i + 1}"]
         return argv
 
     # The timeout parameter is the VmmBackend Protocol's signature.
@@ -178,8 +265,32 @@ class QemuBackend:
         behind but refuses connections, so race this against the process's
         exit. Raises VmmError.
         """
-        client = await QmpClient.connect(spec.control_socket, on_event, timeout)
-        return QemuControl(client)
+        events = _Events(on_event)
+        client = await QmpClient.connect(spec.control_socket, events.dispatch, timeout)
+        slots = spec.hotplug_slots if _arch(spec.arch).root_ports else 0
+        return QemuControl(client, events, hotplug_buses=[f"hp{i}" for i in range(slots)])
+
+
+class _Events:
+    """Passes QMP events on, and lets a caller wait for one (DEVICE_DELETED)."""
+
+    def __init__(self, on_event: EventHandler) -> None:
+        self._on_event = on_event
+        self._waiters: list[tuple[str, Mapping[str, Any], asyncio.Future[None]]] = []
+
+    def dispatch(self, name: str, data: Mapping[str, Any]) -> None:
+        for ev, match, fut in list(self._waiters):
+            if ev == name and not fut.done() and all(data.get(k) == v for k, v in match.items()):
+                fut.set_result(None)
+        self._on_event(name, data)
+
+    def expect(self, name: str, **match: Any) -> asyncio.Future[None]:
+        """A future that completes at the next event ``name`` whose data has ``match``."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (name, match, fut)
+        self._waiters.append(entry)
+        fut.add_done_callback(lambda _: self._waiters.remove(entry))
+        return fut
 
 
 class QemuControl:
@@ -189,8 +300,17 @@ class QemuControl:
     VmmError if the connection is lost before the answer.
     """
 
-    def __init__(self, client: QmpClient) -> None:
+    def __init__(
+        self,
+        client: QmpClient,
+        events: _Events | None = None,
+        hotplug_buses: list[str] | None = None,
+    ) -> None:
         self._qmp = client
+        self._events = events or _Events(lambda name, data: None)
+        # Free pcie-root-ports for hot-added devices; None: the root bus takes them.
+        self._free_buses = hotplug_buses
+        self._net_buses: dict[str, str | None] = {}
 
     @property
     def closed(self) -> bool:
@@ -223,10 +343,68 @@ class QemuControl:
         return False
 
     async def add_net(self, net: NetDev) -> None:
-        raise VmmError("network hot-add is not implemented for QEMU yet")
+        """Hot-add virtio-net on ``net.tap_fd`` (sent to QEMU with SCM_RIGHTS).
 
-    async def remove_net(self, net_id: str) -> None:
-        raise VmmError("network hot-remove is not implemented for QEMU yet")
+        Raises VmmError (no free hot-plug slot) or QmpError; on failure
+        nothing added stays behind.
+        """
+        net_args(net)  # validates id, mac and fd
+        if net.id in self._net_buses:
+            raise VmmError(f"network device {net.id} already exists")
+        device: dict[str, Any] = {
+            "driver": "virtio-net-pci",
+            "netdev": net.id,
+            "id": f"{net.id}-dev",
+            "mac": net.mac,
+        }
+        bus = None
+        if self._free_buses is not None:
+            if not self._free_buses:
+                raise VmmError("no free hot-plug slot (VmSpec.hotplug_slots)")
+            bus = device["bus"] = self._free_buses[0]
+        fdname = f"{net.id}-tap"
+        await self._qmp.execute("getfd", {"fdname": fdname}, fds=(net.tap_fd,))
+        try:
+            # netdev_add takes the named fd over from the monitor.
+            await self._qmp.execute(
+                "netdev_add", {"type": "tap", "id": net.id, "fd": fdname, "vhost": False}
+            )
+        except BaseException:
+            with contextlib.suppress(VmmError):
+                await self._qmp.execute("closefd", {"fdname": fdname})
+            raise
+        try:
+            await self._qmp.execute("device_add", device)
+        except BaseException:
+            with contextlib.suppress(VmmError):
+                await self._qmp.execute("netdev_del", {"id": net.id})
+            raise
+        if bus is not None and self._free_buses is not None:
+            self._free_buses.remove(bus)
+        self._net_buses[net.id] = bus
+
+    async def remove_net(self, net_id: str, timeout: float = UNPLUG_TIMEOUT) -> None:
+        """Unplug the device, wait for the guest to release it, then drop the backend.
+
+        PCI unplug needs the guest's consent: a guest that does not answer
+        within ``timeout`` (or is not running) leaves the device in place and
+        gets VmmError. Raises QmpError if QEMU refuses.
+        """
+        deleted = self._events.expect("DEVICE_DELETED", device=f"{net_id}-dev")
+        try:
+            await self._qmp.execute("device_del", {"id": f"{net_id}-dev"})
+            try:
+                await asyncio.wait_for(asyncio.shield(deleted), timeout)
+            except TimeoutError:
+                raise VmmError(
+                    f"the guest did not release network device {net_id} within {timeout:g}s"
+                ) from None
+        finally:
+            deleted.cancel()
+        await self._qmp.execute("netdev_del", {"id": net_id})
+        bus = self._net_buses.pop(net_id, None)
+        if bus is not None and self._free_buses is not None:
+            self._free_buses.append(bus)
 
     async def quit(self) -> None:
         """Make QEMU exit now. The connection closing before the reply is success."""

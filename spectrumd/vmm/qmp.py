@@ -22,7 +22,8 @@ import itertools
 import json
 import logging
 import os
-from collections.abc import Mapping
+import socket
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from spectrumd.vmm.base import EventHandler, VmmError
@@ -133,8 +134,17 @@ class QmpClient:
     def closed(self) -> bool:
         return self._closed_error is not None
 
-    async def execute(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
+    async def execute(
+        self,
+        command: str,
+        arguments: Mapping[str, Any] | None = None,
+        *,
+        fds: Sequence[int] = (),
+    ) -> Any:
         """Run one QMP command and return its ``return`` value.
+
+        ``fds`` travel with the command as SCM_RIGHTS (``getfd``, ``add-fd``);
+        QEMU gets copies, the caller keeps its own.
 
         Raises QmpError if QEMU refused it, VmmError if the connection is (or
         becomes) closed before the answer.
@@ -148,9 +158,13 @@ class QmpClient:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[cmd_id] = (command, fut)
         try:
-            log.debug("QMP → %s", msg)
-            self._writer.write(json.dumps(msg).encode() + b"\n")
+            log.debug("QMP → %s%s", msg, f" with fds {list(fds)}" if fds else "")
+            data = json.dumps(msg).encode() + b"\n"
             try:
+                if fds:
+                    await self._send_with_fds(data, fds)
+                else:
+                    self._writer.write(data)
                 await self._writer.drain()
             except (ConnectionError, OSError) as e:
                 # The reader will see the EOF too and fail the future; say it now.
@@ -159,6 +173,30 @@ class QmpClient:
         finally:
             # On cancellation the late reply finds no future and is dropped.
             self._pending.pop(cmd_id, None)
+
+    async def _send_with_fds(self, data: bytes, fds: Sequence[int]) -> None:
+        """Write ``data`` with ``fds`` attached, in order with buffered writes. Raises OSError.
+
+        asyncio's transport cannot send ancillary data, so the message goes
+        straight to the socket once the transport's buffer is empty (nothing
+        awaits between that check and the send, so no other write slips in).
+        """
+        transport = self._writer.transport
+        while transport.get_write_buffer_size():
+            await self._writer.drain()
+            await asyncio.sleep(0.001)
+        raw = self._writer.get_extra_info("socket")
+        if raw is None:
+            raise ConnectionError("the QMP transport has no socket")
+        # A dup shares the open file (and its O_NONBLOCK): sendmsg on it is a
+        # write on the connection itself.
+        with socket.socket(fileno=os.dup(raw.fileno())) as sock:
+            try:
+                sent = socket.send_fds(sock, [data], list(fds))
+            except BlockingIOError as e:
+                raise ConnectionError("QMP socket is not writable") from e
+        if sent < len(data):
+            self._writer.write(data[sent:])
 
     async def close(self) -> None:
         """Close the connection; pending commands fail with VmmError."""

@@ -7,6 +7,7 @@ import pytest
 
 from spectrumd.errors import ConfigError
 from spectrumd.model import Accel, VmmKind, load_config, parse_config
+from spectrumd.model.config import resolve_auto_vmm
 
 GOOD = {
     "defaults": {"vmm": "qemu", "accel": "tcg"},
@@ -186,3 +187,103 @@ def test_load_config_reports_json_position(tmp_path: Path) -> None:
         load_config(p)
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.json")
+
+
+# -- backends: what a VMM cannot express is refused at validation -------------
+
+WL = {"type": "wayland", "path": "/run/user/1000/wayland-0"}
+
+
+def backend_cfg(
+    defaults: dict[str, object], app: dict[str, object] | None = None, resources: list[str] = ()
+) -> dict[str, object]:
+    return {
+        "defaults": defaults,
+        "applications": {"shell": {"command": "true", **(app or {})}},
+        "resources": {"wl": WL},
+        "instances": {"work-shell": {"application": "shell", "resources": list(resources)}},
+    }
+
+
+@pytest.mark.parametrize(
+    ("cfg", "kwargs", "message"),
+    [
+        (
+            backend_cfg({"vmm": "qemu"}, resources=["wl"]),
+            {},
+            'instances.work-shell.resources[0]: wayland resource "wl": QEMU has no virtio-wl; '
+            "use vmm crosvm (instances.work-shell.vmm (from defaults.vmm) is qemu)",
+        ),
+        (
+            backend_cfg({"vmm": "crosvm"}, {"arch": "ppc64le"}),
+            {},
+            "instances.work-shell.vmm (from defaults.vmm): crosvm does not support ppc64le "
+            '(application "shell"); use vmm qemu',
+        ),
+        (
+            backend_cfg({}, {"arch": "ppc64le"}),
+            {"auto_vmm": VmmKind.crosvm},
+            "instances.work-shell.vmm (automatic choice): crosvm does not support ppc64le",
+        ),
+        (
+            backend_cfg({"vmm": "crosvm", "accel": "tcg"}),
+            {},
+            "instances.work-shell.accel (from defaults.accel): crosvm runs guests only with KVM",
+        ),
+        (
+            backend_cfg({"vmm": "crosvm"}),
+            {"crosvm_available": False},
+            "instances.work-shell.vmm (from defaults.vmm): crosvm is asked for but no crosvm "
+            "binary is on PATH",
+        ),
+        (
+            backend_cfg(
+                {"vmm": "qemu"}, {"arch": "aarch64", "root_image": "/r.img", "share_root": True}
+            ),
+            {},
+            "instances.work-shell.vmm (from defaults.vmm): QEMU 7.2 cannot share a root image "
+            "on aarch64",
+        ),
+        (
+            backend_cfg({"vmm": "qemu"}, {"arch": "sparc"}),
+            {},
+            'applications.shell.arch: "sparc" is not "x86_64" or "aarch64" or "ppc64le"',
+        ),
+    ],
+)
+def test_backend_refuses_what_it_cannot_express(
+    cfg: dict[str, object], kwargs: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config(cfg, **kwargs)  # type: ignore[arg-type]
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_instance_vmm_override_is_named() -> None:
+    cfg = backend_cfg({"vmm": "crosvm"})
+    cfg["instances"]["work-shell"]["vmm"] = "crosvm"  # type: ignore[index]
+    with pytest.raises(ConfigError, match=r"^instances\.work-shell\.vmm: crosvm is asked"):
+        parse_config(cfg, crosvm_available=False)
+
+
+def test_runtime_instances_are_checked_too() -> None:
+    data = {"instances": {"scratch": {"application": "shell", "vmm": "crosvm"}}}
+    with pytest.raises(ConfigError, match=r"^data\.instances\.scratch\.vmm: crosvm is asked"):
+        parse_config(backend_cfg({"vmm": "qemu"}), data, crosvm_available=False)
+
+
+def test_wayland_and_pmem_under_crosvm_are_fine() -> None:
+    cfg = backend_cfg({"vmm": "crosvm"}, {"root_image": "/r.img", "share_root": True}, ["wl"])
+    c = parse_config(cfg, crosvm_available=True)
+    assert c.instances["work-shell"].vmm is VmmKind.crosvm
+
+
+@pytest.mark.parametrize(("available", "kind"), [(True, VmmKind.crosvm), (False, VmmKind.qemu)])
+def test_automatic_vmm(available: bool, kind: VmmKind) -> None:
+    assert resolve_auto_vmm(available) is kind
+    c = parse_config(backend_cfg({}), auto_vmm=resolve_auto_vmm(available))
+    assert c.defaults.vmm_auto and c.defaults.vmm is kind
+    assert c.instances["work-shell"].vmm is kind
+    explicit = parse_config(backend_cfg({"vmm": "qemu"}), auto_vmm=VmmKind.crosvm)
+    assert not explicit.defaults.vmm_auto
+    assert explicit.instances["work-shell"].vmm is VmmKind.qemu

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from spectrumd.model.types import Accel
+from spectrumd.model.types import Accel, Disk
 from spectrumd.vmm.base import PORT_CONTROL, PORT_FS, VmSpec
 from spectrumd.vmm.qemu import QemuBackend, opt_escape
 
@@ -99,13 +99,86 @@ def test_opt_escape(value: str, expected: str) -> None:
         {"run_dir": Path("/run/" + "x" * 100)},  # socket path too long for sun_path
         {"ports": ("a.control", "b.control")},  # both would be control.sock
         {"memory_mib": 0},
-        {"arch": "aarch64"},  # binary known, argv not yet
         {"arch": "mips"},
+        {"wayland_sockets": (Path("/run/user/1000/wayland-0"),)},  # QEMU has no virtio-wl
+        # virtio-pmem: x86 only in QEMU 7.2, and whole 2 MiB pages
+        {
+            "arch": "aarch64",
+            "root_image": Path("/r.img"),
+            "root_image_size": 1 << 26,
+            "share_root": True,
+        },
+        {"root_image": Path("/r.img"), "root_image_size": (1 << 26) + 4096, "share_root": True},
+        {"root_image": Path("/r.img"), "root_image_size": 0, "share_root": True},
     ],
 )
 def test_rejected(changes: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         backend.argv(spec(**changes))
+
+
+def test_aarch64_tcg() -> None:
+    argv = backend.argv(spec(arch="aarch64", cmdline="console=ttyAMA0 quiet"))
+    check_golden("aarch64-tcg", argv)
+    assert "-bios" not in argv
+    assert argv[argv.index("-machine") + 1] == "virt,gic-version=max"
+
+
+def test_aarch64_kvm_disks() -> None:
+    argv = backend.argv(
+        spec(
+            arch="aarch64",
+            accel=Accel.kvm,
+            root_image=Path("/srv/app/root.img"),
+            disks=(Disk(Path("/srv/data.img"), writable=True),),
+            hotplug_slots=2,
+        )
+    )
+    check_golden("aarch64-kvm-disks", argv)
+    assert argv[argv.index("-cpu") + 1] == "host"
+
+
+def test_ppc64le_kvm_hv() -> None:
+    argv = backend.argv(spec(arch="ppc64le", accel=Accel.kvm, cmdline="console=hvc0"))
+    check_golden("ppc64le-kvm", argv)
+    assert argv[0] == "qemu-system-ppc64"
+    assert argv[argv.index("-machine") + 1] == "pseries,kvm-type=HV"
+
+
+def test_ppc64le_tcg_uses_the_machine_cpu() -> None:
+    argv = backend.argv(spec(arch="ppc64le", hotplug_slots=2))
+    check_golden("ppc64le-tcg", argv)
+    assert "-cpu" not in argv
+    assert not any("pcie-root-port" in a for a in argv)  # the PHB takes hot-plugged devices
+
+
+def test_x86_root_image_shared_and_disks() -> None:
+    argv = backend.argv(
+        spec(
+            root_image=Path("/srv/app/root.img"),
+            root_image_size=64 << 20,
+            share_root=True,
+            disks=(Disk(Path("/srv/a,b.img")), Disk(Path("/srv/rw.img"), writable=True)),
+            hotplug_slots=1,
+        )
+    )
+    check_golden("x86-pmem-disks", argv)
+    assert argv[argv.index("-m") + 1] == "256M,slots=1,maxmem=320M"
+    assert "file=/srv/a,,b.img,if=none,id=disk0,format=raw,readonly=on" in argv
+
+
+def test_x86_root_image_not_shared_is_a_readonly_disk() -> None:
+    argv = backend.argv(spec(root_image=Path("/srv/app/root.img"), root_image_size=1 << 20))
+    assert "file=/srv/app/root.img,if=none,id=root,format=raw,readonly=on" in argv
+    assert argv[argv.index("-m") + 1] == "256M"
+
+
+def test_kernel_console() -> None:
+    assert [backend.kernel_console(a) for a in ("x86_64", "aarch64", "ppc64le")] == [
+        "ttyS0",
+        "ttyAMA0",
+        "hvc0",
+    ]
 
 
 def test_default_binary() -> None:
