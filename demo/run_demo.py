@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "demo" / "config.json"
 INSTANCES = ("work-shell", "home-shell")
-GUEST_OUTPUT = "hello from"
+GUEST_OUTPUT = "network:"
 
 
 def ctl(address: str, *args: str) -> str:
@@ -49,8 +49,12 @@ def wait_for_output(address: str, name: str, timeout: float = 90) -> str:
 
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="spectrum-demo.", dir="/tmp"))
+    # The demo's bridges and taps live in a namespace of its own, never the host's.
+    netns = f"spectrum-demo-{os.getpid()}"
     bus = daemon = None
     try:
+        step(f"creating the network namespace {netns}")
+        subprocess.run(["ip", "netns", "add", netns], check=True)
         step("starting a private D-Bus daemon")
         bus = subprocess.Popen(
             [
@@ -80,6 +84,8 @@ def main() -> int:
                 str(CONFIG),
                 "--state-dir",
                 str(work / "state"),
+                "--netns",
+                netns,
             ],
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
@@ -99,6 +105,13 @@ def main() -> int:
 
         step("spectrumctl list")
         print(ctl(address, "list"), end="")
+        step(f"the network's bridge and tap, in {netns}")
+        print(
+            subprocess.run(
+                ["ip", "-n", netns, "-br", "link"], capture_output=True, text=True
+            ).stdout,
+            end="",
+        )
 
         for name in INSTANCES:
             step(f"output of {name} (spectrumctl logs {name})")
@@ -127,6 +140,7 @@ def main() -> int:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+        subprocess.run(["ip", "netns", "delete", netns], check=False)
         shutil.rmtree(work, ignore_errors=True)
 
 

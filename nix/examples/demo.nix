@@ -11,7 +11,7 @@ spectrum.config {
   };
 
   applications.shell = spectrum.application {
-    command = ''echo "hello from $(uname -sr) with $(grep -c ^processor /proc/cpuinfo) vCPU and $(awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo) MiB"; exec sleep 3600'';
+    command = ''echo "hello from $(uname -sr) with $(grep -c ^processor /proc/cpuinfo) vCPU and $(awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo) MiB"; echo "files: $(ls /mnt/spectrum | tr '\n' ' ')"; echo "network: $(ls /sys/class/net | tr '\n' ' ')"; exec sleep 3600'';
     memory_mib = 256;
     vcpus = 1;
   };

@@ -54,9 +54,10 @@ spectrum.config {
       resources = [ "bank-net" "security-key" "display" ];
       stop_timeout = 10;
     };
+    # QEMU has no virtio-wl, so an instance on QEMU cannot hold a Wayland socket.
     work-editor = spectrum.instance {
       application = "editor";
-      resources = [ "work-docs" "display" ];
+      resources = [ "work-docs" ];
       vmm = "qemu";
     };
   };

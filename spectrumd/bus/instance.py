@@ -1,15 +1,21 @@
 """``org.spectrum_os.Spectrum1.Instance``: one object per instance."""
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
-from dbus_fast import PropertyAccess, Variant
+from dbus_fast import PropertyAccess
 from dbus_fast.annotations import DBusBool, DBusSignature, DBusStr, DBusUInt32, DBusUInt64
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
 
+from spectrumd.bus import validate
 from spectrumd.bus.auth import CallerCheck
 from spectrumd.bus.errors import wire_errors
 from spectrumd.bus.names import INSTANCE_IFACE, instance_path
+from spectrumd.errors import Failed
+from spectrumd.host.network import NetworkDriver
+from spectrumd.model.types import Resource
 from spectrumd.supervisor import Instance
+from spectrumd.supervisor.hotplug import attach_network, detach_network, network_resource
 
 DBusStrList = Annotated[list[str], DBusSignature("as")]
 
@@ -27,30 +33,40 @@ PROPERTIES: dict[str, tuple[str, Any]] = {
     "NeedsRestart": ("b", lambda i: i.needs_restart),
     "ConsoleLog": ("s", lambda i: str(i.env.log_path(i.name))),
 }
+NetworkList = Annotated[list[list[str]], DBusSignature("a(sss)")]
 
 
-def property_values(inst: Instance) -> dict[str, Any]:
-    return {name: getter(inst) for name, (_sig, getter) in PROPERTIES.items()}
+def property_values(inst: Instance, network: NetworkDriver | None) -> dict[str, Any]:
+    values = {name: getter(inst) for name, (_sig, getter) in PROPERTIES.items()}
+    values["NetworkInterfaces"] = (
+        [list(row) for row in network.interfaces(inst.name)] if network else []
+    )
+    return values
 
 
 class InstanceInterface(ServiceInterface):
-    def __init__(self, inst: Instance, auth: CallerCheck) -> None:
+    def __init__(
+        self,
+        inst: Instance,
+        auth: CallerCheck,
+        network: NetworkDriver | None,
+        resources: Callable[[], dict[str, Resource]],
+    ) -> None:
         super().__init__(INSTANCE_IFACE)
         self.inst = inst
         self.path = instance_path(inst.name)
         self._auth = auth
-        self._emitted = property_values(inst)
+        self._network = network
+        self._resources = resources
+        self._emitted = property_values(inst, network)
 
     def refresh(self) -> None:
         """Emit PropertiesChanged for every property whose value changed."""
-        now = property_values(self.inst)
+        now = property_values(self.inst, self._network)
         changed = {k: v for k, v in now.items() if self._emitted.get(k) != v}
         self._emitted = now
         if changed:
             self.emit_properties_changed(changed)
-
-    def variants(self) -> dict[str, Variant]:
-        return {k: Variant(PROPERTIES[k][0], v) for k, v in property_values(self.inst).items()}
 
     @dbus_property(access=PropertyAccess.READ)
     def Name(self) -> DBusStr:
@@ -95,6 +111,32 @@ class InstanceInterface(ServiceInterface):
     @dbus_property(access=PropertyAccess.READ)
     def ConsoleLog(self) -> DBusStr:
         return str(self.inst.env.log_path(self.inst.name))
+
+    @dbus_property(access=PropertyAccess.READ)
+    def NetworkInterfaces(self) -> NetworkList:
+        return property_values(self.inst, self._network)["NetworkInterfaces"]  # type: ignore[no-any-return]
+
+    def _network_driver(self) -> NetworkDriver:
+        if self._network is None:
+            raise Failed("networks are not available in this daemon")
+        return self._network
+
+    @dbus_method()
+    @wire_errors
+    async def AttachNetwork(self, network: DBusStr) -> None:
+        name = validate.name("network", network)
+        res = network_resource(self._resources(), name)
+        await self._auth.require_admin(f"attach network {name} to {self.inst.name}")
+        await attach_network(self.inst, self._network_driver(), res)
+        self.refresh()
+
+    @dbus_method()
+    @wire_errors
+    async def DetachNetwork(self, network: DBusStr) -> None:
+        name = validate.name("network", network)
+        await self._auth.require_admin(f"detach network {name} from {self.inst.name}")
+        await detach_network(self.inst, self._network_driver(), name)
+        self.refresh()
 
     @dbus_method()
     @wire_errors

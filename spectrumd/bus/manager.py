@@ -16,6 +16,7 @@ from spectrumd.bus.errors import wire_errors
 from spectrumd.bus.grants import GrantsBus, grant_path, request_path
 from spectrumd.bus.instance import InstanceInterface
 from spectrumd.bus.names import MANAGER_IFACE, MANAGER_PATH, instance_path
+from spectrumd.host.network import NetworkDriver
 from spectrumd.supervisor import Instance, Supervisor
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,19 @@ class ObjectManagerInterface(ServiceInterface):
 
 
 class ManagerInterface(ServiceInterface):
-    def __init__(self, bus: MessageBus, sup: Supervisor, auth: CallerCheck, hub: GrantsBus) -> None:
+    def __init__(
+        self,
+        bus: MessageBus,
+        sup: Supervisor,
+        auth: CallerCheck,
+        hub: GrantsBus,
+        network: NetworkDriver | None = None,
+    ) -> None:
         super().__init__(MANAGER_IFACE)
         self.hub = hub
+        self.network = network
+        if network is not None:
+            network.on_change.append(self._network_changed)
         self.bus = bus
         self.sup = sup
         self.auth = auth
@@ -62,7 +73,9 @@ class ManagerInterface(ServiceInterface):
 
     def _export(self, inst: Instance) -> None:
         self._rows = None
-        iface = InstanceInterface(inst, self.auth)
+        iface = InstanceInterface(
+            inst, self.auth, self.network, lambda: dict(self.sup.config.resources)
+        )
         self.objects[inst.name] = iface
         self.bus.export(iface.path, iface)
 
@@ -76,6 +89,11 @@ class ManagerInterface(ServiceInterface):
         self._rows = None
         iface = self.objects.get(inst.name)
         if iface is not None and iface.inst is inst:
+            iface.refresh()
+
+    def _network_changed(self, name: str) -> None:
+        iface = self.objects.get(name)
+        if iface is not None:
             iface.refresh()
 
     def _instance(self, untrusted_name: str) -> Instance:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -16,12 +17,18 @@ from dbus_fast.errors import DBusError
 
 from spectrumd.bus.auth import CallerCheck
 from spectrumd.bus.connection import SpectrumBus
+from spectrumd.bus.grants import GrantsBus
 from spectrumd.bus.manager import ManagerInterface
 from spectrumd.bus.names import BUS_NAME
 from spectrumd.daemon.notify import sd_notify
 from spectrumd.errors import ConfigError, SpectrumError
+from spectrumd.host.network import NetworkDriver
 from spectrumd.supervisor import Environment, Supervisor
 from spectrumd.supervisor.files import FileService
+from spectrumd.supervisor.grants import GrantService
+from spectrumd.supervisor.instance import Instance
+from spectrumd.supervisor.portal import PortalDriver
+from spectrumd.supervisor.requests import RequestBroker
 
 log = logging.getLogger("spectrumd")
 
@@ -47,6 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="nobody" if os.geteuid() == 0 else "",
         help="user the file server runs as (default: nobody when run as root; '' keeps ours)",
     )
+    p.add_argument(
+        "--netns",
+        metavar="NAME",
+        help="network namespace (ip netns name) for every bridge and tap; it must exist "
+        "(default: the daemon's own)",
+    )
     p.add_argument("--console-log-size", type=int, default=1024 * 1024, metavar="BYTES")
     p.add_argument("--console-log-keep", type=int, default=3, metavar="N")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -63,12 +76,14 @@ def bus_for(spec: str) -> SpectrumBus:
 
 async def serve(args: argparse.Namespace) -> int:
     files = FileService(user=args.fs_user or None)
+    network = NetworkDriver(netns=args.netns)
+    portal = PortalDriver()
     env = Environment(
         state_dir=args.state_dir.absolute(),
         guest_dir=args.guest_dir.absolute(),
         console_max_bytes=args.console_log_size,
         console_keep=args.console_log_keep,
-        drivers=(files,),
+        drivers=(files, network, portal),
     )
     env.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
     try:
@@ -77,15 +92,24 @@ async def serve(args: argparse.Namespace) -> int:
         print(f"spectrumd: {e}", file=sys.stderr)
         return 2
     try:
-        await files.start()
+        await network.start()
     except SpectrumError as e:
         print(f"spectrumd: {e}", file=sys.stderr)
+        await network.close()
         return 1
-    files.on_restart.append(lambda name: _remount(sup, name))
     try:
-        return await _serve_bus(args, sup)
+        try:
+            await files.start()
+        except SpectrumError as e:
+            print(f"spectrumd: {e}", file=sys.stderr)
+            return 1
+        files.on_restart.append(lambda name: _remount(sup, name))
+        try:
+            return await _serve_bus(args, sup, files, portal, network)
+        finally:
+            await files.close()
     finally:
-        await files.close()
+        await network.close()
 
 
 def _remount(sup: Supervisor, name: str) -> None:
@@ -94,10 +118,32 @@ def _remount(sup: Supervisor, name: str) -> None:
         inst.send_guest(b"mount-fs\n")
 
 
-async def _serve_bus(args: argparse.Namespace, sup: Supervisor) -> int:
+async def _serve_bus(
+    args: argparse.Namespace,
+    sup: Supervisor,
+    files: FileService,
+    portal: PortalDriver,
+    network: NetworkDriver,
+) -> int:
+    grants = GrantService(
+        sup.env.state_dir, sup.instances, lambda: sup.config.resources, files.set_exports
+    )
+    grants.load()
+    broker = RequestBroker(grants)
+    portal.broker = broker
+    tasks: set[asyncio.Task[None]] = set()
+
+    def instance_changed(inst: Instance, changed: frozenset[str]) -> None:
+        if "state" in changed:
+            task = asyncio.ensure_future(grants.instance_changed(inst))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    sup.on_changed.append(instance_changed)
 
     bus = await bus_for(args.bus).connect()
-    manager = ManagerInterface(bus, sup, CallerCheck(bus))
+    auth = CallerCheck(bus)
+    manager = ManagerInterface(bus, sup, auth, GrantsBus(bus, grants, broker, auth), network)
     manager.export_all()
     reply = await bus.request_name(BUS_NAME)
     if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
@@ -113,6 +159,10 @@ async def _serve_bus(args: argparse.Namespace, sup: Supervisor) -> int:
     disconnected = asyncio.ensure_future(bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
     stopped = asyncio.ensure_future(stop.wait())
 
+    # Everything made at start-up lives as long as the daemon: keep it out of
+    # full collections, which otherwise stall the loop for tens of ms.
+    gc.collect()
+    gc.freeze()
     log.info("serving %s with %d instances", BUS_NAME, len(sup.instances))
     sd_notify("READY=1", f"STATUS=serving {len(sup.instances)} instances")
     await asyncio.wait({disconnected, stopped}, return_when=asyncio.FIRST_COMPLETED)

@@ -16,9 +16,9 @@ import logging
 import shutil
 import signal
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
@@ -34,6 +34,7 @@ from spectrumd.supervisor.spec import build_spec
 from spectrumd.vmm import BACKENDS, PORT_CONTROL, VmmControl, VmmError, VmSpec
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 @attrs.frozen
@@ -354,26 +355,35 @@ class Instance:
         await run.stack.aclose()
         self._run = None
         final = dict(main_pid=0, started_at_us=0, guest_ready=False)
-        if run.stop_reason is not None:
-            self._fire(Event.exited, reason=run.stop_reason, **final)
-        elif run.guest_exit == 0 and self.state == State.stopping:
-            self._fire(Event.exited, reason="application exited with status 0", **final)
-        elif run.guest_exit is None and run.shutdown_reason == "guest-shutdown":
-            self._fire(Event.guest_shutdown)
-            self._fire(Event.exited, reason="the guest powered off", **final)
+        clean, reason = self._exit_outcome(run, returncode)
+        if clean:
+            if self.state != State.stopping:
+                self._fire(Event.guest_shutdown)
+            self._fire(Event.exited, reason=reason, **final)
         else:
-            if run.guest_exit is not None:
-                reason = f"application exited with status {run.guest_exit}"
-            elif run.shutdown_reason in ("guest-reset", "guest-panic"):
-                reason = f"the guest crashed or rebooted ({run.shutdown_reason})"
-            else:
-                reason = process.describe_exit(returncode)
-                if run.stderr is not None and run.stderr.last() and returncode > 0:
-                    reason += f": {run.stderr.last()}"
             self._fire(Event.crashed, reason=reason, **final)
             self.log.error("%s", reason)
         self.log.info("%s: %s", self.state.value, self.state_reason)
         run.done.set_result(None)
+
+    @staticmethod
+    def _exit_outcome(run: _Run, returncode: int) -> tuple[bool, str]:
+        """(clean, reason) of a VMM exit: asked for, the guest's own power-off, or a crash."""
+        if run.stop_reason is not None:
+            return True, run.stop_reason
+        if run.guest_exit is not None:
+            return run.guest_exit == 0, f"application exited with status {run.guest_exit}"
+        if run.shutdown_reason == "guest-shutdown":
+            return True, "the guest powered off"
+        if run.shutdown_reason in ("guest-reset", "guest-panic"):
+            return False, f"the guest crashed or rebooted ({run.shutdown_reason})"
+        said = BACKENDS[run.definition.vmm].exit_reason(returncode)
+        if said is not None:
+            return said
+        reason = process.describe_exit(returncode)
+        if run.stderr is not None and run.stderr.last() and returncode > 0:
+            reason += f": {run.stderr.last()}"
+        return False, reason
 
     async def stop(self) -> None:
         """Graceful stop: power button → stop timeout → SIGTERM → SIGKILL.
@@ -453,6 +463,16 @@ class Instance:
             assert run is not None and run.control is not None
             await self._control(run.control.resume(), "resume")
             self._fire(Event.resume)
+
+    async def with_control(self, what: str, fn: Callable[[VmmControl], Awaitable[_T]]) -> _T:
+        """Run ``fn`` on the running VMM's control channel, serialized with the
+        other calls. Raises InvalidState unless the instance is running or paused."""
+        async with self._lock:
+            if self.state not in (State.running, State.paused):
+                raise InvalidState(f"cannot {what} {self.name}: it is {self.state.value}")
+            run = self._run
+            assert run is not None and run.control is not None
+            return await fn(run.control)
 
     def send_guest(self, line: bytes) -> None:
         """Send one control line to the running guest, if it is connected."""

@@ -245,7 +245,7 @@ def test_the_daemons_data_file_round_trips_through_importDataFile(nix: Nix, tmp_
     env = Environment(state_dir=tmp_path / "state", guest_dir=tmp_path / "guest")
     sup = Supervisor(config_file, env)
     sup.create_instance("scratch", "shell", ["docs"], {})
-    sup.create_instance("quick", "shell", ["lan", "docs"], {"vmm": "crosvm", "stop_timeout": 5})
+    sup.create_instance("quick", "shell", ["lan", "docs"], {"vmm": "qemu", "stop_timeout": 5})
     sup.create_instance("bare", "shell", [], {"accel": "kvm"})
     data = json.loads(sup.data_path.read_text())
     assert sorted(data["instances"]) == ["bare", "quick", "scratch"]

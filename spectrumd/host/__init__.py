@@ -1,0 +1,1 @@
+"""The host side of resources: network namespaces, bridges and taps."""
