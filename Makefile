@@ -42,6 +42,8 @@ demo: deps venv guest
 bench: deps venv guest
 	$(PY) bench/run.py
 	$(PY) bench/fs_bench.py
+	$(PY) bench/net_bench.py
+	$(PY) bench/cycles_bench.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -36,6 +36,7 @@ let
   resourceTypes = [ "network" "directory" "usb" "wayland" ];
   vmms = [ "qemu" "crosvm" ];
   accels = [ "kvm" "tcg" ];
+  restarts = [ "no" "on-failure" ];
   arches = [ "x86_64" "aarch64" "ppc64le" ];
 
   err = path: problem: throw (if path == "" then problem else "${path}: ${problem}");
@@ -194,9 +195,12 @@ let
         vmm = enum path o "vmm" vmms;
         accel = enum path o "accel" accels;
         stop_timeout = seconds path o "stop_timeout";
+        restart = enum path o "restart" restarts;
       };
     in
-    ordered [ out.vmm out.accel out.stop_timeout (done path o (attrNames out)) ] (dropNulls out);
+    ordered [ out.vmm out.accel out.stop_timeout out.restart (done path o (attrNames out)) ] (
+      dropNulls out
+    );
 
   disks = path: o:
     let
@@ -361,6 +365,7 @@ let
         vmm = enum path o "vmm" vmms;
         accel = enum path o "accel" accels;
         stop_timeout = seconds path o "stop_timeout";
+        restart = enum path o "restart" restarts;
       };
     in
     ordered [
@@ -370,6 +375,7 @@ let
       out.vmm
       out.accel
       out.stop_timeout
+      out.restart
       (done path o (attrNames out))
     ] (dropNulls out);
 

@@ -42,7 +42,7 @@ in
   # { path }: the compositor's socket
   wayland = resource "wayland";
 
-  # { application, resources? ([ names ]), vmm?, accel?, stop_timeout? }
+  # { application, resources? ([ names ]), vmm?, accel?, stop_timeout?, restart? }
   instance = attrsOf "instance";
 
   # The whole configuration { version?, defaults?, applications?, resources?,

@@ -11,11 +11,13 @@ from spectrumd.bus import validate
 from spectrumd.bus.auth import CallerCheck
 from spectrumd.bus.errors import wire_errors
 from spectrumd.bus.names import INSTANCE_IFACE, instance_path
+from spectrumd.bus.usb import UsbInstanceMixin
 from spectrumd.errors import Failed
 from spectrumd.host.network import NetworkDriver
 from spectrumd.model.types import Resource
 from spectrumd.supervisor import Instance
 from spectrumd.supervisor.hotplug import attach_network, detach_network, network_resource
+from spectrumd.supervisor.usb import UsbService
 
 DBusStrList = Annotated[list[str], DBusSignature("as")]
 
@@ -44,19 +46,21 @@ def property_values(inst: Instance, network: NetworkDriver | None) -> dict[str, 
     return values
 
 
-class InstanceInterface(ServiceInterface):
+class InstanceInterface(UsbInstanceMixin, ServiceInterface):
     def __init__(
         self,
         inst: Instance,
         auth: CallerCheck,
         network: NetworkDriver | None,
         resources: Callable[[], dict[str, Resource]],
+        usb: UsbService | None = None,
     ) -> None:
         super().__init__(INSTANCE_IFACE)
         self.inst = inst
         self.path = instance_path(inst.name)
         self._auth = auth
         self._network = network
+        self._usb = usb
         self._resources = resources
         self._emitted = property_values(inst, network)
 

@@ -16,8 +16,10 @@ from spectrumd.bus.errors import wire_errors
 from spectrumd.bus.grants import GrantsBus, grant_path, request_path
 from spectrumd.bus.instance import InstanceInterface
 from spectrumd.bus.names import MANAGER_IFACE, MANAGER_PATH, instance_path
+from spectrumd.bus.usb import UsbManagerMixin
 from spectrumd.host.network import NetworkDriver
 from spectrumd.supervisor import Instance, Supervisor
+from spectrumd.supervisor.usb import UsbService
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ class ObjectManagerInterface(ServiceInterface):
         super().__init__("org.freedesktop.DBus.ObjectManager")
 
 
-class ManagerInterface(ServiceInterface):
+class ManagerInterface(UsbManagerMixin, ServiceInterface):
     def __init__(
         self,
         bus: MessageBus,
@@ -48,8 +50,11 @@ class ManagerInterface(ServiceInterface):
         auth: CallerCheck,
         hub: GrantsBus,
         network: NetworkDriver | None = None,
+        usb: UsbService | None = None,
     ) -> None:
         super().__init__(MANAGER_IFACE)
+        if usb is not None:
+            self.connect_usb(usb)
         self.hub = hub
         self.network = network
         if network is not None:
@@ -74,7 +79,7 @@ class ManagerInterface(ServiceInterface):
     def _export(self, inst: Instance) -> None:
         self._rows = None
         iface = InstanceInterface(
-            inst, self.auth, self.network, lambda: dict(self.sup.config.resources)
+            inst, self.auth, self.network, lambda: dict(self.sup.config.resources), self.usb
         )
         self.objects[inst.name] = iface
         self.bus.export(iface.path, iface)
@@ -127,6 +132,13 @@ class ManagerInterface(ServiceInterface):
         inst = self._instance(name)
         await self.auth.require_admin(f"stop {inst.name}")
         await inst.stop()
+
+    @dbus_method()
+    @wire_errors
+    async def StopAll(self) -> None:
+        """Stop every running instance gracefully, in parallel (system shutdown)."""
+        await self.auth.require_admin("stop all instances")
+        await self.sup.stop_all()
 
     @dbus_method()
     @wire_errors

@@ -20,6 +20,7 @@ OPTION_SIGNATURES: dict[str, frozenset[str]] = {
     "vmm": frozenset({"s"}),
     "accel": frozenset({"s"}),
     "stop_timeout": frozenset({"d", "u", "i", "t", "x"}),
+    "restart": frozenset({"s"}),
 }
 
 

@@ -20,7 +20,7 @@ from dbus_fast import Message
 from dbus_fast.errors import DBusError
 
 from spectrumd.bus.names import INSTANCE_IFACE, INSTANCE_PREFIX, MANAGER_PATH, unescape_path_element
-from spectrumd.cli import config_check, grants
+from spectrumd.cli import config_check, grants, usb
 from spectrumd.cli.client import CallError, Client, connect
 
 ACTIONS = ("start", "stop", "kill", "pause", "resume")
@@ -38,7 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list instances")
     sub.add_parser("status", help="show one instance").add_argument("name")
     for action in ACTIONS:
-        sub.add_parser(action, help=f"{action} an instance").add_argument("name")
+        action_parser = sub.add_parser(action, help=f"{action} an instance")
+        if action == "stop":
+            action_parser.add_argument("name", nargs="?")
+            action_parser.add_argument(
+                "--all", action="store_true", help="stop every running instance (shutdown)"
+            )
+        else:
+            action_parser.add_argument("name")
     logs = sub.add_parser("logs", help="show an instance's console log")
     logs.add_argument("name")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
@@ -55,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", type=Path)
     check.add_argument("--data-file", type=Path, help="also the daemon's instances.json")
     grants.add_parsers(sub)
+    usb.add_parsers(sub)
     sub.add_parser("applications", help="list applications")
     sub.add_parser("resources", help="list resources")
     return p
@@ -101,6 +109,11 @@ async def cmd_status(c: Client, args: argparse.Namespace) -> None:
 
 
 async def cmd_action(c: Client, args: argparse.Namespace) -> None:
+    if args.command == "stop" and args.all:
+        await c.manager("StopAll")
+        return
+    if not args.name:
+        raise CallError("InvalidArgument", f"{args.command}: name an instance")
     await c.instance_call(args.name, args.command.capitalize())
 
 
@@ -226,6 +239,7 @@ COMMANDS = {
     "grants": grants.cmd_grants,
     "revoke": grants.cmd_revoke,
     "agent": grants.cmd_agent,
+    "usb": usb.cmd_usb,
     **dict.fromkeys(ACTIONS, cmd_action),
 }
 

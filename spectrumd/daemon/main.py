@@ -8,6 +8,7 @@ import contextlib
 import gc
 import logging
 import os
+import pwd
 import signal
 import sys
 from pathlib import Path
@@ -20,20 +21,23 @@ from spectrumd.bus.connection import SpectrumBus
 from spectrumd.bus.grants import GrantsBus
 from spectrumd.bus.manager import ManagerInterface
 from spectrumd.bus.names import BUS_NAME
-from spectrumd.daemon.notify import sd_notify
+from spectrumd.daemon.notify import sd_notify, start_watchdog
 from spectrumd.errors import ConfigError, SpectrumError
 from spectrumd.host.network import NetworkDriver
-from spectrumd.supervisor import Environment, Supervisor
+from spectrumd.host.usb import DEFAULT_DEV_ROOT, DEFAULT_SYSFS_ROOT, UsbHost
+from spectrumd.supervisor import Environment, Supervisor, process
 from spectrumd.supervisor.files import FileService
 from spectrumd.supervisor.grants import GrantService
 from spectrumd.supervisor.instance import Instance
 from spectrumd.supervisor.portal import PortalDriver
 from spectrumd.supervisor.requests import RequestBroker
+from spectrumd.supervisor.usb import UsbService
 
 log = logging.getLogger("spectrumd")
 
 DEFAULT_STATE_DIR = Path("/var/lib/spectrumd")
 DEFAULT_GUEST_DIR = Path("/var/cache/spectrumd/guest")
+DEFAULT_VMM_USER = "spectrum-vmm"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,6 +64,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="network namespace (ip netns name) for every bridge and tap; it must exist "
         "(default: the daemon's own)",
     )
+    p.add_argument(
+        "--vmm-user",
+        default=DEFAULT_VMM_USER,
+        help=f"user the VMMs run as (default {DEFAULT_VMM_USER} if it exists; '' keeps ours)",
+    )
+    p.add_argument(
+        "--usb-sysfs-root",
+        type=Path,
+        default=DEFAULT_SYSFS_ROOT,
+        metavar="DIR",
+        help="where the host's USB devices are listed (default: %(default)s)",
+    )
+    p.add_argument(
+        "--usb-dev-root",
+        type=Path,
+        default=DEFAULT_DEV_ROOT,
+        metavar="DIR",
+        help="where their device nodes are (default: %(default)s)",
+    )
     p.add_argument("--console-log-size", type=int, default=1024 * 1024, metavar="BYTES")
     p.add_argument("--console-log-keep", type=int, default=3, metavar="N")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -74,61 +97,78 @@ def bus_for(spec: str) -> SpectrumBus:
     return SpectrumBus(bus_address=spec)
 
 
+class StartupError(Exception):
+    """Printed as ``spectrumd: MESSAGE`` and the daemon exits with ``status``."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def vmm_user(name: str) -> tuple[int, int] | None:
+    """(uid, gid) of the user VMMs run as; None keeps the daemon's. Raises StartupError."""
+    if not name:
+        return None
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        if name == DEFAULT_VMM_USER:
+            log.warning("no user %s: VMMs run as the daemon's user", name)
+            return None
+        raise StartupError(f"--vmm-user: no user {name!r}") from None
+    return pw.pw_uid, pw.pw_gid
+
+
 async def serve(args: argparse.Namespace) -> int:
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            return await _serve(args, stack)
+    except StartupError as e:
+        print(f"spectrumd: {e}", file=sys.stderr)
+        return e.status
+
+
+async def _serve(args: argparse.Namespace, stack: contextlib.AsyncExitStack) -> int:
     files = FileService(user=args.fs_user or None)
     network = NetworkDriver(netns=args.netns)
     portal = PortalDriver()
+    usb = UsbService(UsbHost(args.usb_sysfs_root, args.usb_dev_root))
     env = Environment(
         state_dir=args.state_dir.absolute(),
         guest_dir=args.guest_dir.absolute(),
         console_max_bytes=args.console_log_size,
         console_keep=args.console_log_keep,
-        drivers=(files, network, portal),
+        drivers=(files, network, portal, usb),
+        vmm_user=vmm_user(args.vmm_user),
     )
     env.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    if env.vmm_user is not None:
+        # The VMM user reaches its own run directory (run/NAME, 0700, its own)
+        # through these, and nothing else: search but no read permission.
+        (env.state_dir / "run").mkdir(exist_ok=True)
+        for d in (env.state_dir, env.state_dir / "run"):
+            d.chmod(d.stat().st_mode & 0o7777 | 0o001)
     try:
         sup = Supervisor(args.config, env)
     except ConfigError as e:
-        print(f"spectrumd: {e}", file=sys.stderr)
-        return 2
+        raise StartupError(str(e), 2) from None
+    # VMMs an earlier daemon left running: their taps must survive the cleanup.
+    records = sup.read_records()
+    live = {n for n, r in records.items() if process.start_time(r.pid) == r.start_time}
+    stack.push_async_callback(network.close)
     try:
-        await network.start()
+        await network.start(adopt=live)
+        await files.start()
     except SpectrumError as e:
-        print(f"spectrumd: {e}", file=sys.stderr)
-        await network.close()
-        return 1
-    try:
-        try:
-            await files.start()
-        except SpectrumError as e:
-            print(f"spectrumd: {e}", file=sys.stderr)
-            return 1
-        files.on_restart.append(lambda name: _remount(sup, name))
-        try:
-            return await _serve_bus(args, sup, files, portal, network)
-        finally:
-            await files.close()
-    finally:
-        await network.close()
+        raise StartupError(str(e)) from None
+    stack.push_async_callback(files.close)
+    files.on_restart.append(lambda name: _remount(sup, name))
 
-
-def _remount(sup: Supervisor, name: str) -> None:
-    inst = sup.instances.get(name)
-    if inst is not None:
-        inst.send_guest(b"mount-fs\n")
-
-
-async def _serve_bus(
-    args: argparse.Namespace,
-    sup: Supervisor,
-    files: FileService,
-    portal: PortalDriver,
-    network: NetworkDriver,
-) -> int:
     grants = GrantService(
-        sup.env.state_dir, sup.instances, lambda: sup.config.resources, files.set_exports
+        env.state_dir, sup.instances, lambda: sup.config.resources, files.set_exports, usb=usb
     )
     grants.load()
+    stack.callback(grants.close)
     broker = RequestBroker(grants)
     portal.broker = broker
     tasks: set[asyncio.Task[None]] = set()
@@ -140,16 +180,23 @@ async def _serve_bus(
             task.add_done_callback(tasks.discard)
 
     sup.on_changed.append(instance_changed)
+    await usb.host.start()
+    stack.push_async_callback(usb.close)
+    await sup.adopt_all(records)
+    # On the way out the VMMs keep running; the next daemon adopts them.
+    stack.push_async_callback(sup.close)
+    stack.push_async_callback(sup.detach_all)
 
     bus = await bus_for(args.bus).connect()
+    stack.callback(bus.disconnect)
     auth = CallerCheck(bus)
-    manager = ManagerInterface(bus, sup, auth, GrantsBus(bus, grants, broker, auth), network)
+    manager = ManagerInterface(
+        bus, sup, auth, GrantsBus(bus, grants, broker, auth), network, usb=usb
+    )
     manager.export_all()
     reply = await bus.request_name(BUS_NAME)
     if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
-        print(f"spectrumd: the name {BUS_NAME} is already owned on this bus", file=sys.stderr)
-        bus.disconnect()
-        return 1
+        raise StartupError(f"the name {BUS_NAME} is already owned on this bus")
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -158,6 +205,9 @@ async def _serve_bus(
     loop.add_signal_handler(signal.SIGHUP, lambda: _reload(sup))
     disconnected = asyncio.ensure_future(bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
     stopped = asyncio.ensure_future(stop.wait())
+    watchdog = start_watchdog()
+    if watchdog is not None:
+        stack.callback(watchdog.cancel)
 
     # Everything made at start-up lives as long as the daemon: keep it out of
     # full collections, which otherwise stall the loop for tens of ms.
@@ -166,18 +216,17 @@ async def _serve_bus(
     log.info("serving %s with %d instances", BUS_NAME, len(sup.instances))
     sd_notify("READY=1", f"STATUS=serving {len(sup.instances)} instances")
     await asyncio.wait({disconnected, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    sd_notify("STOPPING=1", "STATUS=stopping instances")
+    sd_notify("STOPPING=1", "STATUS=leaving the instances running")
     if disconnected.done():
         log.error("lost the bus connection")
-    log.info("stopping running instances")
-    await sup.stop_all()
-    await sup.close()
     stopped.cancel()
-    if not disconnected.done():
-        bus.disconnect()
-    with contextlib.suppress(Exception):
-        await disconnected
-    return 1 if not stop.is_set() else 0
+    return 0 if stop.is_set() else 1
+
+
+def _remount(sup: Supervisor, name: str) -> None:
+    inst = sup.instances.get(name)
+    if inst is not None:
+        inst.send_guest(b"mount-fs\n")
 
 
 def _reload(sup: Supervisor) -> None:

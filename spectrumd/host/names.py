@@ -69,6 +69,16 @@ def bridge_alias(network: str) -> str:
     return f"{ALIAS_PREFIX}bridge {network}"
 
 
+def parse_alias(alias: str | None) -> tuple[str, ...] | None:
+    """("tap", INSTANCE, NETWORK) or ("bridge", NETWORK) from our alias; None otherwise."""
+    if not alias or not alias.startswith(ALIAS_PREFIX):
+        return None
+    words = tuple(alias[len(ALIAS_PREFIX) :].split(" "))
+    if (words[0] == "tap" and len(words) == 3) or (words[0] == "bridge" and len(words) == 2):
+        return words
+    return None
+
+
 def is_owned(name: str, alias: str | None) -> bool:
     """True for a link spectrumd made: our name pattern and our alias."""
     return OWNED_NAME.fullmatch(name) is not None and (alias or "").startswith(ALIAS_PREFIX)
@@ -110,6 +120,11 @@ class NameTable(Generic[K]):
                 self._by_key[key] = name
                 return name
         raise NamesExhausted(f"all {self._attempts} names for {key!r} are in use")
+
+    def claim(self, key: K, name: str) -> None:
+        """Record that ``key`` already holds ``name`` (a link kept from an earlier run)."""
+        self._by_name[name] = key
+        self._by_key[key] = name
 
     def release(self, key: K) -> None:
         name = self._by_key.pop(key, None)

@@ -8,9 +8,11 @@ through an instance that is on both.
 A bridge exists while at least one tap is on it. A tap is created when an
 instance starts (or a network is hot-added) and removed when it stops (or
 the network is removed); the daemon keeps its descriptor of each tap for that
-time and passes a copy to the VMM. At daemon start, every tap and bridge that
-a previous run left (ours by name pattern and alias, see ``names``) is
-removed: no running instance is re-adopted yet, so none is still in use.
+time and passes a copy to the VMM. At daemon start, the taps of instances
+that a previous run left running (and are re-adopted) are kept, with their
+bridges; every other tap and bridge it left (ours by name pattern and alias,
+see ``names``) is removed. When the daemon exits it leaves the taps of running
+instances in place: their VMMs hold them open.
 
 All netlink and tun work runs in one worker thread (``netns.NetnsThread``),
 inside ``--netns`` when given, serialized by one lock on the daemon's loop.
@@ -101,8 +103,9 @@ class NetworkDriver:
 
     # -- daemon ----------------------------------------------------------------
 
-    async def start(self, keep: Collection[str] = ()) -> None:
-        """Start the worker and remove what a previous run left, except the links in ``keep``.
+    async def start(self, keep: Collection[str] = (), adopt: Collection[str] = ()) -> None:
+        """Start the worker and remove what a previous run left, except the links in
+        ``keep`` and the taps (and their bridges) of the instances in ``adopt``.
 
         Raises Failed (e.g. the namespace does not exist).
         """
@@ -114,7 +117,38 @@ class NetworkDriver:
         except NetnsError as e:
             raise Failed(str(e)) from None
         self._links = await self._worker.run(self._make_links)
+        if adopt:
+            await self._adopt(set(adopt))
         await self.remove_stale(keep)
+
+    async def _adopt(self, instances: set[str]) -> None:
+        """Take back the taps of re-adopted instances (their VMMs hold them) and their bridges."""
+        links = self._require_links()
+        try:
+            found = await self._worker.run(links.dump)
+        except LinkError as e:
+            raise Failed(f"cannot list networks in {self.where}: {e}") from None
+        by_index = {link.index: link for link in found}
+        for link in found:
+            words = names.parse_alias(link.alias)
+            if not names.is_owned(link.name, link.alias) or not words or words[0] != "tap":
+                continue
+            _, instance, network = words
+            master = by_index.get(link.master) if link.master is not None else None
+            if instance not in instances or master is None:
+                continue
+            bridge = self._bridges.get(network)
+            if bridge is None:
+                bridge = _Bridge(network, master.name, master.index)
+                self._bridges[network] = bridge
+                self._bridge_names.claim(network, master.name)
+            bridge.users.add(instance)
+            mac = names.mac_address(instance, network)
+            # The VMM holds the tap open; the daemon's own descriptor died with it.
+            self._taps[(instance, network)] = _Tap(instance, network, link.name, mac, -1)
+            self._tap_names.claim((instance, network), link.name)
+            self._running.add(instance)
+            log.info("%s: kept tap %s on network %s", instance, link.name, network)
 
     @staticmethod
     async def _make_links() -> Links:
@@ -161,9 +195,8 @@ class NetworkDriver:
             return removed
 
     async def close(self) -> None:
-        """Remove every tap and bridge still held, then stop the worker."""
-        for name in list(self._running):
-            await self._release_instance(name)
+        """Stop the worker. Taps of instances that still run stay: their VMMs hold
+        them, and the next daemon adopts them; our descriptors close with us."""
         links, self._links = self._links, None
         if links is not None:
             await self._worker.run(self._close_links(links))
@@ -204,6 +237,12 @@ class NetworkDriver:
 
     async def started(self, ctx: RunContext, spec: VmSpec) -> None:
         pass
+
+    async def adopt(self, ctx: RunContext, spec: VmSpec) -> None:
+        """A run taken back after a daemon restart: its taps were kept by ``start``."""
+        self._running.add(ctx.name)
+        ctx.stack.push_async_callback(self._release_instance, ctx.name)
+        self._notify(ctx.name)
 
     # -- hot add and remove ----------------------------------------------------
 

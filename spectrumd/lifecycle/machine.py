@@ -10,6 +10,8 @@ Rules (DESIGN.md):
   stopping); it ends in ``stopped``.
 - A guest that powers itself off (its application ended) moves ``running`` or
   ``paused`` to ``stopping``; the VMM's exit then completes it.
+- A VMM that an earlier daemon left running is ``adopted``: a freshly loaded
+  (``stopped``) instance becomes ``running`` (then ``paused`` if it was).
 
 The table is the whole truth: a pair absent from it is an invalid call, which
 the supervisor reports as InvalidState naming the current state. Nothing here
@@ -42,6 +44,7 @@ class Event(enum.StrEnum):
     guest_shutdown = "guest_shutdown"  # the guest announced it is powering off
     exited = "exited"  # the VMM exited after a stop or kill was asked for
     crashed = "crashed"  # the VMM exited unasked, or the start failed
+    adopted = "adopted"  # a VMM left running by an earlier daemon was taken back
 
 
 S, E = State, Event
@@ -50,6 +53,7 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (S.stopped, E.start): S.starting,
     (S.failed, E.start): S.starting,
     (S.starting, E.started): S.running,
+    (S.stopped, E.adopted): S.running,
     (S.running, E.pause): S.paused,
     (S.paused, E.resume): S.running,
     (S.running, E.stop): S.stopping,

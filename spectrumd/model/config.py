@@ -26,12 +26,13 @@ from spectrumd.model.types import (
     InstanceDef,
     NetworkResource,
     Resource,
+    Restart,
     UsbResource,
     VmmKind,
     WaylandResource,
 )
 
-_E = TypeVar("_E", VmmKind, Accel, Arch)
+_E = TypeVar("_E", VmmKind, Accel, Arch, Restart)
 
 NAME_RULE = "[a-z0-9][a-z0-9-]{0,62}"
 _NAME_RE = re.compile(NAME_RULE)
@@ -60,6 +61,7 @@ class Defaults:
     accel: Accel = Accel.kvm
     stop_timeout: float = DEFAULT_STOP_TIMEOUT
     vmm_auto: bool = False
+    restart: Restart = Restart.no
 
 
 def resolve_auto_vmm(crosvm_available: bool) -> VmmKind:
@@ -186,6 +188,7 @@ def _parse_defaults(o: _Obj, auto_vmm: VmmKind) -> Defaults:
         accel=o.enum("accel", Accel, Accel.kvm),
         stop_timeout=o.number("stop_timeout", DEFAULT_STOP_TIMEOUT, 0.0, 3600.0),
         vmm_auto="vmm" not in o.value,
+        restart=o.enum("restart", Restart, Restart.no),
     )
     o.done()
     return d
@@ -318,6 +321,7 @@ def parse_instance(
         accel=o.enum("accel", Accel, defaults.accel),
         stop_timeout=o.number("stop_timeout", defaults.stop_timeout, 0.0, 3600.0),
         origin=origin,
+        restart=o.enum("restart", Restart, defaults.restart),
     )
     _check_backend(o, inst, defaults, applications, resources, crosvm_available)
     o.done()
@@ -462,4 +466,6 @@ def instance_to_json(inst: InstanceDef, defaults: Defaults) -> dict[str, object]
         out["accel"] = inst.accel.value
     if inst.stop_timeout != defaults.stop_timeout:
         out["stop_timeout"] = inst.stop_timeout
+    if inst.restart != defaults.restart:
+        out["restart"] = inst.restart.value
     return out

@@ -18,6 +18,11 @@ class Accel(enum.StrEnum):
     tcg = "tcg"
 
 
+class Restart(enum.StrEnum):
+    no = "no"
+    on_failure = "on-failure"
+
+
 class Arch(enum.StrEnum):
     x86_64 = "x86_64"
     aarch64 = "aarch64"
@@ -119,3 +124,4 @@ class InstanceDef:
     stop_timeout: float
     # "config" for instances of the configuration file, "runtime" for CreateInstance.
     origin: str = "config"
+    restart: Restart = Restart.no

@@ -131,6 +131,13 @@ class FileService:
         self._live[ctx.name] = (sock_path, exports)
         ctx.stack.push_async_callback(self._drop, ctx.name)
 
+    async def adopt(self, ctx: RunContext, spec: VmSpec) -> None:
+        """Serve a re-adopted instance again; its guest's old mount died with the old
+        server, so it is told to mount anew."""
+        await self.started(ctx, spec)
+        for cb in self.on_restart:
+            cb(ctx.name)
+
     async def _drop(self, name: str) -> None:
         self._live.pop(name, None)
         if self._client is not None:
@@ -158,7 +165,7 @@ class FileService:
             try:
                 await asyncio.wait_for(self._proc.wait(), 5)
             except TimeoutError:
-                await process.reap(self._proc)
+                await process.reap_child(self._proc)
         if self._watch is not None:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):

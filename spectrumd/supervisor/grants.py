@@ -1,8 +1,9 @@
 """Runtime grants: resources given to an instance for a while, and taken back.
 
-A grant names an instance, a resource (a configured one, or an ad-hoc host
-directory such as a file chooser returns), an access (``ro``/``rw`` for
-directories) and a lifetime:
+A grant names an instance, a resource (a configured one, an ad-hoc host
+directory such as a file chooser returns, or USB devices written
+``usb:VID:PID[:SERIAL]``), an access (``ro``/``rw`` for directories; USB
+ignores it) and a lifetime:
 
 - ``running``: until the instance stops;
 - ``until``: until ``expires_at_us`` (µs since the epoch);
@@ -18,6 +19,7 @@ Every change is one ``audit`` log line.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -35,11 +37,15 @@ from spectrumd.errors import (
     InvalidState,
     NoSuchInstance,
     NoSuchResource,
+    SpectrumError,
 )
+from spectrumd.host.usb_ids import USB_GRANT_PREFIX, UsbMatch, parse_match
 from spectrumd.lifecycle import State
 from spectrumd.model.types import DirectoryResource, Resource
 from spectrumd.supervisor.files import Exports, exports_of
 from spectrumd.supervisor.instance import Instance
+from spectrumd.supervisor.manager import write_atomically
+from spectrumd.supervisor.usb import UsbService
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("spectrumd.audit")
@@ -116,8 +122,10 @@ class GrantService:
         instances: Mapping[str, Instance],
         resources: Callable[[], Mapping[str, Resource]],
         set_exports: ExportSetter,
+        usb: UsbService | None = None,
     ) -> None:
         self.path = state_dir / GRANTS_FILE
+        self._usb = usb
         self._instances = instances
         self._resources = resources
         self._set_exports = set_exports
@@ -130,7 +138,7 @@ class GrantService:
     # -- persistence ---------------------------------------------------------
 
     def load(self) -> None:
-        """Read permanent grants; an unreadable file is logged and set aside, not fatal."""
+        """Read permanent grants; an unreadable file is logged and renamed aside, not fatal."""
         try:
             raw = json.loads(self.path.read_text())
             entries = raw["grants"]
@@ -138,7 +146,15 @@ class GrantService:
         except FileNotFoundError:
             return
         except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
-            log.error("cannot read %s (%s); permanent grants start empty", self.path, e)
+            aside = self.path.with_name(f"{GRANTS_FILE}.bad-{int(time.time())}")
+            with contextlib.suppress(OSError):
+                os.replace(self.path, aside)
+            log.error(
+                "cannot read %s (%s); permanent grants start empty, the file is kept as %s",
+                self.path,
+                e,
+                aside,
+            )
             return
         for entry in entries:
             try:
@@ -157,24 +173,26 @@ class GrantService:
                 g.entry = self._entry_name(g)
                 self.grants[g.id] = g
 
-    def _save(self) -> None:
+    def _save(self, without: str | None = None) -> None:
+        """Write the permanent grants (but ``without``). Raises Failed; the file stays as it was."""
         body = {
             "version": 1,
-            "grants": [g.to_json() for g in self.grants.values() if g.lifetime == "permanent"],
+            "grants": [
+                g.to_json()
+                for g in self.grants.values()
+                if g.lifetime == "permanent" and g.id != without
+            ],
         }
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(json.dumps(body, indent=2) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            write_atomically(self.path, json.dumps(body, indent=2) + "\n")
         except OSError as e:
             raise Failed(f"cannot write {self.path}: {e.strerror or e}") from None
 
     # -- creation -------------------------------------------------------------
 
     def _entry_name(self, g: Grant) -> str:
+        if g.resource.startswith(USB_GRANT_PREFIX):
+            return ""
         if not g.resource.startswith("/"):
             return g.resource
         base = os.path.basename(g.resource) or "root"
@@ -188,13 +206,20 @@ class GrantService:
 
     def validate(
         self, instance: str, untrusted_resource: str, access: str, lifetime: str, expires_at_us: int
-    ) -> Resource | Path:
+    ) -> Resource | Path | UsbMatch:
         """Check a grant before anyone is asked. Raises a named SpectrumError."""
         if instance not in self._instances:
             raise NoSuchInstance(f'no instance "{instance}"')
         if access not in ACCESSES:
             raise InvalidArgument(f'access "{access[:16]}" is not ro or rw')
         check_lifetime(lifetime, expires_at_us, time.time_ns() // 1000)
+        if untrusted_resource.startswith(USB_GRANT_PREFIX):
+            match = parse_match(untrusted_resource)
+            if self._usb is None:
+                raise Failed("USB passthrough is not available in this daemon")
+            inst = self._instances[instance]
+            self._usb.check_grantable(instance, inst.definition.vmm, inst.resources)
+            return match
         if untrusted_resource.startswith("/"):
             return check_host_directory(untrusted_resource)
         res = self._resources().get(untrusted_resource)
@@ -226,6 +251,9 @@ class GrantService:
             )
         if len(self.grants) >= MAX_GRANTS:
             raise Failed(f"too many grants (at most {MAX_GRANTS})")
+        if untrusted_resource.startswith(USB_GRANT_PREFIX):
+            # One spelling per grant: lower-case ids, canonical serial.
+            untrusted_resource = str(parse_match(untrusted_resource))
         g = Grant(
             id=secrets.token_hex(4),
             instance=instance,
@@ -241,7 +269,7 @@ class GrantService:
             if lifetime == "permanent":
                 self._save()
             if inst.state in (State.running, State.paused):
-                await self._apply(inst)
+                await self._apply_one(inst, g)
                 g.state = "active"
         except BaseException:
             del self.grants[g.id]
@@ -285,21 +313,40 @@ class GrantService:
     async def _apply(self, inst: Instance) -> None:
         await self._set_exports(inst.name, self.exports_for(inst))
 
+    async def _apply_one(self, inst: Instance, g: Grant, strict: bool = True) -> None:
+        """Give the grant's effect now. Raises Busy (``strict``: the matching USB
+        devices are all held elsewhere), Failed."""
+        if g.resource.startswith(USB_GRANT_PREFIX):
+            if self._usb is not None:
+                match = parse_match(g.resource)
+                await self._usb.grant_added(inst.name, g.id, match, strict=strict)
+        else:
+            await self._apply(inst)
+
+    async def _undo_one(self, inst: Instance, g: Grant) -> None:
+        if g.resource.startswith(USB_GRANT_PREFIX):
+            if self._usb is not None:
+                await self._usb.grant_removed(inst.name, g.id)
+        else:
+            await self._apply(inst)
+
     async def end(self, grant_id: str, why: str) -> None:
         """Revoke or expire a grant: undo its effect, forget it, tell listeners."""
-        g = self.grants.pop(grant_id, None)
+        g = self.grants.get(grant_id)
         if g is None:
             return
+        if g.lifetime == "permanent":
+            # Persisted first: a grant that cannot be forgotten on disk stays, whole.
+            self._save(without=grant_id)
+        del self.grants[grant_id]
         timer = self._timers.pop(grant_id, None)
         if timer is not None:
             timer.cancel()
         g.state = "ended"
-        if g.lifetime == "permanent":
-            self._save()
         inst = self._instances.get(g.instance)
         if inst is not None and inst.state in (State.running, State.paused):
             try:
-                await self._apply(inst)
+                await self._undo_one(inst, g)
             except Failed as e:
                 log.error("%s: cannot undo grant %s: %s", g.instance, g.id, e)
         audit_line(why, id=g.id, instance=g.instance, resource=g.resource)
@@ -316,6 +363,11 @@ class GrantService:
                 log.error("%s: cannot apply grants: %s", inst.name, e)
                 return
             for g in mine:
+                if g.state == "waiting" and g.resource.startswith(USB_GRANT_PREFIX):
+                    try:
+                        await self._apply_one(inst, g, strict=False)
+                    except SpectrumError as e:
+                        log.warning("%s: USB grant %s: %s", inst.name, g.id, e)
                 g.state = "active"
                 audit_line("reapplied", id=g.id, instance=g.instance, resource=g.resource)
                 for cb in self.on_changed:

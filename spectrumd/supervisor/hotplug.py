@@ -39,6 +39,13 @@ async def attach_network(inst: Instance, network: NetworkDriver, res: NetworkRes
 async def detach_network(inst: Instance, network: NetworkDriver, name: str) -> None:
     """Remove a network from a running instance. Raises InvalidState, InvalidArgument, Failed."""
 
+    if name in inst.definition.resources:
+        # Its device sits on the root bus, where QEMU cannot unplug anything.
+        raise InvalidArgument(
+            f"{name} is in {inst.name}'s definition; only networks added at run time "
+            "can be detached (change the configuration and restart instead)"
+        )
+
     async def do(control: VmmControl) -> None:
         net = network.netdev(inst.name, name)
         if net is None:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import shutil
 import signal
 import time
@@ -31,6 +32,8 @@ from spectrumd.supervisor.console import ConsoleLog, pump
 from spectrumd.supervisor.guest import GuestChannel, encode_run
 from spectrumd.supervisor.resources import ResourceDriver, RunContext
 from spectrumd.supervisor.spec import build_spec
+from spectrumd.supervisor.vmrun import VMM_LOG, RunRecord, snapshot, write_record
+from spectrumd.supervisor.vmrun import VmRun as _Run
 from spectrumd.vmm import BACKENDS, PORT_CONTROL, VmmControl, VmmError, VmSpec
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,8 @@ class Environment:
     console_keep: int = 3
     # Parts that provide resources (file server, networks, ...), in setup order.
     drivers: tuple[ResourceDriver, ...] = ()
+    # (uid, gid) the VMMs run as; None: the daemon's own.
+    vmm_user: tuple[int, int] | None = None
     attach_timeout: float = 30.0
     term_timeout: float = 5.0
     control_timeout: float = 10.0
@@ -59,27 +64,6 @@ class Environment:
 
 
 ChangeListener = Callable[["Instance", frozenset[str]], None]
-
-
-@attrs.define(eq=False)
-class _Run:
-    """What one VMM run holds; torn down in reverse by ``stack``."""
-
-    definition: InstanceDef
-    application: Application
-    resources: tuple[Resource, ...]
-    stack: contextlib.AsyncExitStack = attrs.Factory(contextlib.AsyncExitStack)
-    proc: asyncio.subprocess.Process | None = None
-    control: VmmControl | None = None
-    guest: GuestChannel | None = None
-    # Set before a stop step or a kill: the reason the exit will be reported with.
-    stop_reason: str | None = None
-    guest_exit: int | None = None
-    command_sent: bool = False
-    # QMP SHUTDOWN's reason: "guest-shutdown" (powered off), "guest-reset", "guest-panic".
-    shutdown_reason: str | None = None
-    done: asyncio.Future[None] = attrs.Factory(lambda: asyncio.get_running_loop().create_future())
-    stderr: process.StderrTail | None = None
 
 
 class Instance:
@@ -115,7 +99,8 @@ class Instance:
         """True while the VMM runs a definition that the configuration has since changed."""
         run = self._run
         return run is not None and (
-            run.definition != self.definition
+            run.stale_definition
+            or run.definition != self.definition
             or run.application != self.application
             or run.resources != self.resources
         )
@@ -161,6 +146,10 @@ class Instance:
                 f"cannot {event.value} {self.name}: it is {self.state.value}"
             ) from None
 
+    def give_reason(self, reason: str) -> None:
+        """Replace StateReason (e.g. to say a failed instance will not be restarted)."""
+        self._set(state_reason=reason)
+
     def update_definition(
         self, definition: InstanceDef, application: Application, resources: tuple[Resource, ...]
     ) -> None:
@@ -179,14 +168,15 @@ class Instance:
 
     # -- calls -------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, reason: str = "") -> None:
         """Start the VM; returns when the VMM runs and its control channel answers.
 
+        ``reason`` becomes StateReason (a restart says what it follows).
         Raises InvalidState, Failed (missing kernel or VMM, VMM exited at start),
         Cancelled (killed while starting).
         """
         async with self._lock:
-            self._fire(Event.start, reason="")
+            self._fire(Event.start, reason=reason)
             run = _Run(self.definition, self.application, self.resources)
             self._run = run
             try:
@@ -204,7 +194,7 @@ class Instance:
 
     async def _abort_start(self, run: _Run, e: BaseException) -> None:
         with contextlib.suppress(Exception):
-            await run.stack.aclose()
+            await run.end()
         self._run = None
         if run.stop_reason is not None:
             self._fire(Event.exited, reason=run.stop_reason, main_pid=0, guest_ready=False)
@@ -237,34 +227,51 @@ class Instance:
         shutil.rmtree(ctx.run_dir, ignore_errors=True)
         ctx.run_dir.mkdir(mode=0o700, parents=True)
         run.stack.callback(shutil.rmtree, ctx.run_dir, True)
+        if self.env.vmm_user is not None:
+            # The VMM creates its sockets here.
+            os.chown(ctx.run_dir, *self.env.vmm_user)
         for driver in self.env.drivers:
             await driver.prepare(ctx)
         spec = build_spec(ctx, self.env.guest_dir)
+        run.spec = spec
         binary = spec.binary or backend.default_binary(spec.arch)
         if shutil.which(binary) is None:
             raise Failed(f"cannot start {self.name}: VMM binary {binary} not found")
         argv = backend.argv(spec)
 
         self.log.debug("exec %s", argv)
-        proc = await process.spawn(argv, spec.pass_fds)
+        proc = await process.spawn(argv, spec.pass_fds, ctx.run_dir / VMM_LOG, self.env.vmm_user)
         run.proc = proc
-        run.stack.push_async_callback(process.reap, proc)
+        run.stack.push_async_callback(proc.reap)
         self._set(main_pid=proc.pid)
-        # Recorded so that a later run (or a test's cleanup) can find our child.
+        # Recorded so that a test's cleanup can find our child even if we died.
         (spec.run_dir / "vmm.pid").write_text(f"{proc.pid}\n")
-        assert proc.stderr is not None
-        run.stderr = process.StderrTail(self.log)
-        self._spawn_task(run.stderr.read(proc.stderr), run)
 
         run.control = await self._attach(run, spec, proc)
-        run.stack.push_async_callback(run.control.close)
+        run.conns.push_async_callback(run.control.close)
+        await self._connect_channels(run, spec)
 
+        ctx.control = run.control
+        for driver in self.env.drivers:
+            await driver.started(ctx, spec)
+        await self._control(run.control.start_cpus(), "start")
+        started_at = time.time_ns() // 1000
+        try:
+            write_record(run, started_at, ctx.nets)
+        except OSError as e:
+            self.log.error("cannot record the run (it will not be re-adopted): %s", e)
+        self._fire(Event.started, started_at_us=started_at)
+        self._watch_run(run)
+        self.log.info("started (pid %d)", proc.pid)
+
+    async def _connect_channels(self, run: _Run, spec: VmSpec) -> None:
+        """Connect the console (into the log) and the guest's control port."""
         console_r, console_w = await asyncio.open_unix_connection(spec.console_socket)
-        run.stack.callback(console_w.close)
+        run.conns.callback(console_w.close)
         console = ConsoleLog(
             self.env.log_path(self.name), self.env.console_max_bytes, self.env.console_keep
         )
-        run.stack.callback(console.close)
+        run.conns.callback(console.close)
         self._spawn_task(pump(console_r, console), run)
 
         guest_r, guest_w = await asyncio.open_unix_connection(spec.port_socket(PORT_CONTROL))
@@ -274,23 +281,26 @@ class Instance:
             on_ready=lambda: self._guest_ready(run),
             on_exited=lambda status: self._guest_exited(run, status),
         )
-        run.stack.callback(run.guest.close)
+        run.conns.callback(run.guest.close)
         self._spawn_task(run.guest.run(), run)
 
-        ctx.control = run.control
-        for driver in self.env.drivers:
-            await driver.started(ctx, spec)
-        await self._control(run.control.start_cpus(), "start")
-        self._fire(Event.started, started_at_us=time.time_ns() // 1000)
-        self._spawn_task(self._watch(run), None)
-        self.log.info("started (pid %d)", proc.pid)
+    def _watch_run(self, run: _Run) -> None:
+        task = asyncio.ensure_future(self._watch(run))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        run.watch = task
 
     async def _attach(
-        self, run: _Run, spec: VmSpec, proc: asyncio.subprocess.Process
+        self, run: _Run, spec: VmSpec, proc: process.VmmProcess, timeout: float | None = None
     ) -> VmmControl:
+        """Connect the VMM's control channel, racing its exit. Raises Failed."""
         backend = BACKENDS[run.definition.vmm]
         attach = asyncio.ensure_future(
-            backend.attach(spec, functools.partial(self._vmm_event, run), self.env.attach_timeout)
+            backend.attach(
+                spec,
+                functools.partial(self._vmm_event, run),
+                timeout if timeout is not None else self.env.attach_timeout,
+            )
         )
         exited = asyncio.ensure_future(proc.wait())
         try:
@@ -303,10 +313,7 @@ class Instance:
             attach.cancel()
             with contextlib.suppress(BaseException):
                 await attach
-            # Let the stderr reader catch the VMM's last words.
-            await asyncio.sleep(0.05)
-            assert proc.returncode is not None and run.stderr is not None
-            detail = run.stderr.last()
+            detail = process.stderr_tail(spec.run_dir / VMM_LOG)
             raise Failed(
                 f"cannot start {self.name}: {process.describe_exit(proc.returncode)}"
                 + (f": {detail}" if detail else "")
@@ -324,7 +331,7 @@ class Instance:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         if run is not None:
-            run.stack.callback(task.cancel)
+            run.conns.callback(task.cancel)
 
     def _guest_ready(self, run: _Run) -> None:
         if self._run is not run:
@@ -351,11 +358,10 @@ class Instance:
         """Turn the VMM's exit, asked for or not, into the final state."""
         assert run.proc is not None
         returncode = await run.proc.wait()
-        await asyncio.sleep(0)  # let the stderr reader drain what is buffered
-        await run.stack.aclose()
+        clean, reason = self._exit_outcome(run, returncode)
+        await run.end()
         self._run = None
         final = dict(main_pid=0, started_at_us=0, guest_ready=False)
-        clean, reason = self._exit_outcome(run, returncode)
         if clean:
             if self.state != State.stopping:
                 self._fire(Event.guest_shutdown)
@@ -367,7 +373,7 @@ class Instance:
         run.done.set_result(None)
 
     @staticmethod
-    def _exit_outcome(run: _Run, returncode: int) -> tuple[bool, str]:
+    def _exit_outcome(run: _Run, returncode: int | None) -> tuple[bool, str]:
         """(clean, reason) of a VMM exit: asked for, the guest's own power-off, or a crash."""
         if run.stop_reason is not None:
             return True, run.stop_reason
@@ -377,12 +383,13 @@ class Instance:
             return True, "the guest powered off"
         if run.shutdown_reason in ("guest-reset", "guest-panic"):
             return False, f"the guest crashed or rebooted ({run.shutdown_reason})"
-        said = BACKENDS[run.definition.vmm].exit_reason(returncode)
+        said = None if returncode is None else BACKENDS[run.definition.vmm].exit_reason(returncode)
         if said is not None:
             return said
         reason = process.describe_exit(returncode)
-        if run.stderr is not None and run.stderr.last() and returncode > 0:
-            reason += f": {run.stderr.last()}"
+        last = process.stderr_tail(run.spec.run_dir / VMM_LOG) if run.spec else ""
+        if returncode is not None and returncode > 0 and last:
+            reason += f": {last}"
         return False, reason
 
     async def stop(self) -> None:
@@ -419,14 +426,14 @@ class Instance:
                         await asyncio.shield(run.done)
                         return
             run.stop_reason = f"vmm terminated with SIGTERM after the {timeout:g} s stop timeout"
-            process.send_signal(run.proc, signal.SIGTERM)
+            run.proc.send_signal(signal.SIGTERM)
             if await self._wait_done(run, self.env.term_timeout):
                 return
             run.stop_reason = (
                 f"vmm killed with SIGKILL; SIGTERM did not end it "
                 f"within {self.env.term_timeout:g} s"
             )
-            process.send_signal(run.proc, signal.SIGKILL)
+            run.proc.send_signal(signal.SIGKILL)
             await asyncio.shield(run.done)
 
     async def _wait_done(self, run: _Run, timeout: float) -> bool:
@@ -443,7 +450,7 @@ class Instance:
         assert run is not None
         run.stop_reason = "killed"
         if run.proc is not None:
-            process.send_signal(run.proc, signal.SIGKILL)
+            run.proc.send_signal(signal.SIGKILL)
         await asyncio.shield(run.done)
 
     async def pause(self) -> None:
@@ -492,6 +499,85 @@ class Instance:
                 f"cannot {what} {self.name}: the VMM did not answer within "
                 f"{self.env.control_timeout:g} s"
             ) from None
+
+    # -- daemon restarts ----------------------------------------------------------
+
+    async def adopt(self, record: RunRecord) -> None:
+        """Take back a VMM that an earlier daemon left running.
+
+        Never raises: a VMM that has exited meanwhile gives ``failed`` with
+        "exited while spectrumd was not running"; one that cannot be taken
+        back is ended, and the instance is ``failed`` with the reason.
+        """
+        proc = process.adopt(record.pid, record.start_time)
+        if proc is None:
+            shutil.rmtree(record.spec.run_dir, ignore_errors=True)
+            self._set(state=State.failed, state_reason="exited while spectrumd was not running")
+            self.log.warning("%s", self.state_reason)
+            return
+        async with self._lock:
+            run = _Run(self.definition, self.application, self.resources)
+            run.stale_definition = record.snapshot != snapshot(
+                self.definition, self.application, self.resources
+            )
+            run.proc, run.spec, run.command_sent = proc, record.spec, True
+            run.stack.callback(shutil.rmtree, record.spec.run_dir, True)
+            run.stack.push_async_callback(proc.reap)
+            self._run = run
+            try:
+                paused = await self._reconnect(run, record)
+            except Exception as e:
+                self.log.debug("re-adoption failed", exc_info=True)
+                await run.end()
+                self._run = None
+                self._set(state=State.failed, state_reason=f"could not re-adopt the VMM: {e}")
+                self.log.error("%s", self.state_reason)
+                return
+            self._fire(
+                Event.adopted,
+                reason="re-adopted after a daemon restart",
+                main_pid=proc.pid,
+                started_at_us=record.started_at_us,
+            )
+            if paused:
+                self._fire(Event.pause)
+            self._watch_run(run)
+            self.log.info("re-adopted (pid %d)", proc.pid)
+
+    async def _reconnect(self, run: _Run, record: RunRecord) -> bool:
+        """Reconnect the control channel, console, guest and drivers; True if paused."""
+        if record.vmm != "qemu":
+            raise Failed(f"{record.vmm} runs are not re-adopted yet")
+        spec = record.spec
+        assert run.proc is not None
+        run.control = await self._attach(run, spec, run.proc, self.env.control_timeout)
+        run.conns.push_async_callback(run.control.close)
+        await self._connect_channels(run, spec)
+        assert run.guest is not None
+        await run.guest.send(b"hello\n")  # the guest answers "ready"
+        ctx = RunContext(
+            name=self.name,
+            definition=run.definition,
+            application=run.application,
+            resources=run.resources,
+            run_dir=spec.run_dir,
+            stack=run.stack,
+            log=self.log,
+            control=run.control,
+        )
+        for driver in self.env.drivers:
+            await driver.adopt(ctx, spec)
+        return await run.control.query_status() == "paused"
+
+    async def detach(self) -> None:
+        """Leave the VMM running and drop the daemon's hold on it (daemon exit)."""
+        run = self._run
+        if run is None:
+            return
+        if run.watch is not None:
+            run.watch.cancel()
+        await run.detach()
+        self._run = None
 
     async def shutdown_tasks(self) -> None:
         """Cancel helper tasks (daemon exit); the VMM is left as it is."""

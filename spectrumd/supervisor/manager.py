@@ -15,12 +15,16 @@ import contextlib
 import json
 import logging
 import os
+import shutil
+import signal
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import attrs
 
 from spectrumd.errors import (
+    ConfigError,
     Exists,
     Failed,
     InvalidArgument,
@@ -28,7 +32,9 @@ from spectrumd.errors import (
     NoSuchApplication,
     NoSuchInstance,
     NoSuchResource,
+    SpectrumError,
 )
+from spectrumd.lifecycle import State
 from spectrumd.model.config import (
     Config,
     instance_to_json,
@@ -37,25 +43,42 @@ from spectrumd.model.config import (
     resolve_auto_vmm,
     validate_name,
 )
-from spectrumd.model.types import InstanceDef, Resource
+from spectrumd.model.types import InstanceDef, Resource, Restart
+from spectrumd.supervisor import process
 from spectrumd.supervisor.instance import Environment, Instance
+from spectrumd.supervisor.vmrun import BadRecord, RunRecord, read_record
 from spectrumd.vmm import crosvm_available
 
 log = logging.getLogger(__name__)
 
 DATA_FILE = "instances.json"
-CREATE_OPTIONS = frozenset({"vmm", "accel", "stop_timeout"})
+CREATE_OPTIONS = frozenset({"vmm", "accel", "stop_timeout", "restart"})
+# Restart policy "on-failure": wait 1, 2, 4, ... s (at most MAX) between tries,
+# and give up after BURST restarts within INTERVAL s (like StartLimitBurst).
+RESTART_DELAY = 1.0
+MAX_RESTART_DELAY = 30.0
+RESTART_BURST = 5
+RESTART_INTERVAL = 60.0
 
 InstanceListener = Callable[[Instance], None]
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` or leave it as it was (raises OSError).
+
+    A failed write (a full disk) removes its temporary file.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 class Supervisor:
@@ -69,11 +92,13 @@ class Supervisor:
         # checked against PATH at every load.
         self.auto_vmm = resolve_auto_vmm(crosvm_available())
         log.info("automatic VMM choice: %s", self.auto_vmm.value)
-        self.config = self._load()
+        self.config = self._load_at_start()
         self.instances: dict[str, Instance] = {}
         self.on_added: list[InstanceListener] = []
         self.on_removed: list[InstanceListener] = []
         self.on_changed: list[Callable[[Instance, frozenset[str]], None]] = []
+        self._restarts: dict[str, list[float]] = {}
+        self._restart_tasks: dict[str, asyncio.Task[None]] = {}
         for inst_def in self.config.instances.values():
             self._add(inst_def, notify=False)
 
@@ -114,11 +139,47 @@ class Supervisor:
     def _instance_changed(self, inst: Instance, changed: frozenset[str]) -> None:
         for cb in self.on_changed:
             cb(inst, changed)
+        if "state" in changed and inst.state == State.failed:
+            self._maybe_restart(inst)
         if inst.removed and not inst.active and self.instances.get(inst.name) is inst:
             log.info(
                 "removing %s, dropped from the configuration and now %s", inst.name, inst.state
             )
             self._remove(inst)
+
+    # -- restart policy -------------------------------------------------------------
+
+    def _maybe_restart(self, inst: Instance) -> None:
+        if inst.definition.restart != Restart.on_failure or inst.removed:
+            return
+        if inst.name in self._restart_tasks:
+            return
+        now = time.monotonic()
+        recent = [t for t in self._restarts.get(inst.name, []) if now - t < RESTART_INTERVAL]
+        if len(recent) >= RESTART_BURST:
+            reason = (
+                f"{inst.state_reason}; not restarted again: {RESTART_BURST} restarts "
+                f"within {RESTART_INTERVAL:g} s"
+            )
+            inst.give_reason(reason)
+            log.error("%s: %s", inst.name, reason)
+            return
+        delay = min(RESTART_DELAY * 2 ** len(recent), MAX_RESTART_DELAY)
+        self._restarts[inst.name] = [*recent, now]
+        last = inst.state_reason
+        log.info("%s failed (%s); restarting in %g s", inst.name, last, delay)
+        task = asyncio.ensure_future(self._restart(inst, delay, last))
+        self._restart_tasks[inst.name] = task
+        task.add_done_callback(lambda _: self._restart_tasks.pop(inst.name, None))
+
+    async def _restart(self, inst: Instance, delay: float, last: str) -> None:
+        await asyncio.sleep(delay)
+        if inst.state != State.failed or self.instances.get(inst.name) is not inst:
+            return  # someone started or removed it meanwhile
+        try:
+            await inst.start(reason=f"restarted after: {last}")
+        except SpectrumError as e:
+            log.error("%s: restart failed: %s", inst.name, e)
 
     # -- reload ------------------------------------------------------------
 
@@ -130,6 +191,30 @@ class Supervisor:
         """
         new = self._load()
         return self._apply(new)
+
+    def _load_at_start(self) -> Config:
+        """The configuration and the data file; a bad data file is set aside, not fatal.
+
+        Raises ConfigError if the configuration itself is bad.
+        """
+        try:
+            return self._load()
+        except ConfigError as e:
+            # Is it the data file's fault? Then the configuration alone loads.
+            config = load_config(
+                self.config_path, auto_vmm=self.auto_vmm, crosvm_available=crosvm_available()
+            )
+            aside = self.data_path.with_name(f"{DATA_FILE}.bad-{int(time.time())}")
+            with contextlib.suppress(OSError):
+                os.replace(self.data_path, aside)
+            log.error(
+                "cannot use the run-time instances in %s (%s); starting without them, "
+                "the file is kept as %s",
+                self.data_path,
+                e,
+                aside,
+            )
+            return config
 
     def _load(self) -> Config:
         return load_config(
@@ -180,7 +265,7 @@ class Supervisor:
         }
         try:
             self.env.state_dir.mkdir(parents=True, exist_ok=True)
-            _write_atomically(self.data_path, json.dumps(body, indent=2) + "\n")
+            write_atomically(self.data_path, json.dumps(body, indent=2) + "\n")
         except OSError as e:
             raise Failed(f"cannot write {self.data_path}: {e.strerror or e}") from None
 
@@ -258,6 +343,73 @@ class Supervisor:
             *(stop_one(i) for i in self.instances.values() if i.active), return_exceptions=True
         )
 
+    # -- daemon restarts ----------------------------------------------------------
+
+    def read_records(self) -> dict[str, RunRecord]:
+        """The runs an earlier daemon left recorded, by instance, whose VMM still runs.
+
+        A record that cannot be read is logged and its run directory left for
+        a person to look at; a record of a VMM that has exited is returned too
+        (adopting it marks the instance failed and cleans up).
+        """
+        records: dict[str, RunRecord] = {}
+        run_root = self.env.state_dir / "run"
+        if not run_root.is_dir():
+            return records
+        for run_dir in sorted(run_root.iterdir()):
+            try:
+                rec = read_record(run_dir)
+            except BadRecord as e:
+                log.error("cannot read a run record, not re-adopting it: %s", e)
+                continue
+            if rec is None:
+                # A start that never completed: its VMM, if it got that far, is ended.
+                self._end_unrecorded(run_dir)
+                continue
+            if run_dir.name not in self.instances:
+                self._end_orphan(run_dir, rec)
+                continue
+            records[run_dir.name] = rec
+        return records
+
+    @staticmethod
+    def _end_unrecorded(run_dir: Path) -> None:
+        """End the VMM of a start cut short (vmm.pid, and its command line names run_dir)."""
+        try:
+            pid = int((run_dir / "vmm.pid").read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            pid, cmdline = 0, b""
+        if pid and f"{run_dir}/".encode() in cmdline:
+            log.warning(
+                "ending the VMM (pid %d) of a start of %s that never completed", pid, run_dir.name
+            )
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+    @staticmethod
+    def _end_orphan(run_dir: Path, rec: RunRecord) -> None:
+        """A VMM of an instance no longer configured: end it, if it is still that process."""
+        proc = process.adopt(rec.pid, rec.start_time)
+        if proc is not None:
+            log.warning(
+                "ending the VMM (pid %d) of %s: it is no longer configured", rec.pid, run_dir.name
+            )
+            proc.send_signal(signal.SIGKILL)
+            proc.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+    async def adopt_all(self, records: dict[str, RunRecord]) -> None:
+        await asyncio.gather(*(self.instances[n].adopt(r) for n, r in records.items()))
+
+    async def detach_all(self) -> None:
+        """Leave every VMM running (daemon exit, not system shutdown)."""
+        for inst in self.instances.values():
+            await inst.detach()
+
     async def close(self) -> None:
+        for task in list(self._restart_tasks.values()):
+            task.cancel()
         for inst in self.instances.values():
             await inst.shutdown_tasks()

@@ -104,6 +104,9 @@ class PortalDriver:
 
         ctx.stack.push_async_callback(stop)
 
+    async def adopt(self, ctx: RunContext, spec: VmSpec) -> None:
+        await self.started(ctx, spec)
+
     async def _serve(
         self, ctx: RunContext, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:

@@ -1,72 +1,178 @@
-"""Spawning and ending VMM child processes.
+"""VMM processes: spawned as our children, or adopted after a daemon restart.
 
-Every spawn is paired with a reap: :func:`reap` is pushed on the instance's
-exit stack right after the spawn, so a failure half way still ends the child.
+Every spawn is paired with a reap: :meth:`VmmProcess.reap` is pushed on the
+run's exit stack right after the spawn, so a failure half way still ends the
+child. A VMM outlives the daemon (it runs in its own session, and its stderr
+goes to a file, not a pipe that would break), so a restarted daemon adopts
+it: it checks that the pid still names the same process (its start time) and
+watches it through a pidfd, which also makes signals safe from pid reuse.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
+import os
 import signal
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-STDERR_LINES = 20
+TAIL_BYTES = 4096
 
 
-async def spawn(argv: list[str], pass_fds: tuple[int, ...] = ()) -> asyncio.subprocess.Process:
+def start_time(pid: int) -> int | None:
+    """The start time (clock ticks since boot, /proc/PID/stat field 22) of a live process.
+
+    None if there is no such process or it has already exited: a zombie (an
+    exited VMM whose parent, an earlier daemon, is gone and which nobody has
+    reaped yet) is not alive.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    try:
+        if fields[0] in ("Z", "X"):
+            return None
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+class VmmProcess:
+    """A VMM we started (``child``) or adopted (``pidfd``)."""
+
+    def __init__(
+        self,
+        pid: int,
+        child: asyncio.subprocess.Process | None = None,
+        pidfd: int | None = None,
+    ) -> None:
+        self.pid = pid
+        self.started = start_time(pid)
+        self._child = child
+        self._pidfd = pidfd
+        self._exited: asyncio.Future[int | None] | None = None
+
+    @property
+    def adopted(self) -> bool:
+        return self._child is None
+
+    @property
+    def returncode(self) -> int | None:
+        if self._child is not None:
+            return self._child.returncode
+        return None
+
+    @property
+    def running(self) -> bool:
+        if self._child is not None:
+            return self._child.returncode is None
+        return self._exited is None or not self._exited.done()
+
+    async def wait(self) -> int | None:
+        """Wait for the exit; the status (None if unknown: an adopted process)."""
+        if self._child is not None:
+            return await self._child.wait()
+        if self._exited is None:
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[int | None] = loop.create_future()
+            assert self._pidfd is not None
+            fd = self._pidfd
+
+            def readable() -> None:
+                # A pidfd becomes readable when the process has exited.
+                loop.remove_reader(fd)
+                if not fut.done():
+                    fut.set_result(None)
+
+            loop.add_reader(fd, readable)
+            self._exited = fut
+        return await asyncio.shield(self._exited)
+
+    def send_signal(self, sig: signal.Signals) -> None:
+        """Signal the process; one that has already exited is not an error."""
+        with contextlib.suppress(ProcessLookupError):
+            if self._child is not None:
+                if self._child.returncode is None:
+                    self._child.send_signal(sig)
+            elif self._pidfd is not None:
+                signal.pidfd_send_signal(self._pidfd, sig)
+
+    async def reap(self) -> None:
+        """End the process if it still runs (SIGKILL) and wait for it."""
+        if self.running:
+            self.send_signal(signal.SIGKILL)
+        await self.wait()
+        self.close()
+
+    def close(self) -> None:
+        if self._pidfd is not None:
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+
+
+async def spawn(
+    argv: list[str], pass_fds: tuple[int, ...], stderr_path: Path, user: tuple[int, int] | None
+) -> VmmProcess:
     """Start a VMM in its own session (crosvm SIGKILLs its whole process group on exit).
 
     ``pass_fds`` (taps, device nodes) were opened by the daemon with
-    O_CLOEXEC; the child inherits exactly these. Raises OSError from exec.
+    O_CLOEXEC; the child inherits exactly these. Its stderr goes to
+    ``stderr_path``. ``user`` is (uid, gid) to run as. Raises OSError from exec.
     """
-    return await asyncio.create_subprocess_exec(
-        *argv,
-        pass_fds=pass_fds,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,
-        close_fds=True,
-    )
+    err = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            pass_fds=pass_fds,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+            close_fds=True,
+            user=user[0] if user else None,
+            group=user[1] if user else None,
+            extra_groups=[] if user else None,
+        )
+    finally:
+        os.close(err)
+    return VmmProcess(proc.pid, child=proc)
 
 
-def send_signal(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
-    """Signal our own child by pid; a child already reaped is not an error."""
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
+def adopt(pid: int, expected_start: int) -> VmmProcess | None:
+    """Adopt a VMM left by an earlier daemon, if ``pid`` still names that very process."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    # Checked after the pidfd is open: from now on the pid cannot be reused under us.
+    if start_time(pid) != expected_start:
+        os.close(pidfd)
+        return None
+    return VmmProcess(pid, pidfd=pidfd)
 
 
-async def reap(proc: asyncio.subprocess.Process) -> None:
-    """End ``proc`` if it still runs (SIGKILL) and wait for it."""
-    if proc.returncode is None:
-        send_signal(proc, signal.SIGKILL)
-    await proc.wait()
+def stderr_tail(path: Path) -> str:
+    """The last non-empty line the VMM wrote to stderr ("" if none)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - TAIL_BYTES))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return next((line.strip() for line in reversed(lines) if line.strip()), "")
 
 
-class StderrTail:
-    """Keeps the last lines a VMM wrote to stderr (for failure reasons) and logs them."""
-
-    def __init__(self, logger: logging.Logger) -> None:
-        self.lines: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
-        self._log = logger
-
-    async def read(self, stream: asyncio.StreamReader) -> None:
-        while raw := await stream.readline():
-            line = raw.decode(errors="replace").rstrip()
-            if line:
-                self.lines.append(line)
-                self._log.info("vmm: %s", line)
-
-    def last(self) -> str:
-        return self.lines[-1] if self.lines else ""
-
-
-def describe_exit(returncode: int, what: str = "vmm") -> str:
+def describe_exit(returncode: int | None, what: str = "vmm") -> str:
+    if returncode is None:
+        return f"{what} exited (status unknown: it was adopted after a daemon restart)"
     if returncode < 0:
         try:
             name = signal.Signals(-returncode).name
@@ -74,3 +180,11 @@ def describe_exit(returncode: int, what: str = "vmm") -> str:
             return f"{what} exited with signal {-returncode}"
         return f"{what} exited with signal {-returncode} ({name})"
     return f"{what} exited with status {returncode}"
+
+
+async def reap_child(proc: asyncio.subprocess.Process) -> None:
+    """End a helper child (e.g. the file server) if it still runs, and wait for it."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGKILL)
+    await proc.wait()

@@ -9,6 +9,9 @@ same way, in reverse order:
    open descriptors the VMM inherits, name devices for the command line.
 2. ``started(ctx, spec)`` once the VMM's control channel answers and before
    the guest's CPUs run: connect to the VMM's sockets, hot-attach devices.
+
+After a daemon restart, ``adopt(ctx, spec)`` takes the place of both for a
+VMM that kept running.
 """
 
 from __future__ import annotations
@@ -48,3 +51,7 @@ class ResourceDriver(Protocol):
 
     async def started(self, ctx: RunContext, spec: VmSpec) -> None:
         """After the VMM answers, before the guest runs. Raises SpectrumError."""
+
+    async def adopt(self, ctx: RunContext, spec: VmSpec) -> None:
+        """A VMM left running by an earlier daemon was taken back: reconnect to it.
+        Push undos on ``ctx.stack`` as ``started`` does. Raises SpectrumError."""

@@ -7,6 +7,7 @@ from pathlib import Path
 from spectrumd.errors import Failed
 from spectrumd.model.types import VmmKind, WaylandResource
 from spectrumd.supervisor.resources import RunContext
+from spectrumd.supervisor.usb import usb_capable
 from spectrumd.vmm import BACKENDS
 from spectrumd.vmm.base import PORT_CONTROL, VmSpec
 
@@ -64,6 +65,7 @@ def build_spec(ctx: RunContext, guest_dir: Path) -> VmSpec:
         disks=app.disks,
         wayland_sockets=tuple(r.path for r in ctx.resources if isinstance(r, WaylandResource)),
         hotplug_slots=QEMU_HOTPLUG_SLOTS if ctx.definition.vmm is VmmKind.qemu else 0,
+        usb=usb_capable(ctx.definition.vmm, ctx.resources),
     )
     sockets = [spec.control_socket, spec.console_socket, *map(spec.port_socket, spec.ports)]
     # crosvm's side of each serial socket is "vmm-" + the name (spectrumd.vmm.crosvm).

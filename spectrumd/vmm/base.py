@@ -70,6 +70,10 @@ class VmSpec:
     # Spare slots for hot-added devices (add_net): QEMU pcie-root-ports,
     # crosvm --pci-hotplug-slots.
     hotplug_slots: int = 0
+    # A USB (xHCI) controller for passed-through devices. QEMU adds one
+    # (qemu-xhci) only when asked: the guest's USB stack costs boot time.
+    # crosvm always has its own.
+    usb: bool = False
 
     @property
     def pass_fds(self) -> tuple[int, ...]:
@@ -104,6 +108,9 @@ class VmmControl(Protocol):
 
     async def pause(self) -> None: ...
 
+    async def query_status(self) -> str:
+        """The VMM's run state as it reports it ("running", "paused", ...; "unknown")."""
+
     async def resume(self) -> None: ...
 
     async def powerdown(self) -> None:
@@ -124,6 +131,18 @@ class VmmControl(Protocol):
 
     async def remove_net(self, net_id: str) -> None:
         """Hot-remove the interface added as ``net_id``. Raises VmmError."""
+
+    async def usb_attach(self, fd: int, dev_id: str) -> str:
+        """Pass the USB device open on ``fd`` to the guest; return a handle for usb_detach.
+
+        The VMM takes its own copy of ``fd``; the caller closes its own.
+        ``dev_id`` is spectrumd's id of the device (for the VMM's records).
+        Raises VmmError (e.g. the VM has no USB controller, or the VMM cannot
+        use the device).
+        """
+
+    async def usb_detach(self, handle: str) -> None:
+        """Unplug the device attached as ``handle``. Raises VmmError."""
 
     async def close(self) -> None: ...
 

@@ -87,6 +87,10 @@ class CrosvmControl:
     async def start_cpus(self) -> None:
         """Nothing to do: crosvm has no ``-S``, the guest runs from the start."""
 
+    async def query_status(self) -> str:
+        # crosvm has no subcommand that reports whether the guest is suspended.
+        return "unknown"
+
     async def pause(self) -> None:
         await self.run("suspend")
 
@@ -133,28 +137,28 @@ class CrosvmControl:
 
     # -- crosvm only ------------------------------------------------------------
 
-    async def usb_attach(self, device_fd: int, bus: int = 0, addr: int = 0) -> int:
-        """Attach the USB device open on ``device_fd``; return its port. Raises VmmError.
+    async def usb_attach(self, fd: int, dev_id: str) -> str:
+        """``crosvm usb attach 00:00:00:00 /proc/self/fd/N``: attach the device open
+        on ``fd``; return the guest port crosvm answers (``ok PORT``). Raises VmmError.
 
-        crosvm dups ``/proc/self/fd/N`` (FACTS.md); the numbers before it are
-        ignored when a descriptor is given.
+        crosvm opens (dups) ``/proc/self/fd/N`` of the subcommand, which inherits
+        ``fd`` (FACTS.md); the numbers before it are ignored when a path is given.
         """
-        out = await self.run(
-            "usb",
-            "attach",
-            f"{bus:02x}:{addr:02x}:0000:0000",
-            f"/proc/self/fd/{device_fd}",
-            pass_fds=(device_fd,),
-        )
+        if fd < 0:
+            raise VmmError(f"bad descriptor for USB device {dev_id}")
+        out = await self.run("usb", "attach", "00:00:00:00", f"/proc/self/fd/{fd}", pass_fds=(fd,))
         m = _USB_OK.search(out)
         if m is None:
-            raise VmmError(f"crosvm usb attach: {out.strip() or 'no answer'}")
-        return int(m.group(1))
+            raise VmmError(f"crosvm usb attach {dev_id}: {out.strip()[:200] or 'no answer'}")
+        return m.group(1)
 
-    async def usb_detach(self, port: int) -> None:
-        out = await self.run("usb", "detach", str(port))
+    async def usb_detach(self, handle: str) -> None:
+        """``crosvm usb detach PORT``. Raises VmmError."""
+        if not handle.isdigit():
+            raise VmmError(f"crosvm usb detach: {handle!r} is not a port")
+        out = await self.run("usb", "detach", handle)
         if not out.startswith("ok"):
-            raise VmmError(f"crosvm usb detach {port}: {out.strip() or 'no answer'}")
+            raise VmmError(f"crosvm usb detach {handle}: {out.strip()[:200] or 'no answer'}")
 
     async def usb_list(self) -> list[UsbDevice]:
         """``devices PORT VID PID ...`` → the attached devices."""

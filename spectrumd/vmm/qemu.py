@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import os
 import re
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,9 @@ from spectrumd.vmm.qmp import QmpClient, QmpError
 
 # How long remove_net waits for the guest to release a device (DEVICE_DELETED).
 UNPLUG_TIMEOUT = 5.0
+# The xHCI controller's id; its USB bus is "xhci.0".
+XHCI_ID = "xhci"
+USB_BUS = f"{XHCI_ID}.0"
 # virtio-pmem regions are mapped in whole 2 MiB pages.
 PMEM_ALIGN = 2 * 1024 * 1024
 
@@ -249,6 +253,9 @@ class QemuBackend:
         if arch.root_ports:
             for i in range(spec.hotplug_slots):
                 argv += ["-device", f"pcie-root-port,id=hp{i},chassis={i + 1}"]
+        if spec.usb:
+            # Its bus is xhci.0: where usb_attach plugs devices.
+            argv += ["-device", f"qemu-xhci,id={XHCI_ID}"]
         return argv
 
     # The timeout parameter is the VmmBackend Protocol's signature.
@@ -405,6 +412,52 @@ class QemuControl:
         bus = self._net_buses.pop(net_id, None)
         if bus is not None and self._free_buses is not None:
             self._free_buses.append(bus)
+
+    async def usb_attach(self, fd: int, dev_id: str) -> str:
+        """Plug ``usb-host`` on the xHCI bus, on the device open on ``fd``.
+
+        QEMU 7.2's usb-host opens its ``hostdevice`` path with qemu_open, which
+        takes ``/dev/fdset/N`` (an fd set filled by ``add-fd``) but not a
+        ``getfd`` name: the descriptor goes over QMP with SCM_RIGHTS into a new
+        fd set, the device is added, and the set is marked for removal (QEMU
+        keeps it while the device uses it). Returns the device's QOM id.
+        Raises QmpError (no xHCI bus; usb-host refused the descriptor).
+        """
+        if fd < 0:
+            raise VmmError(f"bad descriptor for USB device {dev_id}")
+        added = await self._qmp.execute("add-fd", {"opaque": f"usb {dev_id}"[:128]}, fds=(fd,))
+        fdset = added.get("fdset-id") if isinstance(added, dict) else None
+        if not isinstance(fdset, int):
+            raise VmmError(f"QMP add-fd returned an unexpected value: {added!r}")
+        try:
+            return await self.usb_add({"driver": "usb-host", "hostdevice": f"/dev/fdset/{fdset}"})
+        finally:
+            with contextlib.suppress(VmmError):
+                await self._qmp.execute("remove-fd", {"fdset-id": fdset})
+
+    async def usb_add(self, device: Mapping[str, Any]) -> str:
+        """``device_add`` a USB device on the xHCI bus (usb-host, or an emulated one
+        such as ``{"driver": "usb-kbd"}``); returns its new id. Raises QmpError."""
+        # Random, not counted: a daemon that re-adopts this QEMU starts a new
+        # QemuControl, and the ids of the devices attached before must not recur.
+        qid = f"usb{secrets.token_hex(4)}"
+        await self._qmp.execute("device_add", {**device, "id": qid, "bus": USB_BUS})
+        return qid
+
+    async def usb_detach(self, handle: str, timeout: float = UNPLUG_TIMEOUT) -> None:
+        """``device_del``; QEMU unplugs USB devices at once (no guest consent), and
+        says so with DEVICE_DELETED. Raises QmpError, VmmError (no event in time)."""
+        deleted = self._events.expect("DEVICE_DELETED", device=handle)
+        try:
+            await self._qmp.execute("device_del", {"id": handle})
+            try:
+                await asyncio.wait_for(asyncio.shield(deleted), timeout)
+            except TimeoutError:
+                raise VmmError(
+                    f"QEMU did not unplug USB device {handle} within {timeout:g}s"
+                ) from None
+        finally:
+            deleted.cancel()
 
     async def quit(self) -> None:
         """Make QEMU exit now. The connection closing before the reply is success."""

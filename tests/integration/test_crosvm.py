@@ -165,7 +165,7 @@ async def standin(short_tmp: Path) -> Any:
     backend = CrosvmBackend()
     with contextlib.ExitStack() as stack:
         backend.prepare(spec, stack)
-        proc = await process.spawn(backend.argv(spec))
+        proc = await process.spawn(backend.argv(spec), (), run_dir / "vmm.log", None)
         try:
             control = await backend.attach(spec, lambda n, d: None, 10)
             try:
@@ -173,14 +173,14 @@ async def standin(short_tmp: Path) -> Any:
             finally:
                 await control.close()
         finally:
-            await process.reap(proc)
+            await proc.reap()
 
 
 async def test_control_subcommands(standin: Any) -> None:
     control, proc, spec = standin
     with open("/dev/null", "rb") as dev:
-        port = await control.usb_attach(dev.fileno())
-    assert port == 1
+        port = await control.usb_attach(dev.fileno(), "1050:0407:x")
+    assert port == "1"
     devices = await control.usb_list()
     assert [(d.port, d.vendor, d.product) for d in devices] == [(1, "1050", "0407")]
     await control.usb_detach(port)
@@ -202,7 +202,7 @@ async def test_control_subcommands(standin: Any) -> None:
 
 async def test_control_error_carries_stderr(standin: Any) -> None:
     control, proc, _ = standin
-    proc.kill()
+    proc.send_signal(signal.SIGKILL)
     await proc.wait()
     with pytest.raises(Exception, match="failed to connect to socket"):
         await control.pause()

@@ -1,6 +1,7 @@
 """Runtime grants through the real daemon: management grants, requests and the agent."""
 
 import asyncio
+import contextlib
 import os
 import tempfile
 import time
@@ -191,6 +192,8 @@ async def test_requests_and_the_agent(daemon: Daemon, shared_dir: Path) -> None:
     e = await error_of(c.manager("RequestGrant", "ssa{sv}", "one", str(shared_dir), {}))
     assert short(e.name) == "Busy"
     agent_client.bus.disconnect()
+    with contextlib.suppress(Exception):
+        await agent_client.bus.wait_for_disconnect()
     code, res = await response_of(c, req)
     assert code == 2 and "disconnected" in res["reason"]
     await c.instance_call("one", "Kill")

@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import secrets
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -322,15 +324,25 @@ async def test_guests_ping_on_one_network_not_across_and_links_go_away(
     assert tap("a2", "neta") not in links(netns)
     assert {tap("a1", "neta"), bridge("neta")} <= ours(netns)
 
-    # The daemon dies; its VMMs (and so its taps) live on until the next start.
+    # The daemon dies; its VMMs (and so their taps) live on. One VMM dies too
+    # before the next start: its tap and now unused bridge are stale and go,
+    # the other instance is re-adopted with its tap and bridge.
     assert daemon.proc is not None
+    b1_pid = (await props(c, "b1"))["MainPID"]
+    a1_pid = (await props(c, "a1"))["MainPID"]
     daemon.proc.kill()
     await daemon.proc.wait()
     assert tap("a1", "neta") in links(netns)
+    os.kill(a1_pid, signal.SIGKILL)
     try:
         c = await daemon.start(extra_args=args)
+        assert ours(netns) == {tap("b1", "netb"), bridge("netb")}, links(netns)
+        assert (await props(c, "a1"))["State"] == "failed"
+        p = await props(c, "b1")
+        assert (p["State"], p["MainPID"]) == ("running", b1_pid)
+        assert [n[0] for n in p["NetworkInterfaces"]] == ["netb"]
+        await c.instance_call("b1", "Kill")
         assert ours(netns) == set(), links(netns)
-        assert (await props(c, "a1"))["State"] == "stopped"
     finally:
         kill_leftover_vmms(daemon.state_dir)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -187,4 +188,31 @@ async def test_sd_notify_ready_and_stopping(daemon: Daemon, short_tmp: Path) -> 
         assert "STATUS=serving 1 instances" in ready.splitlines()
         assert await daemon.stop() == 0
         assert "STOPPING=1" in sock.recv(4096).decode().splitlines()
+    path.unlink()
+
+
+async def test_watchdog_pings_from_the_event_loop(daemon: Daemon, short_tmp: Path) -> None:
+    path = short_tmp / "watchdog"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(15)
+        env = {**os.environ, "NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"}
+        await daemon.start(app_config("echo hi"), env=env)
+        pings = 0
+        while pings < 3:
+            if "WATCHDOG=1" in sock.recv(4096).decode().splitlines():
+                pings += 1
+        # A hung loop stops the pings: freeze the daemon and hear nothing.
+        assert daemon.proc is not None
+        os.kill(daemon.proc.pid, signal.SIGSTOP)
+        sock.settimeout(0.1)
+        while True:  # drain what was sent before the freeze
+            try:
+                sock.recv(4096)
+            except TimeoutError:
+                break
+        sock.settimeout(1.0)
+        with pytest.raises(TimeoutError):
+            sock.recv(4096)
+        os.kill(daemon.proc.pid, signal.SIGCONT)
     path.unlink()

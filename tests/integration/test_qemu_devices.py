@@ -77,7 +77,7 @@ def netns() -> Any:
 
 async def start_qemu(spec: VmSpec) -> AsyncIterator[QemuControl]:
     backend = QemuBackend()
-    proc = await process.spawn(backend.argv(spec))
+    proc = await process.spawn(backend.argv(spec), (), spec.run_dir / "vmm.log", None)
     try:
         control = await backend.attach(spec, lambda n, d: None, 15)
         try:
@@ -87,7 +87,7 @@ async def start_qemu(spec: VmSpec) -> AsyncIterator[QemuControl]:
                 await control.quit()
             await control.close()
     finally:
-        await process.reap(proc)
+        await proc.reap()
 
 
 def base_spec(run_dir: Path, guest_dir: Path, **changes: Any) -> VmSpec:

@@ -35,6 +35,13 @@ def test_kill_from_every_state_with_a_vmm_ends_stopped() -> None:
         assert run(Event.kill, Event.exited, start=s) is State.stopped
 
 
+def test_adoption_after_a_daemon_restart() -> None:
+    assert run(Event.adopted) is State.running
+    assert run(Event.adopted, Event.pause) is State.paused
+    with pytest.raises(InvalidTransition):
+        next_state(State.running, Event.adopted)
+
+
 def test_guest_shutdown() -> None:
     assert run(Event.guest_shutdown, Event.exited, start=State.running) is State.stopped
     assert run(Event.guest_shutdown, Event.exited, start=State.paused) is State.stopped
@@ -64,7 +71,7 @@ def test_table_is_closed() -> None:
     # Every target is a state, and only stopped/failed are entered without a VMM.
     for (_s, _e), target in TRANSITIONS.items():
         assert isinstance(target, State)
-    assert allowed_events(State.stopped) == {Event.start}
+    assert allowed_events(State.stopped) == {Event.start, Event.adopted}
     assert allowed_events(State.failed) == {Event.start}
     # No state is a dead end.
     for s in State:

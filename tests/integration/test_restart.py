@@ -1,0 +1,197 @@
+"""Restarting or crashing spectrumd never stops running instances (re-adoption)."""
+
+import asyncio
+import os
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Daemon
+from tests.integration.helpers import app_config, props, wait_for, wait_log
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+# Prints a tick and what the shared directory holds, twice a second.
+TICKER = (
+    'i=0; while true; do echo "tick $i $(cat /mnt/spectrum/docs/marker 2>/dev/null)"; '
+    "i=$((i+1)); sleep 0.5; done"
+)
+
+
+@pytest.fixture
+def docs() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="docs.", dir="/tmp"))
+    d.chmod(0o755)
+    (d / "marker").write_text("marker-ok\n")
+    (d / "marker").chmod(0o644)
+    yield d
+    (d / "marker").unlink()
+    d.rmdir()
+
+
+def config(docs: Path, names: tuple[str, ...]) -> dict[str, object]:
+    cfg = app_config(TICKER, **{n: {"application": "app", "resources": ["docs"]} for n in names})
+    cfg["resources"]["docs"]["path"] = str(docs)  # type: ignore[index]
+    return cfg
+
+
+def qemus(state_dir: Path) -> dict[str, int]:
+    """Running QEMUs whose command line names a run directory under ``state_dir``: name → pid."""
+    found: dict[str, int] = {}
+    prefix = f"{state_dir}/run/"
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state == "Z" or not argv or b"qemu-system" not in argv[0]:
+            continue
+        for arg in argv:
+            text = arg.decode(errors="replace")
+            if prefix in text:
+                name = text.split(prefix, 1)[1].split("/", 1)[0]
+                found[name] = int(entry)
+                break
+    return found
+
+
+async def kill_daemon(d: Daemon) -> None:
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGKILL)
+    await d.proc.wait()
+    await d.stop()
+
+
+async def test_crash_and_restart_keep_instances_running(daemon: Daemon, docs: Path) -> None:
+    names = ("a", "b", "c")
+    c = await daemon.start(config(docs, names))
+    for n in names:
+        await c.manager("StartInstance", "s", n)
+    for n in names:
+        await wait_for(c, n, lambda p: p["GuestReady"], timeout=90)
+    before = {n: (await props(c, n))["MainPID"] for n in names}
+    log = Path((await props(c, "a"))["ConsoleLog"])
+    await wait_log(log, "marker-ok")
+
+    await kill_daemon(daemon)
+    await asyncio.sleep(1)
+    assert qemus(daemon.state_dir) == before, "the VMMs kept running without their daemon"
+
+    c = await daemon.start()
+    for n in names:
+        p = await wait_for(c, n, lambda p: p["GuestReady"], timeout=30)
+        assert (p["State"], p["MainPID"]) == ("running", before[n])
+        assert p["StateReason"] == "re-adopted after a daemon restart"
+    (rows,) = await c.manager("ListInstances")
+    assert sorted((r[0], r[2]) for r in rows) == [(n, "running") for n in names]
+    # The console log goes on, and the file mount works again (the guest remounted).
+    size = log.stat().st_size
+    await asyncio.sleep(3)
+    fresh = log.read_bytes()[size:].decode(errors="replace")
+    assert "tick" in fresh and "marker-ok" in fresh, fresh[-800:]
+
+    # The adopted VMMs are controlled as before: pause, a graceful stop, a kill.
+    await c.instance_call("a", "Pause")
+    assert (await props(c, "a"))["State"] == "paused"
+    await c.instance_call("a", "Resume")
+    await c.manager("StopInstance", "s", "a")
+    p = await props(c, "a")
+    assert p["State"] == "stopped" and "power button" in p["StateReason"]
+    await c.instance_call("b", "Kill")
+
+    # A clean exit (SIGTERM) leaves them running too.
+    assert await daemon.stop() == 0
+    assert set(qemus(daemon.state_dir)) == {"c"}
+    c = await daemon.start()
+    assert (await props(c, "c"))["State"] == "running"
+    assert (await props(c, "a"))["State"] == "stopped"
+    await c.instance_call("c", "Kill")
+    assert qemus(daemon.state_dir) == {}
+
+
+async def test_vmm_that_died_while_the_daemon_was_down(daemon: Daemon, docs: Path) -> None:
+    c = await daemon.start(config(docs, ("a", "b")))
+    await c.manager("StartInstance", "s", "a")
+    await c.manager("StartInstance", "s", "b")
+    pid = (await props(c, "a"))["MainPID"]
+    await kill_daemon(daemon)
+    os.kill(pid, signal.SIGKILL)
+    await asyncio.sleep(0.5)
+    # A garbage record must not stop the daemon either.
+    (daemon.state_dir / "run" / "zz").mkdir()
+    (daemon.state_dir / "run" / "zz" / "state.json").write_text("{not json")
+    c = await daemon.start()
+    p = await props(c, "a")
+    assert (p["State"], p["StateReason"], p["MainPID"]) == (
+        "failed",
+        "exited while spectrumd was not running",
+        0,
+    )
+    assert not (daemon.state_dir / "run" / "a").exists()
+    assert (await props(c, "b"))["State"] == "running"
+    assert "cannot read a run record" in daemon.stderr_path.read_text()
+    # A failed instance starts again.
+    await c.manager("StartInstance", "s", "a")
+    await c.instance_call("a", "Kill")
+    await c.instance_call("b", "Kill")
+
+
+@pytest.mark.parametrize("during", ["start", "stop"])
+async def test_daemon_killed_during_a_transition(daemon: Daemon, docs: Path, during: str) -> None:
+    c = await daemon.start(config(docs, ("a",)))
+    if during == "stop":
+        await c.manager("StartInstance", "s", "a")
+        await wait_for(c, "a", lambda p: p["GuestReady"], timeout=90)
+    call = asyncio.ensure_future(
+        c.manager("StartInstance" if during == "start" else "StopInstance", "s", "a")
+    )
+    await asyncio.sleep(0.05 if during == "start" else 0.2)
+    await kill_daemon(daemon)
+    call.cancel()
+    await asyncio.sleep(1)
+    c = await daemon.start()
+    p = await props(c, "a")
+    running = qemus(daemon.state_dir)
+    # Consistent: one VMM and an instance that says so, or none and a stopped one.
+    if p["State"] == "running":
+        assert running == {"a": p["MainPID"]}
+        await c.instance_call("a", "Kill")
+    else:
+        assert p["State"] in ("stopped", "failed") and p["MainPID"] == 0, p
+        assert running == {}, running
+    (rows,) = await c.manager("ListInstances")
+    assert [(r[0], r[2]) for r in rows] == [("a", (await props(c, "a"))["State"])]
+
+
+async def test_stop_all(daemon: Daemon, docs: Path) -> None:
+    c = await daemon.start(config(docs, ("a", "b", "c")))
+    await c.manager("StartInstance", "s", "a")
+    await c.manager("StartInstance", "s", "b")
+    await c.manager("StopAll")
+    assert [(await props(c, n))["State"] for n in ("a", "b", "c")] == ["stopped"] * 3
+    assert qemus(daemon.state_dir) == {}
+
+
+async def test_vmm_runs_as_the_vmm_user(daemon: Daemon, docs: Path) -> None:
+    # The VMM user reaches its run directory through our (test) directories too.
+    for parent in daemon.workdir.parents:
+        if str(parent).startswith("/tmp/"):
+            parent.chmod(parent.stat().st_mode | 0o001)
+    daemon.workdir.chmod(daemon.workdir.stat().st_mode | 0o001)
+    c = await daemon.start(config(docs, ("a",)), extra_args=["--vmm-user", "nobody"])
+    await c.manager("StartInstance", "s", "a")
+    pid = (await props(c, "a"))["MainPID"]
+    uids = next(
+        line.split()[1:]
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if line.startswith("Uid:")
+    )
+    assert uids == ["65534"] * 4
+    await wait_for(c, "a", lambda p: p["GuestReady"], timeout=90)
+    await c.instance_call("a", "Kill")
