@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -292,3 +293,39 @@ async def test_guest_asks_through_its_portal(daemon: Daemon, shared_dir: Path) -
     await asyncio.sleep(0.3)
     (rows,) = await c.manager("ListGrants")
     assert rows == [], "running grants end with the instance"
+
+
+async def test_spectrumctl_agent_asks_at_its_terminal(daemon: Daemon, shared_dir: Path) -> None:
+    c = await daemon.start(app_config("exec sleep 600"))
+    await c.manager("StartInstance", "s", "one")
+    agent = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "spectrumd.cli",
+        "--bus",
+        daemon.address,
+        "agent",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert agent.stdout is not None and agent.stdin is not None
+        line = await asyncio.wait_for(agent.stdout.readline(), 20)
+        assert b"confirming requests here" in line
+        (req,) = await c.manager("RequestGrant", "ssa{sv}", "one", str(shared_dir), {})
+        question = await asyncio.wait_for(agent.stdout.readuntil(b"Allow? [y/N] "), 20)
+        assert f"one (app) asks for '{shared_dir}', read-only, running.".encode() in question
+        agent.stdin.write(b"y\n")
+        await agent.stdin.drain()
+        code, _ = await response_of(c, req)
+        assert code == 0
+        (req,) = await c.manager("RequestGrant", "ssa{sv}", "one", "/tmp", {})
+        await asyncio.wait_for(agent.stdout.readuntil(b"Allow? [y/N] "), 20)
+        agent.stdin.write(b"n\n")
+        await agent.stdin.drain()
+        code, res = await response_of(c, req)
+        assert (code, res["reason"]) == (1, "denied by the user")
+    finally:
+        agent.kill()
+        await agent.wait()
+    await c.instance_call("one", "Kill")

@@ -195,3 +195,18 @@ async def test_vmm_runs_as_the_vmm_user(daemon: Daemon, docs: Path) -> None:
     assert uids == ["65534"] * 4
     await wait_for(c, "a", lambda p: p["GuestReady"], timeout=90)
     await c.instance_call("a", "Kill")
+
+
+async def test_restart_policy_restarts_a_failed_instance(daemon: Daemon, docs: Path) -> None:
+    cfg = config(docs, ("a",))
+    cfg["instances"]["a"]["restart"] = "on-failure"  # type: ignore[index]
+    c = await daemon.start(cfg)
+    await c.manager("StartInstance", "s", "a")
+    pid = (await props(c, "a"))["MainPID"]
+    os.kill(pid, signal.SIGKILL)
+    p = await wait_for(c, "a", lambda p: p["State"] == "running" and p["MainPID"] != pid, 30)
+    assert p["StateReason"] == "restarted after: vmm exited with signal 9 (SIGKILL)"
+    # A stop asked for is not a failure: no restart.
+    await c.instance_call("a", "Kill")
+    await asyncio.sleep(2)
+    assert (await props(c, "a"))["State"] == "stopped"
