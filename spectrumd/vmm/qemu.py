@@ -397,17 +397,9 @@ class QemuControl:
         within ``timeout`` (or is not running) leaves the device in place and
         gets VmmError. Raises QmpError if QEMU refuses.
         """
-        deleted = self._events.expect("DEVICE_DELETED", device=f"{net_id}-dev")
-        try:
-            await self._qmp.execute("device_del", {"id": f"{net_id}-dev"})
-            try:
-                await asyncio.wait_for(asyncio.shield(deleted), timeout)
-            except TimeoutError:
-                raise VmmError(
-                    f"the guest did not release network device {net_id} within {timeout:g}s"
-                ) from None
-        finally:
-            deleted.cancel()
+        await self._device_del(
+            f"{net_id}-dev", timeout, f"the guest did not release network device {net_id}"
+        )
         await self._qmp.execute("netdev_del", {"id": net_id})
         bus = self._net_buses.pop(net_id, None)
         if bus is not None and self._free_buses is not None:
@@ -447,15 +439,18 @@ class QemuControl:
     async def usb_detach(self, handle: str, timeout: float = UNPLUG_TIMEOUT) -> None:
         """``device_del``; QEMU unplugs USB devices at once (no guest consent), and
         says so with DEVICE_DELETED. Raises QmpError, VmmError (no event in time)."""
-        deleted = self._events.expect("DEVICE_DELETED", device=handle)
+        await self._device_del(handle, timeout, f"QEMU did not unplug USB device {handle}")
+
+    async def _device_del(self, device: str, timeout: float, late: str) -> None:
+        """``device_del``, then wait for its DEVICE_DELETED. Raises QmpError, or
+        VmmError("<late> within Ns") if the event does not come in time."""
+        deleted = self._events.expect("DEVICE_DELETED", device=device)
         try:
-            await self._qmp.execute("device_del", {"id": handle})
+            await self._qmp.execute("device_del", {"id": device})
             try:
                 await asyncio.wait_for(asyncio.shield(deleted), timeout)
             except TimeoutError:
-                raise VmmError(
-                    f"QEMU did not unplug USB device {handle} within {timeout:g}s"
-                ) from None
+                raise VmmError(f"{late} within {timeout:g}s") from None
         finally:
             deleted.cancel()
 
