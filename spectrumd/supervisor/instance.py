@@ -488,11 +488,18 @@ class Instance:
             self._spawn_task(run.guest.send(line), run)
 
     async def _control(self, call: Coroutine[Any, Any, None], what: str) -> None:
-        """Run one VMM control call, bounded in time. Raises Failed or Timeout."""
+        """Run one VMM control call, bounded in time.
+
+        Raises Timeout; InvalidState if a kill or stop ended the VMM meanwhile
+        (the call lost its channel because the instance is going away, not
+        because the host failed); Failed otherwise.
+        """
         try:
             async with asyncio.timeout(self.env.control_timeout):
                 await call
         except VmmError as e:
+            if self.state not in (State.starting, State.running, State.paused):
+                raise InvalidState(f"cannot {what} {self.name}: it is {self.state.value}") from None
             raise Failed(f"cannot {what} {self.name}: {e}") from None
         except TimeoutError:
             raise Timeout(
