@@ -183,6 +183,7 @@ async def _serve(args: argparse.Namespace, stack: contextlib.AsyncExitStack) -> 
     await usb.host.start()
     stack.push_async_callback(usb.close)
     await sup.adopt_all(records)
+    grants.drop_orphans()
     # On the way out the VMMs keep running; the next daemon adopts them.
     stack.push_async_callback(sup.close)
     stack.push_async_callback(sup.detach_all)

@@ -138,7 +138,9 @@ class GrantService:
     # -- persistence ---------------------------------------------------------
 
     def load(self) -> None:
-        """Read permanent grants; an unreadable file is logged and renamed aside, not fatal."""
+        """Read the grants an earlier daemon left; an unreadable file is logged and renamed
+        aside, not fatal. They all wait for their instance: a ``running`` or ``until``
+        grant whose instance is not re-adopted is dropped by :meth:`drop_orphans`."""
         try:
             raw = json.loads(self.path.read_text())
             entries = raw["grants"]
@@ -163,25 +165,54 @@ class GrantService:
                     instance=str(entry["instance"]),
                     resource=str(entry["resource"]),
                     access=str(entry["access"]),
-                    lifetime="permanent",
+                    lifetime=str(entry.get("lifetime", "permanent")),
+                    expires_at_us=int(entry.get("expires_at_us", 0)),
                     origin=str(entry.get("origin", "user")),
                 )
-            except (KeyError, TypeError, AttributeError) as err:
+                if g.lifetime not in LIFETIMES:
+                    raise ValueError(f"lifetime {g.lifetime!r}")
+            except (KeyError, TypeError, AttributeError, ValueError) as err:
                 log.error("skipping a bad entry in %s: %s", self.path, err)
                 continue
             if g.instance in self._instances:
                 g.entry = self._entry_name(g)
                 self.grants[g.id] = g
+                if g.lifetime == "until":
+                    self._arm(g)
+
+    def drop_orphans(self) -> None:
+        """After re-adoption: forget ``running``/``until`` grants whose instance is not running."""
+        dropped = False
+        for g in list(self.grants.values()):
+            inst = self._instances.get(g.instance)
+            if g.lifetime != "permanent" and (inst is None or not inst.active):
+                del self.grants[g.id]
+                timer = self._timers.pop(g.id, None)
+                if timer is not None:
+                    timer.cancel()
+                audit_line("ended-with-instance", id=g.id, instance=g.instance, resource=g.resource)
+                dropped = True
+        if dropped:
+            self._save_quietly()
+
+    def _arm(self, g: Grant) -> None:
+        delay = max(0.0, g.expires_at_us / 1e6 - time.time())
+        self._timers[g.id] = asyncio.get_running_loop().call_later(
+            delay, lambda: asyncio.ensure_future(self.end(g.id, "expired"))
+        )
+
+    def _save_quietly(self) -> None:
+        """Save for a grant whose loss on disk only matters across a daemon restart."""
+        try:
+            self._save()
+        except Failed as e:
+            log.error("%s", e)
 
     def _save(self, without: str | None = None) -> None:
-        """Write the permanent grants (but ``without``). Raises Failed; the file stays as it was."""
+        """Write the grants (but ``without``). Raises Failed; the file stays as it was."""
         body = {
             "version": 1,
-            "grants": [
-                g.to_json()
-                for g in self.grants.values()
-                if g.lifetime == "permanent" and g.id != without
-            ],
+            "grants": [g.to_json() for g in self.grants.values() if g.id != without],
         }
         try:
             write_atomically(self.path, json.dumps(body, indent=2) + "\n")
@@ -266,6 +297,8 @@ class GrantService:
         g.entry = self._entry_name(g)
         self.grants[g.id] = g
         try:
+            # A permanent grant that cannot be kept on disk is refused; the others
+            # only need the file if the daemon restarts while they last.
             if lifetime == "permanent":
                 self._save()
             if inst.state in (State.running, State.paused):
@@ -276,11 +309,10 @@ class GrantService:
             if lifetime == "permanent":
                 self._save()
             raise
+        if lifetime != "permanent":
+            self._save_quietly()
         if lifetime == "until":
-            delay = max(0.0, expires_at_us / 1e6 - time.time())
-            self._timers[g.id] = asyncio.get_running_loop().call_later(
-                delay, lambda: asyncio.ensure_future(self.end(g.id, "expired"))
-            )
+            self._arm(g)
         audit_line(
             "grant",
             id=g.id,
@@ -339,6 +371,8 @@ class GrantService:
             # Persisted first: a grant that cannot be forgotten on disk stays, whole.
             self._save(without=grant_id)
         del self.grants[grant_id]
+        if g.lifetime != "permanent":
+            self._save_quietly()
         timer = self._timers.pop(grant_id, None)
         if timer is not None:
             timer.cancel()

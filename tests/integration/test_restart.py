@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 # Prints a tick and what the shared directory holds, twice a second.
 TICKER = (
-    'i=0; while true; do echo "tick $i $(cat /mnt/spectrum/docs/marker 2>/dev/null)"; '
+    'i=0; while true; do echo "tick $i $(cat /mnt/spectrum/*/marker 2>/dev/null)"; '
     "i=$((i+1)); sleep 0.5; done"
 )
 
@@ -68,7 +68,20 @@ async def kill_daemon(d: Daemon) -> None:
     await d.stop()
 
 
-async def test_crash_and_restart_keep_instances_running(daemon: Daemon, docs: Path) -> None:
+@pytest.fixture
+def extra() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="extra.", dir="/tmp"))
+    d.chmod(0o755)
+    (d / "marker").write_text("granted-ok\n")
+    (d / "marker").chmod(0o644)
+    yield d
+    (d / "marker").unlink()
+    d.rmdir()
+
+
+async def test_crash_and_restart_keep_instances_running(
+    daemon: Daemon, docs: Path, extra: Path
+) -> None:
     names = ("a", "b", "c")
     c = await daemon.start(config(docs, names))
     for n in names:
@@ -78,6 +91,8 @@ async def test_crash_and_restart_keep_instances_running(daemon: Daemon, docs: Pa
     before = {n: (await props(c, n))["MainPID"] for n in names}
     log = Path((await props(c, "a"))["ConsoleLog"])
     await wait_log(log, "marker-ok")
+    (grant,) = await c.manager("Grant", "ssa{sv}", "a", str(extra), {})
+    await wait_log(log, "granted-ok")
 
     await kill_daemon(daemon)
     await asyncio.sleep(1)
@@ -95,6 +110,10 @@ async def test_crash_and_restart_keep_instances_running(daemon: Daemon, docs: Pa
     await asyncio.sleep(3)
     fresh = log.read_bytes()[size:].decode(errors="replace")
     assert "tick" in fresh and "marker-ok" in fresh, fresh[-800:]
+    # A grant for as long as the instance runs outlives the daemon's restart.
+    (rows,) = await c.manager("ListGrants")
+    assert [r[5] for r in rows] == [grant]
+    assert "granted-ok" in fresh, fresh[-800:]
 
     # The adopted VMMs are controlled as before: pause, a graceful stop, a kill.
     await c.instance_call("a", "Pause")
