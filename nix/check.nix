@@ -381,6 +381,42 @@ let
 
   instancePath = name: value: value.${origin} or "instances.${name}";
 
+  # What the instance's VMM cannot express (the daemon's _check_backend). The
+  # VMM may be left to the daemon's automatic choice; then only the daemon
+  # knows it, and only the daemon checks.
+  backend = path: o: apps: res: defaultsIn:
+    let
+      d = if defaultsIn == null then { } else defaultsIn;
+      vmm = if get o "vmm" != null then o.vmm else get d "vmm";
+      vmmPath =
+        join path "vmm" + (if get o "vmm" != null then "" else " (from defaults.vmm)");
+      accel =
+        if get o "accel" != null then o.accel else if get d "accel" != null then d.accel else "kvm";
+      accelPath =
+        join path "accel" + (if get o "accel" != null then "" else " (from defaults.accel)");
+      app = apps.${o.application};
+      arch = if get app "arch" != null then app.arch else "x86_64";
+      rlist = if get o "resources" == null then [ ] else o.resources;
+      wayland = filter (i: (res.${builtins.elemAt rlist i}.type or null) == "wayland") (
+        genList (i: i) (length rlist)
+      );
+    in
+    if vmm == "crosvm" && arch == "ppc64le" then
+      err vmmPath "crosvm does not support ppc64le (application ${quote o.application}); use vmm qemu"
+    else if vmm == "crosvm" && accel != "kvm" then
+      err accelPath "crosvm runs guests only with KVM; use accel kvm or vmm qemu"
+    else if
+      vmm == "qemu" && (get app "share_root" == true) && get app "root_image" != null
+      && arch != "x86_64"
+    then
+      err vmmPath
+        "QEMU 7.2 cannot share a root image on ${arch} (applications.${o.application}.share_root); use vmm crosvm or share_root false"
+    else if vmm == "qemu" && wayland != [ ] then
+      err "${join path "resources"}[${toString (head wayland)}]"
+        "wayland resource ${quote (builtins.elemAt rlist (head wayland))}: QEMU has no virtio-wl; use vmm crosvm (${vmmPath} is qemu)"
+    else
+      null;
+
   # -- the whole configuration ------------------------------------------------
 
   config = untrusted:
@@ -397,6 +433,7 @@ let
       instsOut = mapAttrs (
         n: v: instance (instancePath n v) v (attrNames apps) (attrNames res)
       ) insts;
+      backends = mapAttrs (n: v: backend (instancePath n v) v apps res defaultsIn) insts;
       present = key: value: if get top key == null then null else value;
       out = {
         version = version;
@@ -416,6 +453,7 @@ let
       resOut
       insts
       instsOut
+      backends
       (done "" top (attrNames out))
     ] (dropNulls out);
 

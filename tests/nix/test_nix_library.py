@@ -64,6 +64,14 @@ def _rename_instance(old: str, new: str) -> Callable[[dict[str, Any]], None]:
     return apply
 
 
+def _both(*mutations: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    def apply(c: dict[str, Any]) -> None:
+        for m in mutations:
+            m(c)
+
+    return apply
+
+
 LONG = "x" * 100 + "Y"
 
 # (id, mutation of the demo configuration, the key path both must name)
@@ -196,6 +204,28 @@ WRONG: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         "instances.work-shell.stop_timeout",
     ),
     ("version-2", _set("version", 2), "version"),
+    (
+        "wayland-under-qemu",
+        _both(
+            _set("resources.display", {"type": "wayland", "path": "/run/user/1000/wayland-0"}),
+            _set("instances.work-shell.resources", ["lan", "docs", "display"]),
+        ),
+        "instances.work-shell.resources[2]",
+    ),
+    (
+        "crosvm-under-tcg",
+        _set("instances.home-shell.vmm", "crosvm"),
+        "instances.home-shell.accel (from defaults.accel)",
+    ),
+    (
+        "crosvm-ppc64le",
+        _both(
+            _set("applications.shell.arch", "ppc64le"),
+            _set("defaults.accel", "kvm"),
+            _set("instances.home-shell.vmm", "crosvm"),
+        ),
+        "instances.home-shell.vmm",
+    ),
     ("applications-a-list", _set("applications", []), "applications"),
 ]
 
