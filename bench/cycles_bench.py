@@ -19,17 +19,16 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dbus_fast import Message, MessageType
+from common import CallFailed, checked_call, child, kill_our_vmms, status_kib
+from dbus_fast import Message
 from dbus_fast.aio import MessageBus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,23 +41,12 @@ RSS_NOISE_MIB = 2.0
 FD_NOISE = 2
 
 
-class CallFailed(Exception):
-    pass
-
-
 def config() -> dict[str, Any]:
     return {
         "defaults": {"vmm": "qemu", "accel": "tcg"},
         "applications": {"app": {"command": "exec sleep 600", "memory_mib": 64}},
         "instances": {INSTANCE: {"application": "app"}},
     }
-
-
-def status_kib(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {key} in /proc/{pid}/status")
 
 
 def sample(pid: int) -> dict[str, float]:
@@ -78,38 +66,9 @@ def children_of(pid: int) -> set[int]:
     return out
 
 
-@contextlib.contextmanager
-def child(argv: list[str], name: str, **kw: Any) -> Iterator[subprocess.Popen[str]]:
-    """A child process ended by pid (SIGTERM, then SIGKILL) on the way out."""
-    proc = subprocess.Popen(argv, text=True, **kw)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                print(f"bench: {name} ignored SIGTERM, killing it", file=sys.stderr)
-                proc.kill()
-                proc.wait()
-
-
-def kill_our_vmms(state_dir: Path) -> None:
-    """Last resort: SIGKILL VMMs that our spectrumd recorded and that still run.
-
-    Only pids whose command line names our own state directory are touched.
-    """
-    for pidfile in (state_dir / "run").glob("*/vmm.pid"):
-        with contextlib.suppress(ValueError, OSError):
-            pid = int(pidfile.read_text())
-            if os.fsencode(state_dir) in Path(f"/proc/{pid}/cmdline").read_bytes():
-                os.kill(pid, signal.SIGKILL)
-                print(f"bench: killed leftover VMM {pid}", file=sys.stderr)
-
-
 async def call(bus: MessageBus, path: str, iface: str, member: str, *args: str) -> Message:
-    reply = await bus.call(
+    return await checked_call(
+        bus,
         Message(
             destination=BUS_NAME,
             path=path,
@@ -117,13 +76,9 @@ async def call(bus: MessageBus, path: str, iface: str, member: str, *args: str) 
             member=member,
             signature="s" * len(args),
             body=list(args),
-        )
+        ),
+        member,
     )
-    if reply is None or reply.message_type == MessageType.ERROR:
-        detail = reply.body[0] if reply is not None and reply.body else ""
-        name = reply.error_name if reply is not None else "no reply"
-        raise CallFailed(f"{member}: {name}: {detail}")
-    return reply
 
 
 async def wait_ready(bus: MessageBus, daemon: subprocess.Popen[str], log: Path) -> None:

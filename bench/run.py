@@ -21,22 +21,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import CallFailed, checked_call, child, kill_our_vmms, status_kib
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
@@ -75,13 +74,6 @@ def config(n: int) -> dict[str, Any]:
         "applications": {"app": {"command": "sleep 3600", "memory_mib": 128}},
         "instances": {f"i{k:03d}": {"application": "app"} for k in range(n)},
     }
-
-
-def read_status_kib(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {key} in /proc/{pid}/status")
 
 
 def parse_stamps(path: Path) -> list[int]:
@@ -124,37 +116,6 @@ def probe_shim_cost(probe: Path, stamp_file: Path) -> int:
     if len(stamps) != before + 1:
         raise RuntimeError("the shim probe wrote no time stamp")
     return stamps[-1] - t0
-
-
-@contextlib.contextmanager
-def child(argv: list[str], name: str, **kw: Any) -> Iterator[subprocess.Popen[str]]:
-    """A child process ended by pid (SIGTERM, then SIGKILL) on the way out."""
-    proc = subprocess.Popen(argv, text=True, **kw)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                print(f"bench: {name} ignored SIGTERM, killing it", file=sys.stderr)
-                proc.kill()
-                proc.wait()
-
-
-def kill_our_vmms(state_dir: Path) -> None:
-    """Last resort: SIGKILL VMMs that our spectrumd recorded and that still run.
-
-    Only pids whose command line names our own state directory are touched.
-    """
-    for pidfile in (state_dir / "run").glob("*/vmm.pid"):
-        with contextlib.suppress(ValueError, OSError):
-            pid = int(pidfile.read_text())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if os.fsencode(state_dir) in cmdline:
-                os.kill(pid, signal.SIGKILL)
-                print(f"bench: killed leftover VMM {pid}", file=sys.stderr)
 
 
 # -- the table ----------------------------------------------------------------
@@ -209,17 +170,8 @@ def verdict(ok: bool) -> str:
 # -- D-Bus calls --------------------------------------------------------------
 
 
-class CallFailed(Exception):
-    pass
-
-
 async def call(bus: MessageBus, make: Callable[[], Message]) -> Message:
-    reply = await bus.call(make())
-    if reply is None or reply.message_type == MessageType.ERROR:
-        detail = reply.body[0] if reply is not None and reply.body else ""
-        name = reply.error_name if reply is not None else "no reply"
-        raise CallFailed(f"{name}: {detail}")
-    return reply
+    return await checked_call(bus, make())
 
 
 def manager_msg(member: str, signature: str = "", body: list[Any] | None = None) -> Message:
@@ -373,8 +325,8 @@ async def bench_list(bus: MessageBus, rep: Report, calls: int, warmup: int) -> N
 
 async def bench_rss(s: Setup, rep: Report) -> None:
     await asyncio.sleep(1.0)
-    rss = read_status_kib(s.daemon.pid, "VmRSS") / 1024
-    hwm = read_status_kib(s.daemon.pid, "VmHWM") / 1024
+    rss = status_kib(s.daemon.pid, "VmRSS") / 1024
+    hwm = status_kib(s.daemon.pid, "VmHWM") / 1024
     rep.add(
         f"spectrumd idle RSS ({N_INSTANCES} inst)",
         f"{rss:.1f} MiB",

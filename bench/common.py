@@ -1,0 +1,69 @@
+"""What the benchmarks share: children ended by pid, our VMMs' last-resort
+cleanup, /proc readings, and D-Bus calls that raise on an error reply."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from dbus_fast import Message, MessageType
+from dbus_fast.aio import MessageBus
+
+
+class CallFailed(Exception):
+    pass
+
+
+async def checked_call(bus: MessageBus, msg: Message, what: str = "") -> Message:
+    """``bus.call`` that raises CallFailed (naming the error) on an error reply."""
+    reply = await bus.call(msg)
+    if reply is None or reply.message_type == MessageType.ERROR:
+        detail = reply.body[0] if reply is not None and reply.body else ""
+        name = reply.error_name if reply is not None else "no reply"
+        raise CallFailed(f"{what + ': ' if what else ''}{name}: {detail}")
+    return reply
+
+
+def status_kib(pid: int, key: str) -> int:
+    """A ``kB`` field of /proc/PID/status (VmRSS, VmHWM, ...)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {key} in /proc/{pid}/status")
+
+
+@contextlib.contextmanager
+def child(argv: list[str], name: str, **kw: Any) -> Iterator[subprocess.Popen[str]]:
+    """A child process ended by pid (SIGTERM, then SIGKILL) on the way out."""
+    proc = subprocess.Popen(argv, text=True, **kw)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                print(f"bench: {name} ignored SIGTERM, killing it", file=sys.stderr)
+                proc.kill()
+                proc.wait()
+
+
+def kill_our_vmms(state_dir: Path) -> None:
+    """Last resort: SIGKILL VMMs that our spectrumd recorded and that still run.
+
+    Only pids whose command line names our own state directory are touched
+    (spectrumd leaves its VMMs running when it exits, for the next one to adopt).
+    """
+    for pidfile in (state_dir / "run").glob("*/vmm.pid"):
+        with contextlib.suppress(ValueError, OSError):
+            pid = int(pidfile.read_text())
+            if os.fsencode(state_dir) in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+                print(f"bench: killed leftover VMM {pid}", file=sys.stderr)
