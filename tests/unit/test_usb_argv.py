@@ -2,28 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from spectrumd.model.types import Accel
-from spectrumd.vmm.base import VmSpec
 from spectrumd.vmm.crosvm import CrosvmBackend
 from spectrumd.vmm.qemu import QemuBackend
-from tests.unit.test_qemu_argv import check_golden
-
-
-def spec(**changes: object) -> VmSpec:
-    base: dict[str, object] = dict(
-        instance="work-shell",
-        accel=Accel.tcg,
-        memory_mib=256,
-        vcpus=1,
-        kernel=Path("/usr/lib/spectrum/vmlinuz"),
-        initrd=None,
-        cmdline="console=ttyS0 quiet",
-        run_dir=Path("/run/spectrumd/work-shell"),
-    )
-    base.update(changes)
-    return VmSpec(**base)  # type: ignore[arg-type]
+from tests.unit.test_qemu_argv import check_golden, spec
 
 
 def test_qemu_xhci_only_when_asked() -> None:
