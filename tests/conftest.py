@@ -34,16 +34,13 @@ def short_tmp() -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def dbus_address(short_tmp: Path) -> Iterator[str]:
     """A private session-type dbus-daemon, ended by pid at the end."""
-    path = short_tmp / "bus"
+    yield from dbus_daemon(["--session", f"--address=unix:path={short_tmp / 'bus'}"])
+
+
+def dbus_daemon(args: list[str]) -> Iterator[str]:
+    """Run ``dbus-daemon ARGS`` in the foreground; yield its address, end it by pid."""
     proc = subprocess.Popen(
-        [
-            "dbus-daemon",
-            "--session",
-            "--nofork",
-            "--nopidfile",
-            f"--address=unix:path={path}",
-            "--print-address=1",
-        ],
+        ["dbus-daemon", *args, "--nofork", "--nopidfile", "--print-address=1"],
         stdout=subprocess.PIPE,
         text=True,
     )

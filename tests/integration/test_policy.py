@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from spectrumd.bus.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
-from tests.conftest import ROOT, Daemon
+from tests.conftest import ROOT, Daemon, dbus_daemon
 from tests.integration.helpers import app_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -74,19 +74,7 @@ def _bus(tmp: Path, template: str) -> Iterator[str]:
     conf.write_text(
         template.format(socket=sock, policy=ROOT / "dbus" / "org.spectrum_os.Spectrum1.conf")
     )
-    proc = subprocess.Popen(
-        ["dbus-daemon", f"--config-file={conf}", "--nofork", "--nopidfile", "--print-address=1"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        address = proc.stdout.readline().strip()
-        assert address.startswith("unix:"), address
-        yield address
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    yield from dbus_daemon([f"--config-file={conf}"])
 
 
 @pytest.fixture
