@@ -67,3 +67,26 @@ def kill_our_vmms(state_dir: Path) -> None:
             if os.fsencode(state_dir) in Path(f"/proc/{pid}/cmdline").read_bytes():
                 os.kill(pid, signal.SIGKILL)
                 print(f"bench: killed leftover VMM {pid}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def private_bus(workdir: Path) -> Iterator[str]:
+    """A private session-type dbus-daemon in ``workdir``; yields its address."""
+    argv = [
+        "dbus-daemon",
+        "--session",
+        "--nofork",
+        "--nopidfile",
+        f"--address=unix:path={workdir / 'bus'}",
+        "--print-address=1",
+    ]
+    log = workdir / "dbus-daemon.log"
+    with (
+        open(log, "w") as err,
+        child(argv, "dbus-daemon", stdout=subprocess.PIPE, stderr=err) as dbus,
+    ):
+        assert dbus.stdout is not None
+        address = dbus.stdout.readline().strip()
+        if not address.startswith("unix:"):
+            raise RuntimeError(f"dbus-daemon gave no address: {address!r}\n{log.read_text()}")
+        yield address

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import CallFailed, checked_call, child, kill_our_vmms, status_kib
+from common import CallFailed, checked_call, child, kill_our_vmms, private_bus, status_kib
 from dbus_fast import Message
 from dbus_fast.aio import MessageBus
 
@@ -226,23 +226,7 @@ def run(args: argparse.Namespace) -> None:
     try:
         config_path = workdir / "config.json"
         config_path.write_text(json.dumps(config()))
-        bus_argv = [
-            "dbus-daemon",
-            "--session",
-            "--nofork",
-            "--nopidfile",
-            f"--address=unix:path={workdir / 'bus'}",
-            "--print-address=1",
-        ]
-        bus_log = workdir / "dbus-daemon.log"
-        with (
-            open(bus_log, "w") as bus_err,
-            child(bus_argv, "dbus-daemon", stdout=subprocess.PIPE, stderr=bus_err) as dbus,
-        ):
-            assert dbus.stdout is not None
-            address = dbus.stdout.readline().strip()
-            if not address.startswith("unix:"):
-                raise RuntimeError(f"dbus-daemon gave no address: {address!r}")
+        with private_bus(workdir) as address:
             daemon_log = workdir / "spectrumd.log"
             daemon_argv = [
                 sys.executable,

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import CallFailed, checked_call, child, kill_our_vmms, status_kib
+from common import CallFailed, checked_call, child, kill_our_vmms, private_bus, status_kib
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
@@ -459,26 +459,7 @@ def run(args: argparse.Namespace) -> Report:
             write_shim(probe, probe_stamps, "/bin/true")
         env = dict(os.environ, PATH=f"{shim_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}")
 
-        bus_argv = [
-            "dbus-daemon",
-            "--session",
-            "--nofork",
-            "--nopidfile",
-            f"--address=unix:path={workdir / 'bus'}",
-            "--print-address=1",
-        ]
-        bus_log = workdir / "dbus-daemon.log"
-        with (
-            open(bus_log, "w") as bus_err,
-            child(bus_argv, "dbus-daemon", stdout=subprocess.PIPE, stderr=bus_err) as dbus,
-        ):
-            assert dbus.stdout is not None
-            address = dbus.stdout.readline().strip()
-            if not address.startswith("unix:"):
-                raise RuntimeError(
-                    f"dbus-daemon gave no address: {address!r}\n{bus_log.read_text()}"
-                )
-
+        with private_bus(workdir) as address:
             echo_argv = [sys.executable, str(ECHO_SERVICE), address]
             with child(echo_argv, "echo service", stdout=subprocess.PIPE) as echo_proc:
                 assert echo_proc.stdout is not None
