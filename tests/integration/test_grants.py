@@ -4,7 +4,6 @@ import asyncio
 import contextlib
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from tests.integration.helpers import (
     SignalRecorder,
     app_config,
     error_of,
+    marked_dir,
     props,
     short,
     wait_for,
@@ -42,14 +42,8 @@ LISTER = (
 
 @pytest.fixture
 def shared_dir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="grant.", dir="/tmp"))
-    d.chmod(0o755)
-    (d / "marker").write_text("marker-from-the-host\n")
-    (d / "marker").chmod(0o644)
-    yield d
-    for p in d.iterdir():
-        p.unlink()
-    d.rmdir()
+    with marked_dir("grant.", "marker-from-the-host") as d:
+        yield d
 
 
 class ScriptedAgent(ServiceInterface):

@@ -3,14 +3,13 @@
 import asyncio
 import os
 import signal
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Daemon
-from tests.integration.helpers import app_config, props, wait_for, wait_log
+from tests.integration.helpers import app_config, marked_dir, props, wait_for, wait_log
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -23,13 +22,8 @@ TICKER = (
 
 @pytest.fixture
 def docs() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="docs.", dir="/tmp"))
-    d.chmod(0o755)
-    (d / "marker").write_text("marker-ok\n")
-    (d / "marker").chmod(0o644)
-    yield d
-    (d / "marker").unlink()
-    d.rmdir()
+    with marked_dir("docs.", "marker-ok") as d:
+        yield d
 
 
 def config(docs: Path, names: tuple[str, ...]) -> dict[str, object]:
@@ -70,13 +64,8 @@ async def kill_daemon(d: Daemon) -> None:
 
 @pytest.fixture
 def extra() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="extra.", dir="/tmp"))
-    d.chmod(0o755)
-    (d / "marker").write_text("granted-ok\n")
-    (d / "marker").chmod(0o644)
-    yield d
-    (d / "marker").unlink()
-    d.rmdir()
+    with marked_dir("extra.", "granted-ok") as d:
+        yield d
 
 
 async def test_crash_and_restart_keep_instances_running(
