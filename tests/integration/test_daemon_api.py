@@ -9,9 +9,10 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import pytest
-from dbus_fast import Variant
+from dbus_fast import Message, MessageFlag, MessageType, Variant
 
 from spectrumd.bus.grants import GRANT_IFACE
 from spectrumd.bus.names import BUS_NAME, INSTANCE_IFACE, MANAGER_IFACE, MANAGER_PATH, instance_path
@@ -273,3 +274,38 @@ async def test_spectrumctl(daemon: Daemon) -> None:
     assert {i["name"] for i in json.loads(r.stdout)} == {"work-shell", "home-shell", "extra"}
     r = spectrumctl(daemon, "delete", "extra")
     assert r.returncode == 0, r.stderr
+
+
+async def test_list_instances_is_current_and_keeps_dbus_rules(daemon: Daemon) -> None:
+    """ListInstances is answered from a cached, marshalled table: it must follow every
+    change at once, and still behave like any D-Bus method (no interface given,
+    wrong arguments, a caller that wants no reply)."""
+    c = await daemon.start(TWO)
+
+    async def raw(**kw: Any) -> Message:
+        msg = Message(destination=BUS_NAME, path=MANAGER_PATH, member="ListInstances", **kw)
+        reply = await c.bus.call(msg)
+        assert reply is not None
+        return reply
+
+    reply = await raw()  # no interface: D-Bus allows it
+    assert reply.signature == "a(ssso)" and len(reply.body[0]) == 2
+    reply = await raw(interface=MANAGER_IFACE, signature="s", body=["extra"])
+    assert reply.message_type == MessageType.ERROR
+    # dbus-fast dispatches on member and signature: another signature is another method
+    assert reply.error_name == "org.freedesktop.DBus.Error.UnknownMethod"
+    quiet = Message(
+        destination=BUS_NAME,
+        path=MANAGER_PATH,
+        interface=MANAGER_IFACE,
+        member="ListInstances",
+        flags=MessageFlag.NO_REPLY_EXPECTED,
+    )
+    assert await c.bus.call(quiet) is None
+
+    await c.manager("CreateInstance", "ssasa{sv}", "scratch", "app", [], {})
+    (rows,) = await c.manager("ListInstances")
+    assert ["scratch", "app", "stopped", instance_path("scratch")] in map(list, rows)
+    await c.manager("DeleteInstance", "s", "scratch")
+    (rows,) = await c.manager("ListInstances")
+    assert sorted(r[0] for r in rows) == ["home-shell", "work-shell"]
