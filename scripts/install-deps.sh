@@ -1,7 +1,8 @@
 #!/bin/sh
 # Install the Debian packages spectrumd's demo and tests need; skip what is there.
 set -eu
-PACKAGES="qemu-system-x86 busybox-static cpio kmod dbus systemd nix-bin diod iproute2 socat"
+# systemd-container: machined, and systemd-nspawn for the test that boots systemd.
+PACKAGES="qemu-system-x86 busybox-static cpio kmod dbus systemd systemd-container nix-bin diod iproute2 socat"
 missing=""
 for p in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -19,6 +19,7 @@ from dbus_fast.errors import DBusError
 from spectrumd.bus.auth import CallerCheck
 from spectrumd.bus.connection import SpectrumBus
 from spectrumd.bus.grants import GrantsBus
+from spectrumd.bus.machined import Machines
 from spectrumd.bus.manager import ManagerInterface
 from spectrumd.bus.names import BUS_NAME
 from spectrumd.daemon.notify import sd_notify, start_watchdog
@@ -57,6 +58,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--fs-user",
         default="nobody" if os.geteuid() == 0 else "",
         help="user the file server runs as (default: nobody when run as root; '' keeps ours)",
+    )
+    p.add_argument(
+        "--no-machined",
+        dest="machined",
+        action="store_false",
+        help="do not register VMMs with systemd-machined (by default they are, where "
+        "systemd runs and machined is installed)",
     )
     p.add_argument(
         "--netns",
@@ -133,6 +141,10 @@ async def _serve(args: argparse.Namespace, stack: contextlib.AsyncExitStack) -> 
     network = NetworkDriver(netns=args.netns)
     portal = PortalDriver()
     usb = UsbService(UsbHost(args.usb_sysfs_root, args.usb_dev_root))
+    machines = Machines()
+    if args.machined:
+        await machines.start()
+        stack.callback(machines.close)
     env = Environment(
         state_dir=args.state_dir.absolute(),
         guest_dir=args.guest_dir.absolute(),
@@ -140,6 +152,7 @@ async def _serve(args: argparse.Namespace, stack: contextlib.AsyncExitStack) -> 
         console_keep=args.console_log_keep,
         drivers=(files, network, portal, usb),
         vmm_user=vmm_user(args.vmm_user),
+        machines=machines,
     )
     env.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
     if env.vmm_user is not None:

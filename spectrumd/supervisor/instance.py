@@ -19,7 +19,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import attrs
 
@@ -40,6 +40,12 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 
+class MachineRegistry(Protocol):
+    """Where VMMs are registered as machines (systemd-machined); never raises."""
+
+    async def register(self, name: str, pid: int) -> None: ...
+
+
 @attrs.frozen
 class Environment:
     """Daemon-wide settings an instance needs."""
@@ -52,6 +58,8 @@ class Environment:
     drivers: tuple[ResourceDriver, ...] = ()
     # (uid, gid) the VMMs run as; None: the daemon's own.
     vmm_user: tuple[int, int] | None = None
+    # Registers each VMM with systemd-machined where systemd runs.
+    machines: MachineRegistry | None = None
     attach_timeout: float = 30.0
     term_timeout: float = 5.0
     control_timeout: float = 10.0
@@ -246,6 +254,8 @@ class Instance:
         self._set(main_pid=proc.pid)
         # Recorded so that a test's cleanup can find our child even if we died.
         (spec.run_dir / "vmm.pid").write_text(f"{proc.pid}\n")
+        if self.env.machines is not None:
+            await self.env.machines.register(self.name, proc.pid)
 
         run.control = await self._attach(run, spec, proc)
         run.conns.push_async_callback(run.control.close)
