@@ -22,10 +22,11 @@ from spectrumd.bus.grants import GrantsBus
 from spectrumd.bus.machined import Machines
 from spectrumd.bus.manager import ManagerInterface
 from spectrumd.bus.names import BUS_NAME
-from spectrumd.daemon.notify import sd_notify, start_watchdog
+from spectrumd.daemon.notify import FdStore, sd_notify, start_watchdog
 from spectrumd.errors import ConfigError, SpectrumError
 from spectrumd.host.network import NetworkDriver
 from spectrumd.host.usb import DEFAULT_DEV_ROOT, DEFAULT_SYSFS_ROOT, UsbHost
+from spectrumd.model.types import VmmKind
 from spectrumd.supervisor import Environment, Supervisor, process
 from spectrumd.supervisor.files import FileService
 from spectrumd.supervisor.grants import GrantService
@@ -33,6 +34,8 @@ from spectrumd.supervisor.instance import Instance
 from spectrumd.supervisor.portal import PortalDriver
 from spectrumd.supervisor.requests import RequestBroker
 from spectrumd.supervisor.usb import UsbService
+from spectrumd.vmm import BACKENDS
+from spectrumd.vmm.crosvm import CrosvmBackend
 
 log = logging.getLogger("spectrumd")
 
@@ -141,6 +144,12 @@ async def _serve(args: argparse.Namespace, stack: contextlib.AsyncExitStack) -> 
     network = NetworkDriver(netns=args.netns)
     portal = PortalDriver()
     usb = UsbService(UsbHost(args.usb_sysfs_root, args.usb_dev_root))
+    # crosvm's serial connections, kept across restarts by systemd.
+    kept = FdStore.from_environment()
+    crosvm = BACKENDS[VmmKind.crosvm]
+    assert isinstance(crosvm, CrosvmBackend)
+    crosvm.keeper = kept if kept.active else None
+    stack.callback(setattr, crosvm, "keeper", None)
     machines = Machines()
     if args.machined:
         await machines.start()
@@ -196,6 +205,8 @@ async def _serve(args: argparse.Namespace, stack: contextlib.AsyncExitStack) -> 
     await usb.host.start()
     stack.push_async_callback(usb.close)
     await sup.adopt_all(records)
+    for name in kept.close_unclaimed():
+        log.info("dropped a kept connection no VMM claimed: %s", name)
     grants.drop_orphans()
     # On the way out the VMMs keep running; the next daemon adopts them.
     stack.push_async_callback(sup.close)

@@ -563,8 +563,6 @@ class Instance:
 
     async def _reconnect(self, run: _Run, record: RunRecord) -> bool:
         """Reconnect the control channel, console, guest and drivers; True if paused."""
-        if record.vmm != "qemu":
-            raise Failed(f"{record.vmm} runs are not re-adopted yet")
         spec = record.spec
         assert run.proc is not None
         run.control = await self._attach(run, spec, run.proc, self.env.control_timeout)

@@ -14,6 +14,9 @@ crosvm has no ``-S``: the guest runs as soon as crosvm starts. crosvm
 connects to its serial sockets instead of listening on them, so
 :meth:`CrosvmBackend.prepare` listens before the spawn and
 :mod:`spectrumd.vmm.relay` joins them to the paths the supervisor connects to.
+crosvm connects once: a restarted daemon can re-adopt a crosvm VMM only if
+those connections outlived the old daemon, kept by systemd's file descriptor
+store (:attr:`CrosvmBackend.keeper`, set by the daemon where systemd runs).
 
 Values in crosvm's key=value lists cannot hold ``,``, ``=`` or ``"`` without
 quoting, which crosvm's parser has changed over time: such paths are refused.
@@ -31,7 +34,7 @@ from pathlib import Path
 from spectrumd.model.types import Accel, VmmKind
 from spectrumd.vmm.base import EventHandler, VmmError, VmSpec
 from spectrumd.vmm.crosvm_control import CrosvmControl
-from spectrumd.vmm.relay import SerialRelay
+from spectrumd.vmm.relay import Keeper, SerialRelay
 
 _SUN_PATH_MAX = 107
 ARCHES = ("x86_64", "aarch64")
@@ -86,6 +89,8 @@ class CrosvmBackend:
     def __init__(self) -> None:
         # Relays listening since prepare(), waiting for attach(), by run directory.
         self._prepared: dict[Path, list[SerialRelay]] = {}
+        # Keeps crosvm's serial connections across daemon restarts; None: nowhere.
+        self.keeper: Keeper | None = None
 
     def exit_reason(self, returncode: int) -> tuple[bool, str] | None:
         """(clean, reason) for a crosvm exit status; None if it means nothing special.
@@ -180,7 +185,7 @@ class CrosvmBackend:
         relays: list[SerialRelay] = []
         stack.callback(self._discard, spec.run_dir, relays)
         for vmm_path, host_path in _serial_sockets(spec):
-            relays.append(SerialRelay(vmm_path, host_path))
+            relays.append(SerialRelay(vmm_path, host_path, self.keeper, kept_as(spec, host_path)))
         self._prepared[spec.run_dir] = relays
 
     def _discard(self, run_dir: Path, relays: list[SerialRelay]) -> None:
@@ -199,8 +204,8 @@ class CrosvmBackend:
         """
         del on_event  # crosvm reports nothing asynchronously; its exit status says it all
         relays = self._prepared.pop(spec.run_dir, None)
-        if relays is None:
-            raise VmmError(f"crosvm sockets of {spec.instance} were not prepared before the spawn")
+        if relays is None:  # not started by this daemon: re-adoption
+            relays = self._kept_relays(spec)
         control = CrosvmControl(spec.binary or "crosvm", spec.control_socket, relays)
         try:
             for r in relays:
@@ -210,6 +215,30 @@ class CrosvmBackend:
             await control.close()
             raise
         return control
+
+    def _kept_relays(self, spec: VmSpec) -> list[SerialRelay]:
+        """Relays of a crosvm an earlier daemon started, from its kept connections."""
+        if self.keeper is None:
+            raise VmmError(
+                "crosvm connects to its serial sockets only once, and nothing kept those "
+                "connections (that needs systemd's file descriptor store)"
+            )
+        relays: list[SerialRelay] = []
+        try:
+            for vmm_path, host_path in _serial_sockets(spec):
+                relays.append(
+                    SerialRelay.adopt(vmm_path, host_path, self.keeper, kept_as(spec, host_path))
+                )
+        except OSError as e:
+            for r in relays:
+                r.close()
+            raise VmmError(f"crosvm of {spec.instance}: {e}") from None
+        return relays
+
+
+def kept_as(spec: VmSpec, host_path: Path) -> str:
+    """The name a serial connection is kept under: ``crosvm/INSTANCE/console.sock``."""
+    return f"crosvm/{spec.instance}/{host_path.name}"
 
 
 def _arch_error(arch: str) -> str:

@@ -26,6 +26,10 @@ _USB_OK = re.compile(r"^ok (\d+)\s*$", re.M)
 _PCI_BUS = re.compile(r"(?:plugged to PCI bus|add_ok) (\d+)")
 
 
+# In the run directory while crosvm is suspended (a restarted daemon reads it).
+SUSPENDED_MARKER = "suspended"
+
+
 @attrs.frozen
 class UsbDevice:
     port: int
@@ -87,15 +91,21 @@ class CrosvmControl:
     async def start_cpus(self) -> None:
         """Nothing to do: crosvm has no ``-S``, the guest runs from the start."""
 
+    @property
+    def _suspended_marker(self) -> Path:
+        return self.socket_path.parent / SUSPENDED_MARKER
+
     async def query_status(self) -> str:
-        # crosvm has no subcommand that reports whether the guest is suspended.
-        return "unknown"
+        """crosvm cannot say whether it is suspended: the marker left by pause() does."""
+        return "paused" if self._suspended_marker.exists() else "running"
 
     async def pause(self) -> None:
         await self.run("suspend")
+        self._suspended_marker.touch()
 
     async def resume(self) -> None:
         await self.run("resume")
+        self._suspended_marker.unlink(missing_ok=True)
 
     async def powerdown(self) -> None:
         await self.run("powerbtn")

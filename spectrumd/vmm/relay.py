@@ -12,6 +12,12 @@ QEMU would listen on), and copies bytes both ways. A supervisor connection
 that ends (a file-server restart) leaves the VMM's connection open; the next
 one picks it up. When the VMM's side ends, the supervisor's connection is
 closed, as it would be when QEMU exits.
+
+crosvm never connects again, so its connection must outlive the daemon for a
+restarted daemon to re-adopt the VMM: with a :class:`Keeper` (systemd's file
+descriptor store), the accepted connection is handed to the service manager
+under a name, and the next daemon builds the relay from the kept descriptor
+(:meth:`SerialRelay.adopt`).
 """
 
 from __future__ import annotations
@@ -21,8 +27,19 @@ import contextlib
 import os
 import socket
 from pathlib import Path
+from typing import Protocol
 
 _CHUNK = 64 * 1024
+
+
+class Keeper(Protocol):
+    """Where connections are kept across a restart of the daemon (systemd's fd store)."""
+
+    def keep(self, name: str, fd: int) -> bool: ...
+
+    def forget(self, name: str) -> None: ...
+
+    def take(self, name: str) -> int | None: ...
 
 
 def listen_unix(path: Path) -> socket.socket:
@@ -43,15 +60,43 @@ def listen_unix(path: Path) -> socket.socket:
 class SerialRelay:
     """One serial device: VMM connection ⇄ successive supervisor connections."""
 
-    def __init__(self, vmm_path: Path, host_path: Path) -> None:
+    def __init__(
+        self,
+        vmm_path: Path,
+        host_path: Path,
+        keeper: Keeper | None = None,
+        kept_as: str = "",
+        _connected: socket.socket | None = None,
+    ) -> None:
         self.vmm_path = vmm_path
         self.host_path = host_path
+        self._keeper = keeper
+        self._kept_as = kept_as
+        self._vmm = _connected
         # Bound now, before the VMM is spawned: the kernel queues its connect
         # in the backlog until we accept.
-        self._vmm_listener: socket.socket | None = listen_unix(vmm_path)
+        self._vmm_listener = None
+        if _connected is None:
+            self._vmm_listener = listen_unix(vmm_path)
+            # The VMM may run as another user (--vmm-user), and connecting needs
+            # write permission on the socket. The run directory (0700, the VMM
+            # user's own) is what keeps everyone else out.
+            os.chmod(vmm_path, 0o666)
         self._host_listener: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
         self.vmm_connected = asyncio.Event()
+        if _connected is not None:
+            self.vmm_connected.set()
+
+    @classmethod
+    def adopt(cls, vmm_path: Path, host_path: Path, keeper: Keeper, kept_as: str) -> SerialRelay:
+        """The relay of a running VMM from its connection kept as ``kept_as``. Raises OSError."""
+        fd = keeper.take(kept_as)
+        if fd is None:
+            raise OSError(f"no connection of the VMM was kept as {kept_as}")
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        return cls(vmm_path, host_path, keeper, kept_as, _connected=sock)
 
     def start(self) -> None:
         """Listen for the supervisor and start relaying (needs a running loop). Raises OSError."""
@@ -60,19 +105,26 @@ class SerialRelay:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        assert self._vmm_listener is not None and self._host_listener is not None
-        vmm, _ = await loop.sock_accept(self._vmm_listener)
-        self._vmm_listener.close()
-        self._vmm_listener = None
-        self.vmm_connected.set()
+        assert self._host_listener is not None
+        if self._vmm is None:
+            assert self._vmm_listener is not None
+            self._vmm, _ = await loop.sock_accept(self._vmm_listener)
+            self._vmm_listener.close()
+            self._vmm_listener = None
+            if self._keeper is not None:
+                self._keeper.keep(self._kept_as, self._vmm.fileno())
+            self.vmm_connected.set()
+        vmm = self._vmm
         try:
             while True:
                 host, _ = await loop.sock_accept(self._host_listener)
                 try:
                     if await self._pump(vmm, host):
-                        return
+                        break
                 finally:
                     host.close()
+            if self._keeper is not None:  # the VMM's side ended: nothing to keep
+                self._keeper.forget(self._kept_as)
         finally:
             vmm.close()
             self._host_listener.close()
@@ -92,8 +144,11 @@ class SerialRelay:
         return from_vmm in done
 
     def close(self) -> None:
+        """Close the daemon's side (a kept connection stays with the service manager)."""
         if self._task is not None:
             self._task.cancel()
+        elif self._vmm is not None:  # adopted, never started
+            self._vmm.close()
         for sock in (self._vmm_listener, self._host_listener):
             if sock is not None:
                 sock.close()

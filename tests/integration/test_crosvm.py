@@ -54,6 +54,15 @@ def crosvm_config(workdir: Path, defaults: dict[str, Any] | None = None) -> dict
     }
 
 
+def running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie waiting for its new parent."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def ticks(path: Path) -> int:
     return path.read_text(errors="replace").count("tick ")
 
@@ -124,6 +133,24 @@ async def test_crash_is_failed_with_reason(daemon: Daemon) -> None:
     p = await wait_for(c, "one", lambda p: p["State"] == "failed", timeout=10)
     assert "signal 9" in p["StateReason"], p["StateReason"]
     assert p["MainPID"] == 0
+
+
+async def test_without_systemd_a_restart_ends_crosvm_and_says_why(daemon: Daemon) -> None:
+    """crosvm's serial connections die with a daemon that has no fd store to keep
+    them in (no systemd; test_systemd.py shows the re-adoption with one): the next
+    daemon ends that crosvm, whole, and the instance says why."""
+    c, p, run_dir = await start_one(daemon)
+    pid = p["MainPID"]
+    await daemon.stop()  # SIGTERM: the daemon leaves its VMMs running
+    os.kill(pid, 0)  # still there
+    c = await daemon.start(env=standin_env())
+    p = await props(c, "one")
+    assert p["State"] == "failed" and p["MainPID"] == 0, p
+    assert "nothing kept those connections" in p["StateReason"], p["StateReason"]
+    assert not running(pid), "the old crosvm was left running"
+    assert not run_dir.exists()
+    await c.manager("StartInstance", "s", "one")  # and it starts again
+    assert (await props(c, "one"))["State"] == "running"
 
 
 async def test_explicit_crosvm_without_binary_is_a_config_error(daemon: Daemon) -> None:

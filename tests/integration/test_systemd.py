@@ -1,4 +1,4 @@
-"""spectrumd under a real systemd: the shipped units, machined and a daemon restart.
+"""spectrumd under a real systemd: the shipped units, machined, daemon restarts.
 
 The host has no systemd as PID 1, so the test boots one: ``systemd-nspawn --boot``
 of the host's own /usr on a volatile root (``--volatile=yes``: a tmpfs root and
@@ -9,6 +9,7 @@ entries, a configuration, and the two shipped units with only their
 ``/usr/bin/spectrum*`` paths pointed at this checkout. Then, as an operator
 would: ``systemctl start``, ``spectrumctl``, ``machinectl list``,
 ``systemctl restart spectrumd`` and ``systemctl stop spectrum-instances``.
+The crosvm stand-in (tests/crosvm) is on the unit's PATH through a drop-in.
 
 Commands run inside through ``nsenter`` into the container's mount and PID
 namespaces. The container is powered off (SIGTERM to nspawn) whatever happens,
@@ -37,11 +38,23 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 NSPAWN = shutil.which("systemd-nspawn")
 MACHINED = Path("/lib/systemd/systemd-machined")
-CONFIG = {
-    "defaults": {"vmm": "qemu", "accel": "tcg", "stop_timeout": 20},
-    "applications": {"app": {"command": "sleep 3600", "memory_mib": 128}},
-    "instances": {n: {"application": "app"} for n in ("a", "b", "c")},
-}
+STANDIN_DIR = ROOT / "tests" / "crosvm"
+
+
+def config(work: Path) -> dict[str, Any]:
+    kernel = work / "vmlinux"
+    kernel.write_bytes(b"not a kernel: the crosvm stand-in does not boot it\n")
+    return {
+        "defaults": {"vmm": "qemu", "accel": "tcg", "stop_timeout": 20},
+        "applications": {
+            "app": {"command": "sleep 3600", "memory_mib": 128},
+            "cv": {"command": "echo hello", "memory_mib": 128, "kernel": str(kernel)},
+        },
+        "instances": {
+            **{n: {"application": "app"} for n in ("a", "b", "c")},
+            "x": {"application": "cv", "vmm": "crosvm", "accel": "kvm", "stop_timeout": 5},
+        },
+    }
 
 
 class Container:
@@ -151,9 +164,13 @@ def container(guest_dir: Path) -> Iterator[Container]:
         pytest.skip("needs systemd-nspawn and systemd-machined (apt package systemd-container)")
     work = Path(tempfile.mkdtemp(prefix="spectrum-nspawn-", dir="/tmp"))
     work.chmod(0o755)
-    (work / "config.json").write_text(json.dumps(CONFIG))
+    (work / "config.json").write_text(json.dumps(config(work)))
+    dropin = work / "path.conf"
+    dropin.write_text(f"[Service]\nEnvironment=PATH={STANDIN_DIR}:/usr/sbin:/usr/bin:/sbin:/bin\n")
     binds = {
         str(ROOT): str(ROOT),
+        str(work): str(work),
+        str(dropin): "/etc/systemd/system/spectrumd.service.d/path.conf",
         str(guest_dir): "/var/cache/spectrumd/guest",
         str(work / "config.json"): "/etc/spectrumd/config.json",
         str(
@@ -272,3 +289,61 @@ def test_units_machined_restart_and_shutdown(container: Container) -> None:
         ), st
     c.wait("the machines to go", lambda: c.machines() == {}, timeout=10)
     assert c.run("systemctl", "is-active", "spectrumd.service", check=False).strip() == "active"
+
+
+def test_crosvm_is_readopted_through_the_fd_store(container: Container) -> None:
+    """crosvm connects to its serial sockets once: the daemon keeps those connections
+    in systemd's file descriptor store, and a restarted daemon (clean, or after a
+    SIGKILL and Restart=on-failure) takes the VMM back, paused as it was."""
+    c = container
+    c.run("systemctl", "start", "spectrumd.service")
+    c.ctl("start", "x")
+    c.wait("x's guest", lambda: c.status("x")["GuestReady"] is True)
+    pid = c.status("x")["MainPID"]
+    kept = c.run("systemctl", "show", "-p", "NFileDescriptorStore", "--value", "spectrumd.service")
+    assert int(kept) >= 2, kept  # the console and the control port at least
+    log = "/var/lib/spectrumd/logs/x/console.log"
+
+    def ticks() -> int:
+        return c.run("cat", log).count("tick ")
+
+    c.ctl("pause", "x")
+    old_daemon = c.run("systemctl", "show", "-p", "MainPID", "--value", "spectrumd.service")
+    c.run("systemctl", "restart", "spectrumd.service")
+    st = c.status("x")
+    assert (st["State"], st["MainPID"]) == ("paused", pid), f"{st}\n{c.journal()}"
+    assert st["StateReason"] == "re-adopted after a daemon restart", st
+    c.ctl("resume", "x")
+    before = ticks()
+    c.wait("x's console after the restart", lambda: ticks() >= before + 2, timeout=20)
+
+    # A crash: systemd restarts the daemon (Restart=on-failure) and keeps the store.
+    c.run("systemctl", "kill", "--signal=SIGKILL", "spectrumd.service")
+    c.wait(
+        "a new spectrumd",
+        lambda: (
+            c.run("systemctl", "show", "-p", "MainPID", "--value", "spectrumd.service")
+            not in (old_daemon, "0\n")
+            and c.run("systemctl", "is-active", "spectrumd.service", check=False).strip()
+            == "active"
+        ),
+        timeout=30,
+    )
+    st = c.status("x")
+    assert (st["State"], st["MainPID"], st["GuestReady"]) == ("running", pid, True), st
+    before = ticks()
+    c.wait("x's console after the crash", lambda: ticks() >= before + 2, timeout=20)
+
+    c.ctl("stop", "x")
+    st = c.status("x")
+    assert st["State"] == "stopped" and "power button" in st["StateReason"], st
+    c.wait(
+        "the store to empty",
+        lambda: (
+            c.run(
+                "systemctl", "show", "-p", "NFileDescriptorStore", "--value", "spectrumd.service"
+            ).strip()
+            == "0"
+        ),
+        timeout=10,
+    )
