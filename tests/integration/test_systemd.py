@@ -258,6 +258,9 @@ def test_units_machined_restart_and_shutdown(container: Container) -> None:
     c.ctl("kill", "c")
     c.run("kill", squatter)
 
+    # The VMMs run as the unprivileged user the sysusers entry made.
+    for name in ("a", "b"):
+        assert c.run("stat", "-c", "%U", f"/proc/{pids[name]}").strip() == "spectrum-vmm"
     # The VMMs left spectrumd.service's cgroup for their scopes.
     cgroup = c.run("cat", f"/proc/{pids['a']}/cgroup")
     assert "/machine.slice/machine-a.scope" in cgroup, cgroup
