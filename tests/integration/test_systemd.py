@@ -2,8 +2,8 @@
 
 The host has no systemd as PID 1, so the test boots one: ``systemd-nspawn --boot``
 of the host's own /usr on a volatile root (``--volatile=yes``: a tmpfs root and
-an empty /etc that systemd populates on first boot), sharing the host's network
-namespace (no links are made). Into it are bound, read-only: the repository
+an empty /etc that systemd populates on first boot) and a network namespace of
+its own (``--private-network``: nothing in it reaches the host's links). Into it are bound, read-only: the repository
 (with its venv), the embedded guest, the bus policy, the sysusers and tmpfiles
 entries, a configuration, and the two shipped units with only their
 ``/usr/bin/spectrum*`` paths pointed at this checkout. Then, as an operator
@@ -186,6 +186,7 @@ def container(guest_dir: Path) -> Iterator[Container]:
     argv = [
         NSPAWN, "-q", "-D", "/", "--volatile=yes", "--register=no", "--keep-unit",
         "--console=passive",
+        "--private-network",
         *(f"--bind-ro={src}:{dst}" for src, dst in binds.items()),
         "--boot", "--", "--unit=basic.target", "systemd.firstboot=off",
     ]  # fmt: skip
