@@ -43,10 +43,6 @@ class Machines:
     def __init__(self) -> None:
         self._bus: MessageBus | None = None
 
-    @property
-    def active(self) -> bool:
-        return self._bus is not None
-
     async def start(self) -> None:
         """Connect to the system bus if systemd runs and machined is there."""
         if not booted_with_systemd():
