@@ -19,6 +19,7 @@ which ends every process in it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import shutil
 import signal
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,53 +100,31 @@ class Container:
             if not fields:
                 continue
             shown = self.run(
-                "machinectl",
-                "show",
-                fields[0],
-                "-p",
-                "Leader",
-                "-p",
-                "Unit",
-                "-p",
-                "Class",
-                "-p",
-                "Service",
-            )
+                "machinectl", "show", fields[0],
+                "-p", "Leader", "-p", "Unit", "-p", "Class", "-p", "Service",
+            )  # fmt: skip
             out[fields[0]] = dict(kv.split("=", 1) for kv in shown.split())
         return out
 
     def journal(self) -> str:
+        """spectrumd's last journal lines, for a failure's message."""
         with contextlib.suppress(Exception):
-            r = subprocess.run(
-                [
-                    "nsenter",
-                    "-t",
-                    str(self.leader),
-                    "-m",
-                    "-p",
-                    "--",
-                    "journalctl",
-                    "-u",
-                    "spectrumd",
-                    "-u",
-                    "spectrum-instances",
-                    "--no-pager",
-                    "-n",
-                    "80",
-                ],
-                capture_output=True,
-                text=True,
-                timeout=20,
-            )
-            return "--- journal ---\n" + r.stdout
+            return "--- journal ---\n" + self.run(
+                "journalctl", "-u", "spectrumd", "-u", "spectrum-instances", "--no-pager",
+                "-n", "80", check=False, timeout=20,
+            )  # fmt: skip
         return ""
 
-    def wait(self, what: str, pred: object, timeout: float = 90) -> None:
+    def wait(self, what: str, pred: Callable[[], bool], timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
-        while not pred():  # type: ignore[operator]
+        while not pred():
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out waiting for {what}\n" + self.journal())
             time.sleep(0.2)
+
+
+def guest_ready(c: Container, name: str) -> bool:
+    return c.status(name)["GuestReady"] is True
 
 
 def unit_for_checkout(work: Path, name: str) -> Path:
@@ -267,7 +246,7 @@ def test_units_machined_restart_and_shutdown(container: Container) -> None:
     assert "/machine.slice/machine-a.scope" in cgroup, cgroup
 
     for name in ("a", "b"):
-        c.wait(f"{name}'s guest", lambda n=name: c.status(n)["GuestReady"] is True)  # type: ignore[misc]
+        c.wait(f"{name}'s guest", functools.partial(guest_ready, c, name))
 
     # A restart of the daemon: the VMMs keep running, re-adopted, still machines.
     old_daemon = c.run("systemctl", "show", "-p", "MainPID", "--value", "spectrumd.service").strip()
@@ -302,7 +281,7 @@ def test_crosvm_is_readopted_through_the_fd_store(container: Container) -> None:
     c = container
     c.run("systemctl", "start", "spectrumd.service")
     c.ctl("start", "x")
-    c.wait("x's guest", lambda: c.status("x")["GuestReady"] is True)
+    c.wait("x's guest", functools.partial(guest_ready, c, "x"))
     pid = c.status("x")["MainPID"]
     kept = c.run("systemctl", "show", "-p", "NFileDescriptorStore", "--value", "spectrumd.service")
     assert int(kept) >= 2, kept  # the console and the control port at least
@@ -311,8 +290,10 @@ def test_crosvm_is_readopted_through_the_fd_store(container: Container) -> None:
     def ticks() -> int:
         return c.run("cat", log).count("tick ")
 
+    def daemon_pid() -> str:
+        return c.run("systemctl", "show", "-p", "MainPID", "--value", "spectrumd.service").strip()
+
     c.ctl("pause", "x")
-    old_daemon = c.run("systemctl", "show", "-p", "MainPID", "--value", "spectrumd.service")
     c.run("systemctl", "restart", "spectrumd.service")
     st = c.status("x")
     assert (st["State"], st["MainPID"]) == ("paused", pid), f"{st}\n{c.journal()}"
@@ -322,12 +303,12 @@ def test_crosvm_is_readopted_through_the_fd_store(container: Container) -> None:
     c.wait("x's console after the restart", lambda: ticks() >= before + 2, timeout=20)
 
     # A crash: systemd restarts the daemon (Restart=on-failure) and keeps the store.
-    c.run("systemctl", "kill", "--signal=SIGKILL", "spectrumd.service")
+    crashed = daemon_pid()
+    c.run("systemctl", "kill", "--kill-whom=main", "--signal=SIGKILL", "spectrumd.service")
     c.wait(
         "a new spectrumd",
         lambda: (
-            c.run("systemctl", "show", "-p", "MainPID", "--value", "spectrumd.service")
-            not in (old_daemon, "0\n")
+            daemon_pid() not in (crashed, "0")
             and c.run("systemctl", "is-active", "spectrumd.service", check=False).strip()
             == "active"
         ),
