@@ -2,14 +2,15 @@
 
 The host has no systemd as PID 1, so the test boots one: ``systemd-nspawn --boot``
 of the host's own /usr on a volatile root (``--volatile=yes``: a tmpfs root and
-an empty /etc that systemd populates on first boot) and a network namespace of
-its own (``--private-network``: nothing in it reaches the host's links). Into it are bound, read-only: the repository
-(with its venv), the embedded guest, the bus policy, the sysusers and tmpfiles
-entries, a configuration, and the two shipped units with only their
-``/usr/bin/spectrum*`` paths pointed at this checkout. Then, as an operator
-would: ``systemctl start``, ``spectrumctl``, ``machinectl list``,
-``systemctl restart spectrumd`` and ``systemctl stop spectrum-instances``.
-The crosvm stand-in (tests/crosvm) is on the unit's PATH through a drop-in.
+an empty /etc that systemd populates on first boot), with a network namespace of
+its own (``--private-network``: nothing in it reaches the host's links). Bound
+into it, read-only: the repository (with its venv), the embedded guest, the bus
+policy, the activation file, the sysusers and tmpfiles entries, a
+configuration, and the two shipped units with only their ``/usr/bin/spectrum*``
+paths pointed at this checkout. Then, as an operator would: bus activation,
+``systemctl start``, ``spectrumctl``, ``machinectl list``, ``systemctl restart
+spectrumd`` and ``systemctl stop spectrum-instances``. The crosvm stand-in
+(tests/crosvm) is on the unit's PATH through a drop-in.
 
 Commands run inside through ``nsenter`` into the container's mount and PID
 namespaces. The container is powered off (SIGTERM to nspawn) whatever happens,
@@ -40,6 +41,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 NSPAWN = shutil.which("systemd-nspawn")
 MACHINED = Path("/lib/systemd/systemd-machined")
 STANDIN_DIR = ROOT / "tests" / "crosvm"
+SYSTEM_SERVICES = Path("/usr/share/dbus-1/system-services")
 
 
 def config(work: Path) -> dict[str, Any]:
@@ -123,6 +125,10 @@ class Container:
             time.sleep(0.2)
 
 
+def active(c: Container, unit: str) -> bool:
+    return c.run("systemctl", "is-active", unit, check=False).strip() == "active"
+
+
 def guest_ready(c: Container, name: str) -> bool:
     return c.status(name)["GuestReady"] is True
 
@@ -160,6 +166,11 @@ def container(guest_dir: Path) -> Iterator[Container]:
     }
     if not sys.base_prefix.startswith("/usr/"):  # the venv's Python (pyenv, say)
         binds[sys.base_prefix] = sys.base_prefix
+    # Bus activation: the host's activation files and ours, over /usr's directory.
+    services = work / "system-services"
+    shutil.copytree(SYSTEM_SERVICES, services, dirs_exist_ok=True)
+    shutil.copy(ROOT / "dbus/org.spectrum_os.Spectrum1.service", services)
+    binds[str(services)] = str(SYSTEM_SERVICES)
     for unit in ("spectrumd.service", "spectrum-instances.service"):
         binds[str(unit_for_checkout(work, unit))] = f"/etc/systemd/system/{unit}"
     argv = [
@@ -205,8 +216,16 @@ def container(guest_dir: Path) -> Iterator[Container]:
 
 def test_units_machined_restart_and_shutdown(container: Container) -> None:
     c = container
+    # The first call on the bus starts spectrumd (the activation file's SystemdService=).
+    assert c.run("systemctl", "is-active", "spectrumd.service", check=False).strip() == "inactive"
+    listed = c.run(
+        "busctl", "call", "org.spectrum_os.Spectrum1", "/org/spectrum_os/Spectrum1",
+        "org.spectrum_os.Spectrum1.Manager", "ListInstances",
+    )  # fmt: skip
+    assert listed.startswith("a(ssso) 4 "), listed
+    # It answers once it owns its name, a moment before it tells systemd READY=1.
+    c.wait("spectrumd.service active", lambda: active(c, "spectrumd.service"), timeout=10)
     c.run("systemctl", "start", "spectrum-instances.service")
-    assert c.run("systemctl", "is-active", "spectrumd.service").strip() == "active"
 
     # A machine already named "c" (a stand-in process): c's registration is
     # refused, and c runs anyway.
@@ -271,7 +290,7 @@ def test_units_machined_restart_and_shutdown(container: Container) -> None:
             "the guest shut down after the power button",
         ), st
     c.wait("the machines to go", lambda: c.machines() == {}, timeout=10)
-    assert c.run("systemctl", "is-active", "spectrumd.service", check=False).strip() == "active"
+    assert active(c, "spectrumd.service")
 
 
 def test_crosvm_is_readopted_through_the_fd_store(container: Container) -> None:
@@ -307,11 +326,7 @@ def test_crosvm_is_readopted_through_the_fd_store(container: Container) -> None:
     c.run("systemctl", "kill", "--kill-whom=main", "--signal=SIGKILL", "spectrumd.service")
     c.wait(
         "a new spectrumd",
-        lambda: (
-            daemon_pid() not in (crashed, "0")
-            and c.run("systemctl", "is-active", "spectrumd.service", check=False).strip()
-            == "active"
-        ),
+        lambda: daemon_pid() not in (crashed, "0") and active(c, "spectrumd.service"),
         timeout=30,
     )
     st = c.status("x")
