@@ -24,7 +24,9 @@ from spectrumd.supervisor.usb import UsbService
 
 log = logging.getLogger(__name__)
 
-InstanceList = Annotated[list[list[str]], DBusSignature("a(ssso)")]
+# ListInstances: what dbus-fast declares, and what _answer_list sends marshalled.
+INSTANCE_LIST = "a(ssso)"
+InstanceList = Annotated[list[list[str]], DBusSignature(INSTANCE_LIST)]
 AppList = Annotated[list[list[str]], DBusSignature("a(ss)")]
 GrantList = Annotated[list[list[str]], DBusSignature("a(ssssso)")]
 ResourceList = Annotated[list[list[str]], DBusSignature("a(sss)")]
@@ -128,8 +130,8 @@ class ManagerInterface(UsbManagerMixin, ServiceInterface):
             return False
         if not msg.flags & MessageFlag.NO_REPLY_EXPECTED:
             if self._rows_wire is None:
-                self._rows_wire = marshal_body("a(ssso)", [self._instance_rows()])
-            self.bus.send(MarshalledReply(msg, "a(ssso)", self._rows_wire))
+                self._rows_wire = marshal_body(INSTANCE_LIST, [self._instance_rows()])
+            self.bus.send(MarshalledReply(msg, INSTANCE_LIST, self._rows_wire))
         return True
 
     def _network_changed(self, name: str) -> None:
