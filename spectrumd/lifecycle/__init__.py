@@ -3,9 +3,27 @@
 from spectrumd.lifecycle.machine import (
     TRANSITIONS,
     Event,
+    ExitFacts,
+    InvalidTransition,
     State,
+    allowed,
     allowed_events,
+    exit_event,
+    has_vmm,
+    is_up,
     next_state,
 )
 
-__all__ = ["TRANSITIONS", "Event", "State", "allowed_events", "next_state"]
+__all__ = [
+    "TRANSITIONS",
+    "Event",
+    "ExitFacts",
+    "InvalidTransition",
+    "State",
+    "allowed",
+    "allowed_events",
+    "exit_event",
+    "has_vmm",
+    "is_up",
+    "next_state",
+]

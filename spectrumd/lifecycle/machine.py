@@ -1,26 +1,37 @@
-"""The instance state machine.
+"""The instance state machine: every rule about an instance's state is here.
 
 Rules (DESIGN.md):
 
 - ``stopped → starting → running ⇄ paused``; ``running/paused → stopping → stopped``.
-- Any state with a VMM can go to ``failed`` (with a reason kept by the caller):
-  a VMM that exits unasked, a start that does not complete.
-- ``failed`` behaves like ``stopped`` for a new start.
+- Any state with a VMM can go to ``failed`` (with a reason): a VMM that exits
+  unasked, a start that does not complete. ``failed`` behaves like
+  ``stopped`` for a new start.
 - ``kill`` is allowed whenever a VMM may exist (starting, running, paused,
   stopping); it ends in ``stopped``.
-- A guest that powers itself off (its application ended) moves ``running`` or
-  ``paused`` to ``stopping``; the VMM's exit then completes it.
-- A VMM that an earlier daemon left running is ``adopted``: a freshly loaded
-  (``stopped``) instance becomes ``running`` (then ``paused`` if it was).
+- ``stop`` in ``stopping`` joins the stop under way (and makes one where the
+  guest began it): a guest cannot pin its instance in ``stopping``, because
+  ``stopping`` always has a deadline that escalates as ``Stop`` does.
+- A guest that powers itself off (its application ended, ``exited N``) moves
+  ``running`` or ``paused`` to ``stopping``; the VMM's exit then completes
+  it. A VMM that exits cleanly without that announcement goes straight to
+  ``stopped``.
+- Control calls on a VM (hot-plug, USB) need one that runs or is paused
+  (``control`` leaves the state as it is).
+- A VMM that an earlier daemon left running is ``adopted`` (``running``) or
+  ``adopted_paused``; one that is gone or cannot be taken back is ``lost``
+  (``failed``).
 
 The table is the whole truth: a pair absent from it is an invalid call, which
-the supervisor reports as InvalidState naming the current state. Nothing here
-performs I/O; the supervisor drives the table and does the work.
+the supervisor reports as InvalidState naming the current state. Which event
+a VMM's exit becomes is decided by :func:`exit_event`. Nothing here performs
+I/O; the supervisor drives the table and does the work.
 """
 
 from __future__ import annotations
 
 import enum
+
+import attrs
 
 
 class State(enum.StrEnum):
@@ -39,32 +50,49 @@ class Event(enum.StrEnum):
     kill = "kill"
     pause = "pause"
     resume = "resume"
+    control = "control"  # a control call on the VM (hot-plug); the state stays
     # Facts observed by the supervisor.
     started = "started"  # the VMM runs and its control channel answers
     guest_shutdown = "guest_shutdown"  # the guest announced it is powering off
-    exited = "exited"  # the VMM exited after a stop or kill was asked for
+    exited = "exited"  # the VMM exited cleanly (asked to, or the guest powered off)
     crashed = "crashed"  # the VMM exited unasked, or the start failed
     adopted = "adopted"  # a VMM left running by an earlier daemon was taken back
+    adopted_paused = "adopted_paused"  # ... and its guest is paused
+    lost = "lost"  # a VMM an earlier daemon left is gone or could not be taken back
 
 
 S, E = State, Event
+
+# States in which a VMM process may exist.
+WITH_VMM = frozenset({S.starting, S.running, S.paused, S.stopping})
+# States in which the VMM's control channel is attached and the guest exists.
+UP = frozenset({S.running, S.paused})
 
 TRANSITIONS: dict[tuple[State, Event], State] = {
     (S.stopped, E.start): S.starting,
     (S.failed, E.start): S.starting,
     (S.starting, E.started): S.running,
     (S.stopped, E.adopted): S.running,
+    (S.stopped, E.adopted_paused): S.paused,
+    (S.stopped, E.lost): S.failed,
+    (S.failed, E.lost): S.failed,
     (S.running, E.pause): S.paused,
     (S.paused, E.resume): S.running,
+    (S.running, E.control): S.running,
+    (S.paused, E.control): S.paused,
     (S.running, E.stop): S.stopping,
     (S.paused, E.stop): S.stopping,
+    (S.stopping, E.stop): S.stopping,
     (S.running, E.guest_shutdown): S.stopping,
     (S.paused, E.guest_shutdown): S.stopping,
+    (S.stopping, E.guest_shutdown): S.stopping,
     (S.starting, E.kill): S.stopping,
     (S.running, E.kill): S.stopping,
     (S.paused, E.kill): S.stopping,
     (S.stopping, E.kill): S.stopping,
     (S.stopping, E.exited): S.stopped,
+    (S.running, E.exited): S.stopped,
+    (S.paused, E.exited): S.stopped,
     (S.stopping, E.crashed): S.failed,
     (S.starting, E.crashed): S.failed,
     (S.running, E.crashed): S.failed,
@@ -87,5 +115,52 @@ def next_state(state: State, event: Event) -> State:
         raise InvalidTransition(state, event) from None
 
 
+def allowed(state: State, event: Event) -> bool:
+    return (state, event) in TRANSITIONS
+
+
 def allowed_events(state: State) -> frozenset[Event]:
     return frozenset(e for (s, e) in TRANSITIONS if s == state)
+
+
+def has_vmm(state: State) -> bool:
+    """True in the states where a VMM process may exist."""
+    return state in WITH_VMM
+
+
+def is_up(state: State) -> bool:
+    """True while the guest exists and its VMM answers (running or paused)."""
+    return state in UP
+
+
+@attrs.frozen
+class ExitFacts:
+    """What the supervisor knew when a VMM exited (all of it observed, none of it I/O here)."""
+
+    # The reason of the stop step or kill that was under way, if one was.
+    stop_reason: str | None = None
+    # The status the guest reported with ``exited N``.
+    guest_exit: int | None = None
+    # QMP SHUTDOWN's reason: "guest-shutdown", "guest-reset", "guest-panic".
+    shutdown_reason: str | None = None
+    # What the backend reads from the exit status: (clean, reason), or None.
+    backend_said: tuple[bool, str] | None = None
+    # The exit status in words ("vmm exited with status 1: <stderr>").
+    described: str = "vmm exited"
+
+
+def exit_event(facts: ExitFacts) -> tuple[Event, str]:
+    """Which event a VMM's exit is (``exited`` or ``crashed``), and its reason."""
+    if facts.stop_reason is not None:
+        return E.exited, facts.stop_reason
+    if facts.guest_exit is not None:
+        event = E.exited if facts.guest_exit == 0 else E.crashed
+        return event, f"application exited with status {facts.guest_exit}"
+    if facts.shutdown_reason == "guest-shutdown":
+        return E.exited, "the guest powered off"
+    if facts.shutdown_reason in ("guest-reset", "guest-panic"):
+        return E.crashed, f"the guest crashed or rebooted ({facts.shutdown_reason})"
+    if facts.backend_said is not None:
+        clean, reason = facts.backend_said
+        return (E.exited if clean else E.crashed), reason
+    return E.crashed, facts.described

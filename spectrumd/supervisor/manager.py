@@ -45,7 +45,8 @@ from spectrumd.model.config import (
 )
 from spectrumd.model.types import InstanceDef, Resource, Restart
 from spectrumd.supervisor import process
-from spectrumd.supervisor.instance import Environment, Instance
+from spectrumd.supervisor.env import Environment
+from spectrumd.supervisor.instance import Instance
 from spectrumd.supervisor.vmrun import BadRecord, RunRecord, read_record
 from spectrumd.vmm import crosvm_available
 
@@ -411,5 +412,4 @@ class Supervisor:
     async def close(self) -> None:
         for task in list(self._restart_tasks.values()):
             task.cancel()
-        for inst in self.instances.values():
-            await inst.shutdown_tasks()
+        # The runs' own tasks ended with detach_all.

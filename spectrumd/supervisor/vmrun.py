@@ -1,12 +1,4 @@
-"""One VMM run: what it holds, its connections, and its record on disk.
-
-A run holds two exit stacks:
-
-- ``stack``: what lives as long as the VMM (the process and its reap, the run
-  directory, taps, file-server exports). Closed when the VMM has ended.
-- ``conns``: the daemon's connections to it (the control channel, console,
-  guest channel, helper tasks). Closed when the VMM ends, and also when the
-  daemon exits and leaves the VMM running for the next daemon to adopt.
+"""A VMM run's record on disk, for the next daemon to find it again.
 
 ``STATE_DIR/run/NAME/state.json`` records a running VMM (pid and start time,
 the spec's sockets, its network devices) so that a restarted daemon can find
@@ -15,8 +7,6 @@ it again. It is written atomically once the start has succeeded.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import json
 import os
@@ -27,47 +17,10 @@ import attrs
 
 from spectrumd.model.types import Accel, Application, InstanceDef, Resource
 from spectrumd.supervisor import process
-from spectrumd.supervisor.guest import GuestChannel
-from spectrumd.vmm.base import NetDev, VmmControl, VmSpec
+from spectrumd.vmm.base import NetDev, VmSpec
 
 RECORD = "state.json"
 VMM_LOG = "vmm.log"
-
-
-@attrs.define(eq=False)
-class VmRun:
-    definition: InstanceDef
-    application: Application
-    resources: tuple[Resource, ...]
-    stack: contextlib.AsyncExitStack = attrs.Factory(contextlib.AsyncExitStack)
-    conns: contextlib.AsyncExitStack = attrs.Factory(contextlib.AsyncExitStack)
-    proc: process.VmmProcess | None = None
-    spec: VmSpec | None = None
-    control: VmmControl | None = None
-    guest: GuestChannel | None = None
-    # Set before a stop step or a kill: the reason the exit will be reported with.
-    stop_reason: str | None = None
-    guest_exit: int | None = None
-    command_sent: bool = False
-    # QMP SHUTDOWN's reason: "guest-shutdown" (powered off), "guest-reset", "guest-panic".
-    shutdown_reason: str | None = None
-    # Adopted from an earlier daemon whose configuration differed.
-    stale_definition: bool = False
-    watch: asyncio.Task[None] | None = None
-    done: asyncio.Future[None] = attrs.Factory(lambda: asyncio.get_running_loop().create_future())
-
-    async def end(self) -> None:
-        """Tear everything down, in reverse order: connections first, then the VMM's things."""
-        with contextlib.suppress(Exception):
-            await self.conns.aclose()
-        await self.stack.aclose()
-
-    async def detach(self) -> None:
-        """Drop the daemon's connections and leave the VMM running."""
-        with contextlib.suppress(Exception):
-            await self.conns.aclose()
-        if self.proc is not None:
-            self.proc.close()
 
 
 def snapshot(definition: InstanceDef, application: Application, res: tuple[Resource, ...]) -> str:
@@ -78,17 +31,23 @@ def snapshot(definition: InstanceDef, application: Application, res: tuple[Resou
 _SPEC_FIELDS = ("instance", "memory_mib", "vcpus", "cmdline", "arch", "ports", "binary")
 
 
-def write_record(run: VmRun, started_at_us: int, nets: list[NetDev]) -> None:
+def write_record(
+    proc: process.VmmProcess,
+    spec: VmSpec,
+    definition: InstanceDef,
+    digest: str,
+    nets: list[NetDev],
+    started_at_us: int,
+) -> None:
     """Record the running VMM atomically (raises OSError)."""
-    assert run.proc is not None and run.spec is not None and run.proc.started is not None
-    spec = run.spec
+    assert proc.started is not None
     body: dict[str, Any] = {
         "version": 1,
-        "pid": run.proc.pid,
-        "start_time": run.proc.started,
-        "vmm": run.definition.vmm.value,
+        "pid": proc.pid,
+        "start_time": proc.started,
+        "vmm": definition.vmm.value,
         "started_at_us": started_at_us,
-        "snapshot": snapshot(run.definition, run.application, run.resources),
+        "snapshot": digest,
         "spec": {k: getattr(spec, k) for k in _SPEC_FIELDS}
         | {
             "accel": spec.accel.value,

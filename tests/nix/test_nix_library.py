@@ -14,7 +14,7 @@ import pytest
 from spectrumd.errors import ConfigError
 from spectrumd.model.config import Config, load_config, parse_config
 from spectrumd.supervisor import Supervisor
-from spectrumd.supervisor.instance import Environment
+from spectrumd.supervisor.env import Environment
 from tests.conftest import ROOT
 from tests.nix.helpers import EXAMPLES, NIX_DIR, Nix, config_with_constructors, nix_string
 

@@ -2,7 +2,17 @@
 
 import pytest
 
-from spectrumd.lifecycle import TRANSITIONS, Event, State, allowed_events, next_state
+from spectrumd.lifecycle import (
+    TRANSITIONS,
+    Event,
+    ExitFacts,
+    State,
+    allowed_events,
+    exit_event,
+    has_vmm,
+    is_up,
+    next_state,
+)
 from spectrumd.lifecycle.machine import InvalidTransition
 
 
@@ -37,7 +47,9 @@ def test_kill_from_every_state_with_a_vmm_ends_stopped() -> None:
 
 def test_adoption_after_a_daemon_restart() -> None:
     assert run(Event.adopted) is State.running
-    assert run(Event.adopted, Event.pause) is State.paused
+    assert run(Event.adopted_paused) is State.paused
+    assert run(Event.lost) is State.failed
+    assert run(Event.lost, start=State.failed) is State.failed
     with pytest.raises(InvalidTransition):
         next_state(State.running, Event.adopted)
 
@@ -57,7 +69,10 @@ def test_guest_shutdown() -> None:
         (State.failed, Event.stop),
         (State.paused, Event.pause),
         (State.running, Event.resume),
-        (State.stopping, Event.stop),
+        (State.starting, Event.stop),
+        (State.starting, Event.control),
+        (State.stopping, Event.control),
+        (State.running, Event.lost),
         (State.stopped, Event.pause),
     ],
 )
@@ -71,8 +86,66 @@ def test_table_is_closed() -> None:
     # Every target is a state, and only stopped/failed are entered without a VMM.
     for (_s, _e), target in TRANSITIONS.items():
         assert isinstance(target, State)
-    assert allowed_events(State.stopped) == {Event.start, Event.adopted}
-    assert allowed_events(State.failed) == {Event.start}
+    assert allowed_events(State.stopped) == {
+        Event.start,
+        Event.adopted,
+        Event.adopted_paused,
+        Event.lost,
+    }
+    assert allowed_events(State.failed) == {Event.start, Event.lost}
+    for (s, _e), target in TRANSITIONS.items():
+        if not has_vmm(target):
+            # Leaving the states with a VMM is only ever an observed exit (or an adoption that failed).
+            assert _e in (Event.exited, Event.crashed, Event.lost), (s, _e)
     # No state is a dead end.
     for s in State:
         assert allowed_events(s), s
+
+
+def test_stop_joins_a_stop_under_way() -> None:
+    # A guest that announced its power-off (or a kill) leaves the instance in
+    # stopping; a Stop then joins it rather than being refused.
+    assert run(Event.guest_shutdown, Event.stop, Event.exited, start=State.running) is State.stopped
+    assert run(Event.kill, Event.stop, Event.exited, start=State.running) is State.stopped
+
+
+def test_control_calls_need_a_vm_that_is_up() -> None:
+    assert run(Event.control, start=State.running) is State.running
+    assert run(Event.control, start=State.paused) is State.paused
+    assert {s for s in State if is_up(s)} == {State.running, State.paused}
+    assert {s for s in State if has_vmm(s)} == {
+        State.starting,
+        State.running,
+        State.paused,
+        State.stopping,
+    }
+
+
+def test_a_clean_exit_without_an_announcement_ends_stopped() -> None:
+    assert run(Event.exited, start=State.running) is State.stopped
+    assert run(Event.exited, start=State.paused) is State.stopped
+
+
+@pytest.mark.parametrize(
+    ("facts", "expected"),
+    [
+        (ExitFacts(stop_reason="killed", guest_exit=3), (Event.exited, "killed")),
+        (ExitFacts(guest_exit=0), (Event.exited, "application exited with status 0")),
+        (ExitFacts(guest_exit=3), (Event.crashed, "application exited with status 3")),
+        (ExitFacts(shutdown_reason="guest-shutdown"), (Event.exited, "the guest powered off")),
+        (
+            ExitFacts(shutdown_reason="guest-panic"),
+            (Event.crashed, "the guest crashed or rebooted (guest-panic)"),
+        ),
+        (
+            ExitFacts(backend_said=(True, "crosvm: guest powered off")),
+            (Event.exited, "crosvm: guest powered off"),
+        ),
+        (
+            ExitFacts(described="vmm exited with status 1: boom"),
+            (Event.crashed, "vmm exited with status 1: boom"),
+        ),
+    ],
+)
+def test_which_event_a_vmm_exit_is(facts: ExitFacts, expected: tuple[Event, str]) -> None:
+    assert exit_event(facts) == expected

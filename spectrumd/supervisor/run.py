@@ -1,0 +1,438 @@
+"""One VMM run of one instance, as one object.
+
+A :class:`Run` owns everything one VMM needs and does all the work on it:
+spawning, attaching its control channel, reconnecting after a daemon
+restart, watching its exit, the stop's escalation and the teardown. Its
+state-machine decisions are the instance's (``Instance`` applies the
+lifecycle table to what the run reports through :class:`RunEvents`).
+
+Two exit stacks:
+
+- ``stack``: what lives as long as the VMM (the process and its reap, the run
+  directory, taps, file-server exports). Closed when the VMM has ended.
+- ``conns``: the daemon's connections to it (the control channel, console,
+  guest channel, helper tasks). Closed when the VMM ends, and also when the
+  daemon exits and leaves the VMM running for the next daemon to adopt.
+
+Cancellation: a start (or a re-adoption) runs as one task, the run's scope.
+:meth:`kill` cancels that scope and SIGKILLs the VMM, so a Kill ends a start
+at whatever step it is in; the watcher resolves a started run in a
+``finally``, so a run always ends, and ``done`` is always set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import time
+from collections.abc import Coroutine, Mapping
+from typing import Any, Protocol, TypeVar
+
+import attrs
+
+from spectrumd.errors import Cancelled, Failed, SpectrumError
+from spectrumd.lifecycle import Event, ExitFacts, exit_event
+from spectrumd.model.types import Application, InstanceDef, Resource
+from spectrumd.supervisor import process
+from spectrumd.supervisor.console import ConsoleLog, pump
+from spectrumd.supervisor.control import BoundedControl
+from spectrumd.supervisor.env import Environment
+from spectrumd.supervisor.guest import GuestChannel, encode_run
+from spectrumd.supervisor.resources import RunContext
+from spectrumd.supervisor.spec import build_spec
+from spectrumd.supervisor.vmrun import VMM_LOG, RunRecord, snapshot, write_record
+from spectrumd.vmm import BACKENDS, PORT_CONTROL, VmmBackend, VmmError, VmSpec
+
+_T = TypeVar("_T")
+
+
+class RunEvents(Protocol):
+    """What a run reports to its instance (which applies the lifecycle table)."""
+
+    def vmm_spawned(self, pid: int) -> None: ...
+
+    def guest_ready(self) -> None: ...
+
+    def guest_exited(self, status: int) -> None: ...
+
+    def vmm_ended(self, event: Event, reason: str) -> None:
+        """The watcher's verdict on a started run's exit (``exited`` or ``crashed``)."""
+
+
+@attrs.define(eq=False)
+class Run:
+    name: str
+    definition: InstanceDef
+    application: Application
+    resources: tuple[Resource, ...]
+    env: Environment
+    events: RunEvents
+    log: logging.Logger
+    stack: contextlib.AsyncExitStack = attrs.Factory(contextlib.AsyncExitStack)
+    conns: contextlib.AsyncExitStack = attrs.Factory(contextlib.AsyncExitStack)
+    proc: process.VmmProcess | None = None
+    spec: VmSpec | None = None
+    control: BoundedControl | None = None
+    guest: GuestChannel | None = None
+    # Set before a stop step or a kill: the reason the exit will be reported with.
+    stop_reason: str | None = None
+    guest_exit: int | None = None
+    command_sent: bool = False
+    # QMP SHUTDOWN's reason: "guest-shutdown" (powered off), "guest-reset", "guest-panic".
+    shutdown_reason: str | None = None
+    # Adopted from an earlier daemon whose configuration differed.
+    stale_definition: bool = False
+    started_at_us: int = 0
+    done: asyncio.Future[None] = attrs.Factory(lambda: asyncio.get_running_loop().create_future())
+    _scope: asyncio.Task[Any] | None = None
+    _ending: asyncio.Task[None] | None = None
+    _tasks: set[asyncio.Task[Any]] = attrs.Factory(set)
+
+    @property
+    def backend(self) -> VmmBackend:
+        backend = BACKENDS.get(self.definition.vmm)
+        if backend is None:
+            raise Failed(
+                f"cannot start {self.name}: the {self.definition.vmm.value} backend "
+                "is not available in this version of spectrumd"
+            )
+        return backend
+
+    # -- start and re-adoption ------------------------------------------------
+
+    async def start(self) -> None:
+        """Spawn the VMM, attach, connect, hand it to the drivers, start its CPUs.
+
+        On any failure everything made so far is torn down and ``done`` is set.
+        Raises Cancelled (a kill), SpectrumError, Failed.
+        """
+        await self._in_scope(self._start())
+
+    async def adopt(self, record: RunRecord, proc: process.VmmProcess) -> bool:
+        """Reconnect to a VMM an earlier daemon left running; True if it is paused.
+
+        Raises like :meth:`start`; on failure the VMM is ended.
+        """
+        self.proc, self.spec, self.command_sent = proc, record.spec, True
+        self.started_at_us = record.started_at_us
+        self.stale_definition = record.snapshot != snapshot(
+            self.definition, self.application, self.resources
+        )
+        self.stack.callback(shutil.rmtree, record.spec.run_dir, True)
+        self.stack.push_async_callback(proc.reap)
+        paused: bool = await self._in_scope(self._reconnect(record.spec))
+        return paused
+
+    async def _in_scope(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        scope = self._scope = asyncio.ensure_future(coro)
+        try:
+            return await asyncio.shield(scope)
+        except BaseException as e:
+            outer = not scope.done()
+            if outer:
+                # Our caller was cancelled, not the scope: end the scope too.
+                scope.cancel()
+                with contextlib.suppress(BaseException):
+                    await scope
+            await self._abort()
+            if outer:
+                raise
+            raise self._start_error(e) from None
+        finally:
+            self._scope = None
+
+    def _start_error(self, e: BaseException) -> BaseException:
+        if self.stop_reason is not None:
+            return Cancelled(f"start of {self.name} was cancelled: {self.stop_reason}")
+        if isinstance(e, SpectrumError):
+            return e
+        return Failed(f"cannot start {self.name}: {e}")
+
+    async def _abort(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.end()
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def _context(self, spec_run_dir: Any) -> RunContext:
+        return RunContext(
+            name=self.name,
+            definition=self.definition,
+            application=self.application,
+            resources=self.resources,
+            run_dir=spec_run_dir,
+            stack=self.stack,
+            log=self.log,
+        )
+
+    async def _start(self) -> None:
+        backend = self.backend
+        ctx = self._context(self.env.run_dir(self.name))
+        shutil.rmtree(ctx.run_dir, ignore_errors=True)
+        ctx.run_dir.mkdir(mode=0o700, parents=True)
+        self.stack.callback(shutil.rmtree, ctx.run_dir, True)
+        if self.env.vmm_user is not None:
+            # The VMM creates its sockets here.
+            os.chown(ctx.run_dir, *self.env.vmm_user)
+        for driver in self.env.drivers:
+            await driver.prepare(ctx)
+        spec = build_spec(ctx, self.env.guest_dir)
+        self.spec = spec
+        binary = spec.binary or backend.default_binary(spec.arch)
+        if shutil.which(binary) is None:
+            raise Failed(f"cannot start {self.name}: VMM binary {binary} not found")
+        argv = backend.argv(spec)
+        self.log.debug("exec %s", argv)
+        proc = await self._spawn(argv, spec)
+        self.events.vmm_spawned(proc.pid)
+        # Recorded so that a test's cleanup can find our child even if we died.
+        (spec.run_dir / "vmm.pid").write_text(f"{proc.pid}\n")
+        if self.env.machines is not None:
+            await self.env.machines.register(self.name, proc.pid)
+
+        await self._attach(spec, proc, self.env.attach_timeout)
+        await self._connect_channels(spec)
+        assert self.control is not None
+        ctx.control = self.control
+        for driver in self.env.drivers:
+            await driver.started(ctx, spec)
+        await self.control.start_cpus()
+        self.started_at_us = time.time_ns() // 1000
+        try:
+            write_record(proc, spec, self.definition, self._snapshot(), ctx.nets,
+                         self.started_at_us)  # fmt: skip
+        except OSError as e:
+            self.log.error("cannot record the run (it will not be re-adopted): %s", e)
+
+    def _snapshot(self) -> str:
+        return snapshot(self.definition, self.application, self.resources)
+
+    async def _spawn(self, argv: list[str], spec: VmSpec) -> process.VmmProcess:
+        """Spawn the VMM; a cancellation during the spawn still gets the child reaped."""
+        spawning = asyncio.ensure_future(
+            process.spawn(argv, spec.pass_fds, spec.run_dir / VMM_LOG, self.env.vmm_user)
+        )
+        try:
+            proc = await asyncio.shield(spawning)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                late = await spawning
+                self.stack.push_async_callback(late.reap)
+            raise
+        self.proc = proc
+        self.stack.push_async_callback(proc.reap)
+        return proc
+
+    async def _reconnect(self, spec: VmSpec) -> bool:
+        assert self.proc is not None
+        await self._attach(spec, self.proc, self.env.control_timeout)
+        await self._connect_channels(spec)
+        assert self.guest is not None and self.control is not None
+        self.spawn_task(self.guest.send(b"hello\n"))  # the guest answers "ready"
+        ctx = self._context(spec.run_dir)
+        ctx.control = self.control
+        for driver in self.env.drivers:
+            await driver.adopt(ctx, spec)
+        status = await self.control.query_status()
+        return status == "paused"
+
+    async def _attach(self, spec: VmSpec, proc: process.VmmProcess, timeout: float) -> None:
+        """Connect the VMM's control channel, racing its exit. Raises Failed."""
+        attach = asyncio.ensure_future(self.backend.attach(spec, self._vmm_event, timeout))
+        exited = asyncio.ensure_future(proc.wait())
+        try:
+            await asyncio.wait({attach, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+            if not attach.done():
+                attach.cancel()
+                with contextlib.suppress(BaseException):
+                    await attach
+        if attach.cancelled():
+            detail = process.stderr_tail(spec.run_dir / VMM_LOG)
+            raise Failed(
+                f"cannot start {self.name}: {process.describe_exit(proc.returncode)}"
+                + (f": {detail}" if detail else "")
+            )
+        err = attach.exception()
+        if err is None:
+            self.control = BoundedControl(attach.result(), self.name, self.env.control_timeout)
+            self.conns.push_async_callback(self.control.close)
+            return
+        if isinstance(err, VmmError | TimeoutError | OSError):
+            raise Failed(
+                f"cannot start {self.name}: no answer from the VMM's control socket: {err}"
+            )
+        raise err
+
+    async def _connect_channels(self, spec: VmSpec) -> None:
+        """Connect the console (into the log) and the guest's control port."""
+        console_r, console_w = await asyncio.open_unix_connection(spec.console_socket)
+        self.conns.callback(console_w.close)
+        console = ConsoleLog(
+            self.env.log_path(self.name), self.env.console_max_bytes, self.env.console_keep
+        )
+        self.conns.callback(console.close)
+        self.spawn_task(pump(console_r, console))
+
+        guest_r, guest_w = await asyncio.open_unix_connection(spec.port_socket(PORT_CONTROL))
+        self.guest = GuestChannel(
+            guest_r, guest_w, on_ready=self._guest_ready, on_exited=self._guest_exited
+        )
+        self.conns.callback(self.guest.close)
+        self.spawn_task(self.guest.run())
+
+    def spawn_task(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """A helper task that ends with the run's connections."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        self.conns.callback(task.cancel)
+
+    def _guest_ready(self) -> None:
+        self.events.guest_ready()
+        if not self.command_sent and self.guest is not None:
+            self.command_sent = True
+            self.spawn_task(self.guest.send(encode_run(self.application.command)))
+
+    def _guest_exited(self, status: int) -> None:
+        if self.guest_exit is not None:
+            return
+        self.guest_exit = status
+        self.events.guest_exited(status)
+
+    def _vmm_event(self, name: str, data: Mapping[str, Any]) -> None:
+        self.log.debug("vmm event %s %s", name, dict(data))
+        if name == "SHUTDOWN" and data.get("guest"):
+            self.shutdown_reason = str(data.get("reason", ""))
+
+    def send_guest(self, line: bytes) -> None:
+        """Send one control line to the guest, if it is connected."""
+        if self.guest is not None:
+            self.spawn_task(self.guest.send(line))
+
+    # -- watching ----------------------------------------------------------------
+
+    def watch(self) -> None:
+        """Watch the started VMM; its exit becomes ``events.vmm_ended``."""
+        task = asyncio.ensure_future(self._watch())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _watch(self) -> None:
+        assert self.proc is not None
+        returncode: int | None = None
+        try:
+            returncode = await self.proc.wait()
+        except asyncio.CancelledError:
+            raise  # the daemon exits and leaves the VMM running (detach)
+        except Exception:
+            # Whatever broke the wait, the run is resolved: never a run left hanging.
+            self.log.exception("watching the VMM failed; ending it")
+        event, reason = exit_event(self._exit_facts(returncode))
+        with contextlib.suppress(Exception):
+            await self.end()
+        if not self.done.done():
+            self.events.vmm_ended(event, reason)
+            self.done.set_result(None)
+
+    def _exit_facts(self, returncode: int | None) -> ExitFacts:
+        described = process.describe_exit(returncode)
+        last = process.stderr_tail(self.spec.run_dir / VMM_LOG) if self.spec else ""
+        if returncode is not None and returncode > 0 and last:
+            described += f": {last}"
+        said = None if returncode is None else self.backend.exit_reason(returncode)
+        return ExitFacts(
+            stop_reason=self.stop_reason,
+            guest_exit=self.guest_exit,
+            shutdown_reason=self.shutdown_reason,
+            backend_said=said,
+            described=described,
+        )
+
+    # -- ending ----------------------------------------------------------------
+
+    def kill(self) -> None:
+        """SIGKILL the VMM now, and cancel a start or re-adoption under way."""
+        self.stop_reason = "killed"
+        if self._scope is not None and not self._scope.done():
+            self._scope.cancel()
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+
+    def end_within(self, timeout: float, *, powerdown: bool, was_paused: bool = False) -> None:
+        """Make sure the VMM ends: the power button (if ``powerdown``), ``timeout``,
+        then the VMM's own exit request, SIGTERM and SIGKILL. Idempotent: a
+        second call joins the escalation under way."""
+        if self._ending is None and not self.done.done():
+            self._ending = asyncio.ensure_future(self._escalate(timeout, powerdown, was_paused))
+            self._tasks.add(self._ending)
+
+    async def _escalate(self, timeout: float, powerdown: bool, was_paused: bool) -> None:
+        assert self.proc is not None and self.control is not None
+        control = self.control
+        term = self.env.term_timeout
+        if await self._graceful(timeout, powerdown, was_paused):
+            return
+        self.stop_reason = f"the vmm exited when asked, after the {timeout:g} s stop timeout"
+        with contextlib.suppress(VmmError, SpectrumError, TimeoutError):
+            async with asyncio.timeout(term):
+                if await control.request_exit():
+                    await asyncio.shield(self.done)
+                    return
+        self.stop_reason = f"vmm terminated with SIGTERM after the {timeout:g} s stop timeout"
+        self.proc.send_signal(signal.SIGTERM)
+        if await self.wait_done(term):
+            return
+        self.stop_reason = f"vmm killed with SIGKILL; SIGTERM did not end it within {term:g} s"
+        self.proc.send_signal(signal.SIGKILL)
+
+    async def _graceful(self, timeout: float, powerdown: bool, was_paused: bool) -> bool:
+        """The power button (if asked) and the wait for the guest, all within
+        ``timeout``; True if the VMM has ended."""
+        assert self.control is not None
+        try:
+            async with asyncio.timeout(timeout):
+                if powerdown:
+                    self.stop_reason = "the guest shut down after the power button"
+                    try:
+                        if was_paused:
+                            await self.control.resume()
+                        await self.control.powerdown()
+                    except (VmmError, SpectrumError) as e:
+                        # The button cannot reach the guest: waiting for it is pointless.
+                        self.log.info("power button not delivered: %s", e)
+                        return False
+                await asyncio.shield(self.done)
+                return True
+        except TimeoutError:
+            return False
+
+    async def wait_done(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(asyncio.shield(self.done), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def end(self) -> None:
+        """Tear everything down, in reverse order: connections first, then the VMM's things."""
+        with contextlib.suppress(Exception):
+            await self.conns.aclose()
+        await self.stack.aclose()
+
+    async def detach(self) -> None:
+        """Drop the daemon's connections and leave the VMM running (daemon exit)."""
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+        with contextlib.suppress(Exception):
+            await self.conns.aclose()
+        if self.proc is not None:
+            self.proc.close()
