@@ -94,6 +94,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="DIR",
         help="where their device nodes are (default: %(default)s)",
     )
+    p.add_argument(
+        "--control-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="deadline of every VMM control call (pause, hot-plug, power button; "
+        "default: %(default)g)",
+    )
     p.add_argument("--console-log-size", type=int, default=1024 * 1024, metavar="BYTES")
     p.add_argument("--console-log-keep", type=int, default=3, metavar="N")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -162,6 +170,7 @@ async def _serve(args: argparse.Namespace, stack: contextlib.AsyncExitStack) -> 
         drivers=(files, network, portal, usb),
         vmm_user=vmm_user(args.vmm_user),
         machines=machines,
+        control_timeout=args.control_timeout,
     )
     env.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
     if env.vmm_user is not None:

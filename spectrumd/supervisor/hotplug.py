@@ -32,6 +32,10 @@ async def attach_network(inst: Instance, network: NetworkDriver, res: NetworkRes
         except VmmError as e:
             await network.detach(inst.name, res.name)
             raise Failed(f"cannot add network {res.name} to {inst.name}: {e}") from None
+        except BaseException:
+            # A Timeout (the VMM does not answer) or a cancellation: no tap is left.
+            await network.detach(inst.name, res.name)
+            raise
 
     await inst.with_control(f"attach network {res.name} to", do)
 

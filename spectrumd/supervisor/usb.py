@@ -23,7 +23,7 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,7 +46,6 @@ from spectrumd.vmm.base import VmmControl, VmmError, VmSpec
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-CONTROL_TIMEOUT = 10.0
 RECORD = "usb.json"
 HolderListener = Callable[[str, str], None]  # (device id, instance)
 
@@ -97,9 +96,9 @@ class _Live:
 class UsbService:
     """A ResourceDriver for ``usb`` resources, and the USB side of grants and the bus."""
 
-    def __init__(self, host: UsbHost, timeout: float = CONTROL_TIMEOUT) -> None:
+    def __init__(self, host: UsbHost) -> None:
+        # Every control call has its deadline in the run's BoundedControl.
         self.host = host
-        self.timeout = timeout
         self._live: dict[str, _Live] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.on_attached: list[HolderListener] = []
@@ -218,7 +217,7 @@ class UsbService:
             if live.ended or live.control is None:
                 return
             try:
-                await self._bounded(live.control.usb_detach(att.handle))
+                await live.control.usb_detach(att.handle)
             except (VmmError, Timeout) as e:
                 live.log.warning("USB device %s (%s): detach: %s", dev_id, why, e)
             else:
@@ -264,7 +263,7 @@ class UsbService:
         try:
             fd = self.host.open(dev)
             try:
-                handle = await self._bounded(control.usb_attach(fd, dev.id))
+                handle = await control.usb_attach(fd, dev.id)
             finally:
                 os.close(fd)
         except VmmError as e:
@@ -286,16 +285,9 @@ class UsbService:
 
     async def _quiet_detach(self, live: _Live, control: VmmControl, handle: str) -> None:
         try:
-            await self._bounded(control.usb_detach(handle))
+            await control.usb_detach(handle)
         except (VmmError, Timeout) as e:
             live.log.warning("USB detach of %s: %s", handle, e)
-
-    async def _bounded(self, call: Awaitable[_T]) -> _T:
-        try:
-            async with asyncio.timeout(self.timeout):
-                return await call
-        except TimeoutError:
-            raise Timeout(f"the VMM did not answer a USB call within {self.timeout:g} s") from None
 
     def _running(self, name: str, what: str) -> _Live:
         live = self._live.get(name)
@@ -336,7 +328,7 @@ class UsbService:
                 raise InvalidArgument(f"USB device {dev_id} is not attached to {name}")
             assert live.control is not None
             try:
-                await self._bounded(live.control.usb_detach(att.handle))
+                await live.control.usb_detach(att.handle)
             except VmmError as e:
                 raise Failed(f"cannot detach USB device {dev_id} from {name}: {e}") from None
             del live.attached[dev_id]
