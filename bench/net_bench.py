@@ -1,7 +1,7 @@
 """Network setup benchmark: ``.venv/bin/python bench/net_bench.py`` (as root).
 
 Creates its own network namespace (``spt-bench-XXXXXX``, deleted on the way
-out) and runs spectrumd's NetworkDriver in it, as the daemon does for
+out) and runs spectrumd's NetworkService in it, as the daemon does for
 ``--netns``, without any VM: the time of ``prepare`` (bridges and taps for
 one instance) with 1 and with 4 networks, first with the bridges to be made
 and then with them in place (a second instance on the same networks), and
@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from spectrumd.host.network import NetworkDriver  # noqa: E402
+from spectrumd.host.network import HostNetworks  # noqa: E402
 from spectrumd.model.types import (  # noqa: E402
     Accel,
     Application,
@@ -42,6 +42,7 @@ from spectrumd.model.types import (  # noqa: E402
     NetworkResource,
     VmmKind,
 )
+from spectrumd.supervisor.networks import NetworkService  # noqa: E402
 from spectrumd.supervisor.resources import RunContext  # noqa: E402
 
 STALL_TARGET_MS = 5.0
@@ -119,8 +120,8 @@ async def timed(probe: LagProbe, op: Callable[[], Awaitable[object]]) -> Sample:
 
 
 async def bench(netns: str, rounds: int, run_dir: Path) -> dict[str, list[Sample]]:
-    driver = NetworkDriver(netns=netns)
-    await driver.start()
+    driver = NetworkService(HostNetworks(netns=netns))
+    await driver.host.start()
     # As the daemon does once it is up: a full collection then scans only
     # what was allocated since, not every object of the startup.
     gc.freeze()
@@ -149,7 +150,7 @@ async def bench(netns: str, rounds: int, run_dir: Path) -> dict[str, list[Sample
             idle.append(await timed(probe, functools.partial(asyncio.sleep, 0.01)))
     finally:
         await probe.stop()
-        await driver.close()
+        await driver.host.close()
     return rows
 
 

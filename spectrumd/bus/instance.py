@@ -13,10 +13,9 @@ from spectrumd.bus.errors import wire_errors
 from spectrumd.bus.names import INSTANCE_IFACE, instance_path
 from spectrumd.bus.usb import UsbInstanceMixin
 from spectrumd.errors import Failed
-from spectrumd.host.network import NetworkDriver
 from spectrumd.model.types import Resource
 from spectrumd.supervisor import Instance
-from spectrumd.supervisor.hotplug import attach_network, detach_network, network_resource
+from spectrumd.supervisor.networks import NetworkService, network_resource
 from spectrumd.supervisor.usb import UsbService
 
 DBusStrList = Annotated[list[str], DBusSignature("as")]
@@ -38,7 +37,7 @@ PROPERTIES: dict[str, tuple[str, Any]] = {
 NetworkList = Annotated[list[list[str]], DBusSignature("a(sss)")]
 
 
-def property_values(inst: Instance, network: NetworkDriver | None) -> dict[str, Any]:
+def property_values(inst: Instance, network: NetworkService | None) -> dict[str, Any]:
     values = {name: getter(inst) for name, (_sig, getter) in PROPERTIES.items()}
     values["NetworkInterfaces"] = (
         [list(row) for row in network.interfaces(inst.name)] if network else []
@@ -51,7 +50,7 @@ class InstanceInterface(UsbInstanceMixin, ServiceInterface):
         self,
         inst: Instance,
         auth: CallerCheck,
-        network: NetworkDriver | None,
+        network: NetworkService | None,
         resources: Callable[[], dict[str, Resource]],
         usb: UsbService | None = None,
     ) -> None:
@@ -120,7 +119,7 @@ class InstanceInterface(UsbInstanceMixin, ServiceInterface):
     def NetworkInterfaces(self) -> NetworkList:
         return property_values(self.inst, self._network)["NetworkInterfaces"]  # type: ignore[no-any-return]
 
-    def _network_driver(self) -> NetworkDriver:
+    def _network_driver(self) -> NetworkService:
         if self._network is None:
             raise Failed("networks are not available in this daemon")
         return self._network
@@ -131,7 +130,7 @@ class InstanceInterface(UsbInstanceMixin, ServiceInterface):
         name = validate.name("network", network)
         res = network_resource(self._resources(), name)
         await self._auth.require_admin(f"attach network {name} to {self.inst.name}")
-        await attach_network(self.inst, self._network_driver(), res)
+        await self._network_driver().attach(self.inst, res)
         self.refresh()
 
     @dbus_method()
@@ -139,7 +138,7 @@ class InstanceInterface(UsbInstanceMixin, ServiceInterface):
     async def DetachNetwork(self, network: DBusStr) -> None:
         name = validate.name("network", network)
         await self._auth.require_admin(f"detach network {name} from {self.inst.name}")
-        await detach_network(self.inst, self._network_driver(), name)
+        await self._network_driver().detach(self.inst, name)
         self.refresh()
 
     @dbus_method()

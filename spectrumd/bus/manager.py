@@ -18,8 +18,8 @@ from spectrumd.bus.instance import InstanceInterface
 from spectrumd.bus.names import MANAGER_IFACE, MANAGER_PATH, instance_path
 from spectrumd.bus.usb import UsbManagerMixin
 from spectrumd.bus.wire import MarshalledReply, marshal_body
-from spectrumd.host.network import NetworkDriver
 from spectrumd.supervisor import Instance, Supervisor
+from spectrumd.supervisor.networks import NetworkService
 from spectrumd.supervisor.usb import UsbService
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class ManagerInterface(UsbManagerMixin, ServiceInterface):
         sup: Supervisor,
         auth: CallerCheck,
         hub: GrantsBus,
-        network: NetworkDriver | None = None,
+        network: NetworkService | None = None,
         usb: UsbService | None = None,
     ) -> None:
         super().__init__(MANAGER_IFACE)

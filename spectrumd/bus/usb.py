@@ -16,8 +16,7 @@ from spectrumd.bus import validate
 from spectrumd.bus.auth import CallerCheck
 from spectrumd.bus.errors import wire_errors
 from spectrumd.errors import Failed, InvalidState
-from spectrumd.host.usb import UsbDevice
-from spectrumd.lifecycle import State
+from spectrumd.lifecycle import is_up
 from spectrumd.supervisor import Instance
 from spectrumd.supervisor.usb import UsbService
 
@@ -38,16 +37,10 @@ class UsbManagerMixin(ServiceInterface):
 
     def connect_usb(self, usb: UsbService) -> None:
         self.usb = usb
-        usb.host.on_added.append(lambda dev: self._usb_added(dev))
-        usb.host.on_removed.append(lambda dev: self._usb_removed(dev))
+        usb.on_plugged.append(self.UsbDeviceAdded)
+        usb.on_unplugged.append(self.UsbDeviceRemoved)
         usb.on_attached.append(lambda dev_id, name: self.UsbDeviceAttached(dev_id, name))
         usb.on_detached.append(lambda dev_id, name: self.UsbDeviceDetached(dev_id, name))
-
-    def _usb_added(self, dev: UsbDevice) -> None:
-        self.UsbDeviceAdded(dev.id)
-
-    def _usb_removed(self, dev: UsbDevice) -> None:
-        self.UsbDeviceRemoved(dev.id)
 
     @dbus_method()
     @wire_errors
@@ -81,7 +74,7 @@ class UsbInstanceMixin(ServiceInterface):
 
     def _usb_running(self, what: str) -> UsbService:
         usb = _service(self._usb)
-        if self.inst.state not in (State.running, State.paused):
+        if not is_up(self.inst.state):
             raise InvalidState(f"cannot {what} {self.inst.name}: it is {self.inst.state.value}")
         return usb
 

@@ -24,13 +24,14 @@ from spectrumd.bus.manager import ManagerInterface
 from spectrumd.bus.names import BUS_NAME
 from spectrumd.daemon.notify import FdStore, sd_notify, start_watchdog
 from spectrumd.errors import ConfigError, SpectrumError
-from spectrumd.host.network import NetworkDriver
+from spectrumd.host.network import HostNetworks
 from spectrumd.host.usb import DEFAULT_DEV_ROOT, DEFAULT_SYSFS_ROOT, UsbHost
 from spectrumd.model.types import VmmKind
 from spectrumd.supervisor import Environment, Supervisor, process
 from spectrumd.supervisor.files import FileService
 from spectrumd.supervisor.grants import GrantService
 from spectrumd.supervisor.instance import Instance
+from spectrumd.supervisor.networks import NetworkService
 from spectrumd.supervisor.portal import PortalDriver
 from spectrumd.supervisor.requests import RequestBroker
 from spectrumd.supervisor.usb import UsbService
@@ -149,7 +150,8 @@ async def serve(args: argparse.Namespace) -> int:
 
 async def _serve(args: argparse.Namespace, stack: contextlib.AsyncExitStack) -> int:
     files = FileService(user=args.fs_user or None)
-    network = NetworkDriver(netns=args.netns)
+    host_networks = HostNetworks(netns=args.netns)
+    network = NetworkService(host_networks)
     portal = PortalDriver()
     usb = UsbService(UsbHost(args.usb_sysfs_root, args.usb_dev_root))
     # crosvm's serial connections, kept across restarts by systemd.
@@ -186,9 +188,9 @@ async def _serve(args: argparse.Namespace, stack: contextlib.AsyncExitStack) -> 
     # VMMs an earlier daemon left running: their taps must survive the cleanup.
     records = sup.read_records()
     live = {n for n, r in records.items() if process.start_time(r.pid) == r.start_time}
-    stack.push_async_callback(network.close)
+    stack.push_async_callback(host_networks.close)
     try:
-        await network.start(adopt=live)
+        await host_networks.start(adopt=live)
         await files.start()
     except SpectrumError as e:
         raise StartupError(str(e)) from None

@@ -36,8 +36,6 @@ from spectrumd.host import names
 from spectrumd.host.links import LinkError, Links, NameTaken
 from spectrumd.host.netns import NetnsError, NetnsThread
 from spectrumd.model.types import NetworkResource
-from spectrumd.supervisor.resources import RunContext
-from spectrumd.vmm.base import NetDev, VmSpec
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +53,15 @@ class _Bridge:
 
 
 @attrs.define(eq=False)
-class _Tap:
+class Tap:
+    """One tap of one instance on one network; ``fd`` is the daemon's descriptor of it
+    (-1 for a tap taken back after a daemon restart: its VMM holds it)."""
+
     instance: str
     network: str
     name: str
     mac: str
     fd: int
-
-    @property
-    def netdev(self) -> NetDev:
-        # The tap name is unique among our taps and a valid QEMU id.
-        return NetDev(id=self.name, tap_fd=self.fd, tap_name=self.name, mac=self.mac)
 
 
 def host_address(net: NetworkResource) -> HostAddress | None:
@@ -78,8 +74,12 @@ def host_address(net: NetworkResource) -> HostAddress | None:
         raise InvalidArgument(f"resources.{net.name}.host_address: {e}") from None
 
 
-class NetworkDriver:
-    """A ResourceDriver for ``network`` resources, and hot-add/remove of networks."""
+class HostNetworks:
+    """The host side of ``network`` resources: bridges and taps, by instance and network.
+
+    An instance's taps can be made between :meth:`begin` and :meth:`end`
+    (the supervisor calls them around each run).
+    """
 
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
@@ -91,7 +91,7 @@ class NetworkDriver:
         )
         self._bridge_names: names.NameTable[str] = names.NameTable(names.bridge_name)
         self._bridges: dict[str, _Bridge] = {}
-        self._taps: dict[tuple[str, str], _Tap] = {}
+        self._taps: dict[tuple[str, str], Tap] = {}
         # Instances between prepare() and the end of their run.
         self._running: set[str] = set()
         # Called with an instance's name when its interfaces change.
@@ -145,7 +145,7 @@ class NetworkDriver:
             bridge.users.add(instance)
             mac = names.mac_address(instance, network)
             # The VMM holds the tap open; the daemon's own descriptor died with it.
-            self._taps[(instance, network)] = _Tap(instance, network, link.name, mac, -1)
+            self._taps[(instance, network)] = Tap(instance, network, link.name, mac, -1)
             self._tap_names.claim((instance, network), link.name)
             self._running.add(instance)
             log.info("%s: kept tap %s on network %s", instance, link.name, network)
@@ -214,49 +214,35 @@ class NetworkDriver:
             raise Failed("networking is not started")
         return self._links
 
-    # -- ResourceDriver --------------------------------------------------------
+    # -- runs ----------------------------------------------------------------------
 
-    async def prepare(self, ctx: RunContext) -> None:
-        """Make a tap (and bridge) per network of the instance.
+    def begin(self, instance: str) -> None:
+        """``instance`` runs (or was taken back after a daemon restart): taps may be made."""
+        self._running.add(instance)
 
-        Raises InvalidArgument (bad host address), Busy (an interface of our
-        name exists and is not ours; no free name), Failed (netlink or tun).
-        Whatever was made is undone by ``ctx.stack``.
-        """
-        nets = [r for r in ctx.resources if isinstance(r, NetworkResource)]
-        for net in nets:
-            host_address(net)
-        self._running.add(ctx.name)
-        # One undo for every tap the instance will have, hot-added ones too.
-        ctx.stack.push_async_callback(self._release_instance, ctx.name)
-        for net in nets:
-            tap = await self._add(ctx.name, net, f"cannot start {ctx.name}")
-            ctx.nets.append(tap.netdev)
-        if nets:
-            self._notify(ctx.name)
+    async def end(self, instance: str) -> None:
+        """The end of a run: remove every tap of ``instance``. Never raises."""
+        await self._release_instance(instance)
 
-    async def started(self, ctx: RunContext, spec: VmSpec) -> None:
-        pass
-
-    async def adopt(self, ctx: RunContext, spec: VmSpec) -> None:
-        """A run taken back after a daemon restart: its taps were kept by ``start``."""
-        self._running.add(ctx.name)
-        ctx.stack.push_async_callback(self._release_instance, ctx.name)
-        self._notify(ctx.name)
+    async def add(self, instance: str, net: NetworkResource, what: str) -> Tap:
+        """Make a tap (and the network's bridge) for ``instance``; ``what`` starts
+        error messages. Raises InvalidState (not begun), InvalidArgument (already on
+        it, bad host address), Busy (a name taken by someone else), Failed."""
+        host_address(net)
+        return await self._add(instance, net, what)
 
     # -- hot add and remove ----------------------------------------------------
 
-    async def attach(self, instance: str, network: NetworkResource) -> NetDev:
-        """Make a tap for ``instance`` on ``network``; the NetDev is for VmmControl.add_net.
+    async def attach(self, instance: str, network: NetworkResource) -> Tap:
+        """Make a tap for ``instance`` on ``network`` on a running instance (hot-add).
 
         The tap is removed by :meth:`detach` or when the instance's run ends.
         Raises InvalidState (not running), InvalidArgument (already on that
         network, bad host address), Busy, Failed.
         """
-        host_address(network)
-        tap = await self._add(instance, network, f"cannot attach network {network.name}")
-        self._notify(instance)
-        return tap.netdev
+        tap = await self.add(instance, network, f"cannot attach network {network.name}")
+        self.notify(instance)
+        return tap
 
     async def detach(self, instance: str, network: str) -> None:
         """Remove the tap of ``instance`` on ``network``.
@@ -272,11 +258,10 @@ class NetworkDriver:
                 await self._remove_tap(tap)
             except LinkError as e:
                 raise Failed(f"cannot detach network {network} from {instance}: {e}") from None
-        self._notify(instance)
+        self.notify(instance)
 
-    def netdev(self, instance: str, network: str) -> NetDev | None:
-        tap = self._taps.get((instance, network))
-        return tap.netdev if tap is not None else None
+    def tap(self, instance: str, network: str) -> Tap | None:
+        return self._taps.get((instance, network))
 
     def interfaces(self, instance: str) -> list[tuple[str, str, str]]:
         """(network, tap name, MAC) of each network ``instance`` is on, in the order added."""
@@ -288,7 +273,7 @@ class NetworkDriver:
 
     # -- the work --------------------------------------------------------------
 
-    async def _add(self, instance: str, net: NetworkResource, what: str) -> _Tap:
+    async def _add(self, instance: str, net: NetworkResource, what: str) -> Tap:
         links = self._require_links()
         key = (instance, net.name)
         async with self._lock:
@@ -298,7 +283,7 @@ class NetworkDriver:
             if key in self._taps:
                 raise InvalidArgument(f"{instance} is already on network {net.name}")
             bridge = await self._bridge(net, what)
-            tap: _Tap | None = None
+            tap: Tap | None = None
             try:
                 mac = names.mac_address(instance, net.name)
                 for other in self._taps.values():
@@ -324,7 +309,7 @@ class NetworkDriver:
                     ) from None
                 except LinkError as e:
                     raise Failed(f"{what}: {e}") from None
-                tap = _Tap(instance, net.name, name, mac, fd)
+                tap = Tap(instance, net.name, name, mac, fd)
                 self._taps[key] = tap
                 bridge.users.add(instance)
                 log.debug("%s: tap %s on bridge %s (%s)", instance, name, bridge.name, mac)
@@ -388,7 +373,7 @@ class NetworkDriver:
             return
         log.info("network %s: bridge %s removed", bridge.network, bridge.name)
 
-    async def _remove_tap(self, tap: _Tap) -> None:
+    async def _remove_tap(self, tap: Tap) -> None:
         """Close and remove one tap, and its bridge if it was the last. Lock held.
 
         Raises LinkError if the tap could not be removed (it is forgotten anyway).
@@ -423,7 +408,7 @@ class NetworkDriver:
                 except Exception as e:
                     log.error("%s: cannot remove tap %s: %s", instance, tap.name, e)
         if taps:
-            self._notify(instance)
+            self.notify(instance)
 
     async def _in_worker(
         self,
@@ -432,7 +417,7 @@ class NetworkDriver:
     ) -> T:
         """Run ``fn`` in the worker to its end, even if the caller is cancelled.
 
-        A Kill during a start cancels prepare(); a link the worker made while
+        A Kill during a start cancels the start; a link the worker made while
         the caller went away is undone by ``undo(result)``, not leaked.
         """
         done = asyncio.ensure_future(self._worker.run(fn))
@@ -450,7 +435,7 @@ class NetworkDriver:
         links.close_fd(fd)
         await links.delete(name)
 
-    def _notify(self, instance: str) -> None:
+    def notify(self, instance: str) -> None:
         for cb in list(self.on_change):
             try:
                 cb(instance)

@@ -103,6 +103,9 @@ class UsbService:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.on_attached: list[HolderListener] = []
         self.on_detached: list[HolderListener] = []
+        # Host events, passed on by device id (the bus layer sees no host types).
+        self.on_plugged: list[Callable[[str], None]] = []
+        self.on_unplugged: list[Callable[[str], None]] = []
         host.on_added.append(self._plugged)
         host.on_removed.append(self._unplugged)
 
@@ -185,12 +188,16 @@ class UsbService:
     # -- host events -------------------------------------------------------------
 
     def _plugged(self, dev: UsbDevice) -> None:
+        for cb in list(self.on_plugged):
+            cb(dev.id)
         self._offer([dev.id])
 
     def _unplugged(self, dev: UsbDevice) -> None:
         # The device is gone: its claim ends now (a quick re-plug may be claimed
         # again at once); the VMM is told in the background, in order with the
         # instance's other USB calls.
+        for cb in list(self.on_unplugged):
+            cb(dev.id)
         for live in list(self._live.values()):
             live.declined.discard(dev.id)
             att = live.attached.pop(dev.id, None)

@@ -1,6 +1,6 @@
 """Networks on real guests and real netlink, inside a namespace each test makes.
 
-Every test runs spectrumd (or its NetworkDriver) with ``--netns`` set to a
+Every test runs spectrumd (or its NetworkService) with ``--netns`` set to a
 namespace created here and deleted in ``finally``: nothing touches the host's
 own interfaces.
 """
@@ -25,7 +25,7 @@ import pytest
 from spectrumd.bus.names import INSTANCE_IFACE
 from spectrumd.errors import Busy, InvalidArgument, InvalidState
 from spectrumd.host import names
-from spectrumd.host.network import NetworkDriver
+from spectrumd.host.network import HostNetworks
 from spectrumd.model.types import (
     Accel,
     Application,
@@ -34,6 +34,7 @@ from spectrumd.model.types import (
     Resource,
     VmmKind,
 )
+from spectrumd.supervisor.networks import NetworkService
 from spectrumd.supervisor.resources import RunContext
 from tests.conftest import Daemon, kill_leftover_vmms
 from tests.integration.helpers import error_of, props, short, wait_for, wait_log
@@ -124,13 +125,13 @@ def run_context(
 
 
 @pytest.fixture
-async def driver(netns: str) -> AsyncIterator[NetworkDriver]:
-    d = NetworkDriver(netns=netns)
-    await d.start()
+async def driver(netns: str) -> AsyncIterator[NetworkService]:
+    d = NetworkService(HostNetworks(netns=netns))
+    await d.host.start()
     try:
         yield d
     finally:
-        await d.close()
+        await d.host.close()
 
 
 A = NetworkResource("neta")
@@ -138,7 +139,7 @@ B = NetworkResource("netb", host_address="10.9.1.1/24")
 
 
 async def test_driver_taps_bridges_host_address_and_teardown(
-    driver: NetworkDriver, netns: str
+    driver: NetworkService, netns: str
 ) -> None:
     async with contextlib.AsyncExitStack() as stack:
         ctx = run_context("one", [A, B], stack)
@@ -168,30 +169,30 @@ async def test_driver_taps_bridges_host_address_and_teardown(
     assert driver.interfaces("one") == []
 
 
-async def test_driver_hot_add_remove_and_bad_calls(driver: NetworkDriver, netns: str) -> None:
+async def test_driver_hot_add_remove_and_bad_calls(driver: NetworkService, netns: str) -> None:
     with pytest.raises(InvalidState, match="not running"):
-        await driver.attach("one", A)
+        await driver.host.attach("one", A)
     async with contextlib.AsyncExitStack() as stack:
         await driver.prepare(run_context("one", [A], stack))
-        net = await driver.attach("one", B)
-        assert net.tap_name == tap("one", "netb") and net.id == net.tap_name
-        assert net.mac == names.mac_address("one", "netb") and net.tap_fd >= 0
-        assert links(netns)[net.tap_name]["master"] == bridge("netb")
+        t = await driver.host.attach("one", B)
+        assert t.name == tap("one", "netb")
+        assert t.mac == names.mac_address("one", "netb") and t.fd >= 0
+        assert links(netns)[t.name]["master"] == bridge("netb")
         with pytest.raises(InvalidArgument, match="already on network netb"):
-            await driver.attach("one", B)
+            await driver.host.attach("one", B)
         with pytest.raises(InvalidArgument, match="host_address"):
-            await driver.attach("one", NetworkResource("netc", host_address="10.9.2.1"))
-        await driver.detach("one", "netb")
+            await driver.host.attach("one", NetworkResource("netc", host_address="10.9.2.1"))
+        await driver.host.detach("one", "netb")
         assert ours(netns) == {tap("one", "neta"), bridge("neta")}
         with pytest.raises(InvalidArgument, match="not on network netb"):
-            await driver.detach("one", "netb")
+            await driver.host.detach("one", "netb")
         # A hot-added tap that is never detached goes with the run.
-        await driver.attach("one", B)
+        await driver.host.attach("one", B)
     assert ours(netns) == set()
 
 
 async def test_driver_refuses_foreign_names_and_leaves_nothing(
-    driver: NetworkDriver, netns: str
+    driver: NetworkService, netns: str
 ) -> None:
     # The second of two networks fails: its tap name is someone else's.
     foreign_link(netns, tap("one", "netb"))
@@ -218,7 +219,7 @@ async def test_driver_refuses_foreign_names_and_leaves_nothing(
         }
 
 
-async def test_driver_cancelled_start_leaves_nothing(driver: NetworkDriver, netns: str) -> None:
+async def test_driver_cancelled_start_leaves_nothing(driver: NetworkService, netns: str) -> None:
     """A Kill during a start cancels prepare() wherever it is."""
     for delay in [i * 0.0015 for i in range(20)]:
         async with contextlib.AsyncExitStack() as stack:
@@ -233,22 +234,22 @@ async def test_driver_cancelled_start_leaves_nothing(driver: NetworkDriver, netn
 
 
 async def test_driver_start_removes_stale_links_only(netns: str) -> None:
-    crashed = NetworkDriver(netns=netns)
-    await crashed.start()
+    crashed = NetworkService(HostNetworks(netns=netns))
+    await crashed.host.start()
     stack = contextlib.AsyncExitStack()
     await crashed.prepare(run_context("one", [A, B], stack))
     foreign_link(netns, names.tap_name("x", "y"))
     before = ours(netns)
     assert len(before) == 5
     # A new daemon, while the links of the old one (which did not stop) remain.
-    fresh = NetworkDriver(netns=netns)
+    fresh = HostNetworks(netns=netns)
     await fresh.start()
     try:
         assert ours(netns) == {names.tap_name("x", "y")}
     finally:
         await fresh.close()
         await stack.aclose()  # the old one's teardown finds its links gone
-        await crashed.close()
+        await crashed.host.close()
     assert ours(netns) == {names.tap_name("x", "y")}
 
 
