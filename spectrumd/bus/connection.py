@@ -1,17 +1,26 @@
-"""A MessageBus that gets two things right that dbus-fast does not.
+"""A MessageBus that gets three things right that dbus-fast does not.
 
 1. ObjectManager's InterfacesAdded/InterfacesRemoved are sent from the
    manager's path (dbus-fast sends them from the child's own path, so GLib's
    GDBusObjectManagerClient sees nothing).
-2. The caller of the method being handled is known (``current_sender``), so
+2. ObjectManager is the manager's alone: dbus-fast lists it in every object's
+   introspection and answers GetManagedObjects everywhere; here other objects
+   neither list it nor answer it, as the D-Bus specification's object manager
+   pattern (and ``busctl``, GLib) expects.
+3. The caller of the method being handled is known (``current_sender``), so
    the daemon can check who asks before it changes state.
+
+Pinned to the dbus-fast version in pyproject.toml: these hooks override
+private methods (tests/integration/test_daemon_api.py checks them with the
+real tools).
 """
 
 import contextvars
 from collections.abc import Callable
 from typing import Any
 
-from dbus_fast import Message
+from dbus_fast import Message, MessageType
+from dbus_fast import introspection as intr
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface
 
@@ -39,6 +48,33 @@ async def call_bus_daemon(bus: MessageBus, member: str, signature: str, *args: A
 
 
 class SpectrumBus(MessageBus):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_message_handler(self._refuse_foreign_object_manager)
+
+    def _introspect_export_path(self, path: str) -> intr.Node:
+        node = super()._introspect_export_path(path)
+        if path != MANAGER_PATH:
+            node.interfaces = [i for i in node.interfaces if i.name != OBJECT_MANAGER_IFACE]
+        return node
+
+    def _refuse_foreign_object_manager(self, msg: Message) -> bool:
+        if (
+            msg.message_type is MessageType.METHOD_CALL
+            and msg.interface == OBJECT_MANAGER_IFACE
+            and msg.path != MANAGER_PATH
+        ):
+            self.send(
+                Message.new_error(
+                    msg,
+                    "org.freedesktop.DBus.Error.UnknownInterface",
+                    f"{msg.path} has no interface {OBJECT_MANAGER_IFACE}; "
+                    f"the object manager is {MANAGER_PATH}",
+                )
+            )
+            return True
+        return False
+
     def _make_method_handler(self, interface: Any, method: Any) -> Callable[..., None]:
         inner = super()._make_method_handler(interface, method)
 

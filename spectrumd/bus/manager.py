@@ -4,7 +4,7 @@ import logging
 import time
 from typing import Annotated
 
-from dbus_fast import Message, MessageFlag, MessageType, Variant
+from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import DBusObjectPath, DBusSignature, DBusStr
 from dbus_fast.service import ServiceInterface, dbus_method
@@ -17,32 +17,18 @@ from spectrumd.bus.grants import GrantsBus, grant_path, request_path
 from spectrumd.bus.instance import InstanceInterface
 from spectrumd.bus.names import MANAGER_IFACE, MANAGER_PATH, instance_path
 from spectrumd.bus.usb import UsbManagerMixin
-from spectrumd.bus.wire import MarshalledReply, marshal_body
 from spectrumd.supervisor import Instance, Supervisor
 from spectrumd.supervisor.networks import NetworkService
 from spectrumd.supervisor.usb import UsbService
 
 log = logging.getLogger(__name__)
 
-# ListInstances: what dbus-fast declares, and what _answer_list sends marshalled.
-INSTANCE_LIST = "a(ssso)"
-InstanceList = Annotated[list[list[str]], DBusSignature(INSTANCE_LIST)]
+InstanceList = Annotated[list[list[str]], DBusSignature("a(ssso)")]
 AppList = Annotated[list[list[str]], DBusSignature("a(ss)")]
 GrantList = Annotated[list[list[str]], DBusSignature("a(ssssso)")]
 ResourceList = Annotated[list[list[str]], DBusSignature("a(sss)")]
 StrList = Annotated[list[str], DBusSignature("as")]
 OptionDict = Annotated[dict[str, Variant], DBusSignature("a{sv}")]
-
-
-class ObjectManagerInterface(ServiceInterface):
-    """Declares org.freedesktop.DBus.ObjectManager at the manager path for introspection.
-
-    dbus-fast answers GetManagedObjects itself and SpectrumBus sends the
-    signals from this path; this class only makes the interface visible.
-    """
-
-    def __init__(self) -> None:
-        super().__init__("org.freedesktop.DBus.ObjectManager")
 
 
 class ManagerInterface(UsbManagerMixin, ServiceInterface):
@@ -68,15 +54,12 @@ class ManagerInterface(UsbManagerMixin, ServiceInterface):
         self.objects: dict[str, InstanceInterface] = {}
         # ListInstances is the hot read: its rows are kept until something changes.
         self._rows: list[list[str]] | None = None
-        self._rows_wire: bytes | None = None
         sup.on_added.append(self._export)
         sup.on_removed.append(self._unexport)
         sup.on_changed.append(self._changed)
 
     def export_all(self) -> None:
         self.bus.export(MANAGER_PATH, self)
-        self.bus.export(MANAGER_PATH, ObjectManagerInterface())
-        self.bus.add_message_handler(self._answer_list)
         for inst in self.sup.instances.values():
             self._export(inst)
         self.hub.export_all()
@@ -103,7 +86,6 @@ class ManagerInterface(UsbManagerMixin, ServiceInterface):
 
     def _forget_rows(self) -> None:
         self._rows = None
-        self._rows_wire = None
 
     def _instance_rows(self) -> list[list[str]]:
         if self._rows is None:
@@ -112,27 +94,6 @@ class ManagerInterface(UsbManagerMixin, ServiceInterface):
                 for i in self.sup.instances.values()
             ]
         return self._rows
-
-    def _answer_list(self, msg: Message) -> bool:
-        """Answers ListInstances ahead of dbus-fast's dispatch, from marshalled rows.
-
-        The hot read of every desktop client: its body is marshalled once per change
-        of the instance table instead of once per call. Anything else, including a
-        ListInstances with arguments (UnknownMethod from dbus-fast), goes on.
-        """
-        if (
-            msg.member != "ListInstances"
-            or msg.path != MANAGER_PATH
-            or msg.message_type is not MessageType.METHOD_CALL
-            or msg.interface not in (None, MANAGER_IFACE)
-            or msg.signature
-        ):
-            return False
-        if not msg.flags & MessageFlag.NO_REPLY_EXPECTED:
-            if self._rows_wire is None:
-                self._rows_wire = marshal_body(INSTANCE_LIST, [self._instance_rows()])
-            self.bus.send(MarshalledReply(msg, INSTANCE_LIST, self._rows_wire))
-        return True
 
     def _network_changed(self, name: str) -> None:
         iface = self.objects.get(name)
@@ -145,7 +106,6 @@ class ManagerInterface(UsbManagerMixin, ServiceInterface):
     @dbus_method()
     @wire_errors
     async def ListInstances(self) -> InstanceList:
-        # Answered by _answer_list; this declares the method for introspection.
         return self._instance_rows()
 
     @dbus_method()

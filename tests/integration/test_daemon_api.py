@@ -15,7 +15,14 @@ import pytest
 from dbus_fast import Message, MessageFlag, MessageType, Variant
 
 from spectrumd.bus.grants import GRANT_IFACE
-from spectrumd.bus.names import BUS_NAME, INSTANCE_IFACE, MANAGER_IFACE, MANAGER_PATH, instance_path
+from spectrumd.bus.names import (
+    BUS_NAME,
+    INSTANCE_IFACE,
+    MANAGER_IFACE,
+    MANAGER_PATH,
+    instance_path,
+)
+from spectrumd.bus.names import OBJECT_MANAGER_IFACE as OBJECT_MANAGER
 from tests.conftest import ROOT, Daemon
 from tests.integration.helpers import SignalRecorder, app_config, error_of, props, short
 
@@ -218,6 +225,42 @@ async def test_busctl_works(daemon: Daemon) -> None:
         timeout=10,
     )
     assert r.returncode != 0 and 'no instance "nope"' in r.stderr
+
+
+def run_tool(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=20)
+
+
+async def test_every_object_has_the_standard_shape(daemon: Daemon, short_tmp: Path) -> None:
+    """busctl and gdbus, the real tools, read every object; ObjectManager is the manager's alone."""
+    c = await daemon.start(TWO)
+    (grant,) = await c.manager(
+        "Grant", "ssa{sv}", "work-shell", str(short_tmp), {"lifetime": Variant("s", "permanent")}
+    )
+    busctl = ["busctl", f"--address={daemon.address}"]
+    objects = [MANAGER_PATH, instance_path("work-shell"), instance_path("home-shell"), grant]
+    for path in objects:
+        r = run_tool(*busctl, "introspect", BUS_NAME, path)
+        assert r.returncode == 0, (path, r.stderr)
+        om = [line for line in r.stdout.splitlines() if line.startswith(OBJECT_MANAGER + " ")]
+        assert len(om) == (1 if path == MANAGER_PATH else 0), (path, r.stdout)
+        r = run_tool("gdbus", "introspect", "--address", daemon.address, "--dest", BUS_NAME,
+                     "--object-path", path)  # fmt: skip
+        assert r.returncode == 0, (path, r.stderr)
+        assert r.stdout.count(f"interface {OBJECT_MANAGER} ") == (1 if path == MANAGER_PATH else 0)
+    r = run_tool(*busctl, "tree", BUS_NAME)
+    assert r.returncode == 0, r.stderr
+    for path in objects:
+        assert path in r.stdout
+    r = run_tool("gdbus", "introspect", "--address", daemon.address, "--dest", BUS_NAME,
+                 "--object-path", "/", "--recurse", "--only-properties")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "readonly s State" in r.stdout
+    # The objects are managed by the manager, and by nothing else.
+    (managed,) = await c.call(MANAGER_PATH, OBJECT_MANAGER, "GetManagedObjects")
+    assert set(objects[1:]) <= set(managed)
+    e = await error_of(c.call(instance_path("work-shell"), OBJECT_MANAGER, "GetManagedObjects"))
+    assert e.name == "org.freedesktop.DBus.Error.UnknownInterface"
 
 
 def _interface_xml(xml: str, name: str) -> str:
