@@ -279,6 +279,10 @@ def main(argv: list[str] | None = None) -> None:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # qemu.qmp logs a VMM's closed connection at ERROR; the supervisor reports
+    # what it means (an exit, a failed call) itself.
+    if args.log_level != "debug":
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     try:
         sys.exit(asyncio.run(serve(args)))
     except DBusError as e:
