@@ -44,7 +44,7 @@ from spectrumd.lifecycle import State
 from spectrumd.model.types import DirectoryResource, Resource
 from spectrumd.supervisor.files import Exports, exports_of
 from spectrumd.supervisor.instance import Instance
-from spectrumd.supervisor.manager import write_atomically
+from spectrumd.supervisor.statefile import write_atomically
 from spectrumd.supervisor.usb import UsbService
 
 log = logging.getLogger(__name__)

@@ -47,6 +47,7 @@ from spectrumd.model.types import InstanceDef, Resource, Restart
 from spectrumd.supervisor import process
 from spectrumd.supervisor.env import Environment
 from spectrumd.supervisor.instance import Instance
+from spectrumd.supervisor.statefile import write_atomically
 from spectrumd.supervisor.vmrun import BadRecord, RunRecord, read_record
 from spectrumd.vmm import crosvm_available
 
@@ -62,24 +63,6 @@ RESTART_BURST = 5
 RESTART_INTERVAL = 60.0
 
 InstanceListener = Callable[[Instance], None]
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` or leave it as it was (raises OSError).
-
-    A failed write (a full disk) removes its temporary file.
-    """
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 class Supervisor:

@@ -41,6 +41,7 @@ from spectrumd.host.usb import UsbDevice, UsbHost
 from spectrumd.host.usb_ids import UsbMatch, check_id
 from spectrumd.model.types import Resource, UsbResource, VmmKind
 from spectrumd.supervisor.resources import RunContext
+from spectrumd.supervisor.statefile import write_atomically
 from spectrumd.vmm.base import VmmControl, VmmError, VmSpec
 
 log = logging.getLogger(__name__)
@@ -167,9 +168,7 @@ class UsbService:
     def _save(self, live: _Live) -> None:
         body = {k: {"handle": a.handle, "explicit": a.explicit} for k, a in live.attached.items()}
         try:
-            tmp = live.record.with_name(f".{RECORD}.tmp")
-            tmp.write_text(json.dumps(body) + "\n")
-            os.replace(tmp, live.record)
+            write_atomically(live.record, json.dumps(body) + "\n")
         except OSError as e:
             live.log.warning("cannot record USB attachments in %s: %s", live.record, e)
 

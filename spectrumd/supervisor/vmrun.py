@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import attrs
 
 from spectrumd.model.types import Accel, Application, InstanceDef, Resource
 from spectrumd.supervisor import process
+from spectrumd.supervisor.statefile import write_atomically
 from spectrumd.vmm.base import NetDev, VmSpec
 
 RECORD = "state.json"
@@ -58,13 +58,7 @@ def write_record(
         },
         "nets": [[n.id, n.tap_name, n.mac] for n in nets],
     }
-    path = spec.run_dir / RECORD
-    tmp = path.with_name(f".{RECORD}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(body))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomically(spec.run_dir / RECORD, json.dumps(body))
 
 
 class BadRecord(Exception):
