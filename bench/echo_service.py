@@ -3,9 +3,11 @@
 Usage: python bench/echo_service.py BUS_ADDRESS
 
 Owns ``org.spectrum_os.BenchEcho`` and exports ``/org/spectrum_os/BenchEcho`` with
-``Echo(s) -> s`` (the peer of the targets) and, for information, ``Blob(u) -> s``
-(a reply of N bytes) and ``Table(u) -> a(ssso)`` (a precomputed list shaped like
-spectrumd's ListInstances reply for N instances: the floor of that call).
+``Echo(s) -> s``, ``Managed(u) -> a{oa{sa{sv}}}`` (the peer of GetManagedObjects: a
+precomputed dictionary shaped like spectrumd's for N instances, every property of
+the Instance interface with a value of its type), and, for information,
+``Blob(u) -> s`` (a reply of N bytes) and ``Table(u) -> a(ssso)`` (a precomputed list
+shaped like spectrumd's ListInstances reply).
 Prints ``ready`` on stdout once the name is owned; ends on SIGTERM.
 """
 
@@ -16,7 +18,7 @@ import signal
 import sys
 from typing import Annotated
 
-from dbus_fast import RequestNameReply
+from dbus_fast import RequestNameReply, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import DBusSignature, DBusStr, DBusUInt32
 from dbus_fast.service import ServiceInterface, dbus_method
@@ -27,16 +29,46 @@ IFACE = "org.spectrum_os.BenchEcho"
 INSTANCE_PREFIX = "/org/spectrum_os/Spectrum1/instance/"
 
 InstanceList = Annotated[list[list[str]], DBusSignature("a(ssso)")]
+ManagedObjects = Annotated[dict[str, dict[str, dict[str, Variant]]], DBusSignature("a{oa{sa{sv}}}")]
+INSTANCE_IFACE = "org.spectrum_os.Spectrum1.Instance"
+
+
+def instance_properties(name: str) -> dict[str, Variant]:
+    """What spectrumd's Instance interface holds for a stopped instance named ``name``."""
+    return {
+        "Name": Variant("s", name),
+        "Application": Variant("s", "app"),
+        "State": Variant("s", "stopped"),
+        "StateReason": Variant("s", ""),
+        "MainPID": Variant("u", 0),
+        "Vmm": Variant("s", "qemu"),
+        "Resources": Variant("as", []),
+        "StartedAt": Variant("t", 0),
+        "GuestReady": Variant("b", False),
+        "NeedsRestart": Variant("b", False),
+        "ConsoleLog": Variant("s", f"/tmp/spb.xxxxxxxx/state/logs/{name}/console.log"),
+        "NetworkInterfaces": Variant("a(sss)", []),
+    }
 
 
 class EchoInterface(ServiceInterface):
     def __init__(self) -> None:
         super().__init__(IFACE)
         self._tables: dict[int, list[list[str]]] = {}
+        self._managed: dict[int, dict[str, dict[str, dict[str, Variant]]]] = {}
 
     @dbus_method()
     async def Echo(self, text: DBusStr) -> DBusStr:
         return text
+
+    @dbus_method()
+    async def Managed(self, count: DBusUInt32) -> ManagedObjects:
+        managed = self._managed.get(count)
+        if managed is None:
+            names = [f"i{k:03d}" for k in range(count)]
+            managed = {INSTANCE_PREFIX + n: {INSTANCE_IFACE: instance_properties(n)} for n in names}
+            self._managed[count] = managed
+        return managed
 
     @dbus_method()
     async def Blob(self, size: DBusUInt32) -> DBusStr:

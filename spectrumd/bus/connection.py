@@ -6,7 +6,9 @@
 2. ObjectManager is the manager's alone: dbus-fast lists it in every object's
    introspection and answers GetManagedObjects everywhere; here other objects
    neither list it nor answer it, as the D-Bus specification's object manager
-   pattern (and ``busctl``, GLib) expects.
+   pattern (and ``busctl``, GLib) expects. GetManagedObjects, the first call of
+   every desktop client, is answered from the property values each instance
+   object keeps between its PropertiesChanged, not by calling every getter.
 3. The caller of the method being handled is known (``current_sender``), so
    the daemon can check who asks before it changes state.
 
@@ -19,7 +21,7 @@ import contextvars
 from collections.abc import Callable
 from typing import Any
 
-from dbus_fast import Message, MessageType
+from dbus_fast import Message, MessageType, Variant
 from dbus_fast import introspection as intr
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface
@@ -50,7 +52,7 @@ async def call_bus_daemon(bus: MessageBus, member: str, signature: str, *args: A
 class SpectrumBus(MessageBus):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.add_message_handler(self._refuse_foreign_object_manager)
+        self.add_message_handler(self._object_manager)
 
     def _introspect_export_path(self, path: str) -> intr.Node:
         node = super()._introspect_export_path(path)
@@ -58,12 +60,11 @@ class SpectrumBus(MessageBus):
             node.interfaces = [i for i in node.interfaces if i.name != OBJECT_MANAGER_IFACE]
         return node
 
-    def _refuse_foreign_object_manager(self, msg: Message) -> bool:
-        if (
-            msg.message_type is MessageType.METHOD_CALL
-            and msg.interface == OBJECT_MANAGER_IFACE
-            and msg.path != MANAGER_PATH
-        ):
+    def _object_manager(self, msg: Message) -> bool:
+        """GetManagedObjects on the manager, from values the objects keep; refused elsewhere."""
+        if msg.message_type is not MessageType.METHOD_CALL or msg.interface != OBJECT_MANAGER_IFACE:
+            return False
+        if msg.path != MANAGER_PATH:
             self.send(
                 Message.new_error(
                     msg,
@@ -73,7 +74,16 @@ class SpectrumBus(MessageBus):
                 )
             )
             return True
-        return False
+        if msg.member != "GetManagedObjects" or msg.signature:
+            return False
+        prefix = MANAGER_PATH + "/"
+        managed = {
+            path: {name: _properties(iface) for name, iface in interfaces.items()}
+            for path, interfaces in self._path_exports.items()
+            if path.startswith(prefix)
+        }
+        self.send(Message.new_method_return(msg, "a{oa{sa{sv}}}", [managed]))
+        return True
 
     def _make_method_handler(self, interface: Any, method: Any) -> Callable[..., None]:
         inner = super()._make_method_handler(interface, method)
@@ -119,3 +129,16 @@ class SpectrumBus(MessageBus):
                 body=[path, removed_interfaces],
             )
         )
+
+
+def _properties(iface: ServiceInterface) -> dict[str, Variant]:
+    """Every readable property of ``iface`` as Variants: kept by the interface itself
+    where it has ``managed_properties`` (instances, the hundreds), else read now."""
+    kept = getattr(iface, "managed_properties", None)
+    if kept is not None:
+        return kept()  # type: ignore[no-any-return]
+    return {
+        prop.name: Variant(prop.signature, prop.prop_getter(iface))
+        for prop in ServiceInterface._get_properties(iface)
+        if not prop.disabled and prop.access.readable()
+    }

@@ -3,7 +3,7 @@
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from dbus_fast import PropertyAccess
+from dbus_fast import PropertyAccess, Variant
 from dbus_fast.annotations import DBusBool, DBusSignature, DBusStr, DBusUInt32, DBusUInt64
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
 
@@ -35,6 +35,9 @@ PROPERTIES: dict[str, tuple[str, Any]] = {
     "ConsoleLog": ("s", lambda i: str(i.env.log_path(i.name))),
 }
 NetworkList = Annotated[list[list[str]], DBusSignature("a(sss)")]
+SIGNATURES = {name: sig for name, (sig, _getter) in PROPERTIES.items()} | {
+    "NetworkInterfaces": "a(sss)"
+}
 
 
 def property_values(inst: Instance, network: NetworkService | None) -> dict[str, Any]:
@@ -62,6 +65,7 @@ class InstanceInterface(UsbInstanceMixin, ServiceInterface):
         self._usb = usb
         self._resources = resources
         self._emitted = property_values(inst, network)
+        self._variants: dict[str, Variant] | None = None
 
     def refresh(self) -> None:
         """Emit PropertiesChanged for every property whose value changed."""
@@ -69,7 +73,16 @@ class InstanceInterface(UsbInstanceMixin, ServiceInterface):
         changed = {k: v for k, v in now.items() if self._emitted.get(k) != v}
         self._emitted = now
         if changed:
+            self._variants = None
             self.emit_properties_changed(changed)
+
+    def managed_properties(self) -> dict[str, Variant]:
+        """The values last emitted, as GetManagedObjects sends them (built once per change)."""
+        if self._variants is None:
+            self._variants = {
+                name: Variant(SIGNATURES[name], value) for name, value in self._emitted.items()
+            }
+        return self._variants
 
     @dbus_property(access=PropertyAccess.READ)
     def Name(self) -> DBusStr:

@@ -257,8 +257,19 @@ async def test_every_object_has_the_standard_shape(daemon: Daemon, short_tmp: Pa
     assert r.returncode == 0, r.stderr
     assert "readonly s State" in r.stdout
     # The objects are managed by the manager, and by nothing else.
+    await c.manager("CreateInstance", "ssasa{sv}", "extra", "app", [], {})
+    await error_of(c.manager("StopInstance", "s", "extra"))  # the values change nothing
     (managed,) = await c.call(MANAGER_PATH, OBJECT_MANAGER, "GetManagedObjects")
-    assert set(objects[1:]) <= set(managed)
+    assert set(managed) == {*objects[1:], instance_path("extra")}
+    # Every object's values are what its own GetAll says.
+    for path, interfaces in managed.items():
+        for iface, values in interfaces.items():
+            (direct,) = await c.call(
+                path, "org.freedesktop.DBus.Properties", "GetAll", "s", [iface]
+            )
+            assert {k: v.value for k, v in values.items()} == {
+                k: v.value for k, v in direct.items()
+            }, path
     e = await error_of(c.call(instance_path("work-shell"), OBJECT_MANAGER, "GetManagedObjects"))
     assert e.name == "org.freedesktop.DBus.Error.UnknownInterface"
 
