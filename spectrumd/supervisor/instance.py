@@ -17,7 +17,7 @@ import shutil
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from spectrumd.errors import Failed, InvalidState, SpectrumError
+from spectrumd.errors import Cancelled, Failed, InvalidState, SpectrumError
 from spectrumd.lifecycle import Event, InvalidTransition, State, has_vmm, is_up, next_state
 from spectrumd.model.types import Application, InstanceDef, Resource
 from spectrumd.supervisor import process
@@ -181,8 +181,12 @@ class Instance:
                 self.log.error("%s", self.state_reason)
                 self.log.debug("start failed", exc_info=e)
                 raise
-            self._fire(Event.started, started_at_us=run.started_at_us)
+            # The watcher first: a Kill that came just as the start finished
+            # (the state is stopping) is resolved by the VMM's exit like any other.
             run.watch()
+            if run.stop_reason is not None:
+                raise Cancelled(f"start of {self.name} was cancelled: {run.stop_reason}")
+            self._fire(Event.started, started_at_us=run.started_at_us)
             self.log.info("started (pid %d)", self.main_pid)
 
     async def stop(self) -> None:
