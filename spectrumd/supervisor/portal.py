@@ -169,6 +169,12 @@ class PortalChannel:
         finally:
             for task in waiting:
                 task.cancel()
+            broker = self._broker()
+            if self.bound.closed_for_overflow and broker is not None:
+                # Nobody is left to hear the answer: take the question off the agent.
+                req = broker.pending.get(self.instance)
+                if req is not None and req.origin == "portal":
+                    broker.cancel(req, "the guest lost its portal port")
 
     def _handle(self, untrusted_line: bytes) -> asyncio.Task[None] | None:
         parsed = parse_request(untrusted_line.rstrip(b"\r"), time.time_ns() // 1000)
