@@ -315,6 +315,8 @@ class GrantService:
                     d.close()
             raise
         directory = checked if isinstance(checked, HeldDirectory) else None
+        if held is not None and held is not directory:
+            held.close()
         if directory is not None:
             untrusted_resource = directory.path  # what was resolved, shown to everyone
         if untrusted_resource.startswith(USB_GRANT_PREFIX):
@@ -373,11 +375,13 @@ class GrantService:
 
     def _recheck_paths(self, inst: Instance) -> None:
         """Resolve the instance's path grants that hold nothing (a start), and check
-        those that do still name their directory; one that fails holds nothing, its
-        reason logged, and is left out of the exports."""
+        that those that hold a directory still name it. One that fails holds nothing
+        and is left out of the exports: it is (or goes back to) ``waiting``, with its
+        reason logged once."""
         for g in self.grants.values():
             if g.instance != inst.name or not g.resource.startswith("/"):
                 continue
+            before = g.reason
             if g.held is not None:
                 if g.held.still_named():
                     continue
@@ -390,10 +394,19 @@ class GrantService:
                     continue
                 except SpectrumError as e:
                     g.reason = e.message
-            log.warning("%s: grant %s is not applied: %s", inst.name, g.id, g.reason)
-            audit_line(
-                "not-applied", id=g.id, instance=g.instance, resource=g.resource, reason=g.reason
-            )
+            if g.state == "active":
+                g.state = "waiting"
+                for cb in self.on_changed:
+                    cb(g)
+            if g.reason != before:
+                log.warning("%s: grant %s is not applied: %s", inst.name, g.id, g.reason)
+                audit_line(
+                    "not-applied",
+                    id=g.id,
+                    instance=g.instance,
+                    resource=g.resource,
+                    reason=g.reason,
+                )
 
     def exports_for(self, inst: Instance) -> Exports:
         """The exports of a running instance: an ad-hoc path only while it is held."""
@@ -486,6 +499,7 @@ class GrantService:
                     await self.end(g.id, "ended-with-instance")
                     continue
                 g.release()
+                g.reason = ""  # a reason not to apply it is found (and logged) per start
                 if g.state != "waiting":
                     g.state = "waiting"
                     for cb in self.on_changed:
