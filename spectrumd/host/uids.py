@@ -178,12 +178,25 @@ class UidAllocator:
         """Mark ``uid`` as held by ``holder``: a re-adopted instance (its ids read
         from the kernel) or a leftover process. Raises Failed if it is outside the
         range or held by another."""
+        self._check_free_for(uid, holder)
+        self._holder[uid] = holder
+
+    def adopt(self, instance: str, ids: InstanceIds) -> None:
+        """A re-adopted instance's pair, as read from the kernel: held by it again.
+        Raises Failed (as :meth:`reserve`) if an id is outside the range or held by
+        another; then nothing is taken."""
+        for uid in (ids.vmm, ids.fileserver):
+            self._check_free_for(uid, instance)
+        for uid in (ids.vmm, ids.fileserver):
+            self._holder[uid] = instance
+        self._of[instance] = ids
+
+    def _check_free_for(self, uid: int, holder: str) -> None:
         if uid not in self.range:
             raise Failed(f"uid {uid} is outside the uid range {self.range}")
         other = self._holder.get(uid)
         if other is not None and other != holder:
             raise Failed(f"uid {uid} is held by {other}, not {holder}")
-        self._holder[uid] = holder
 
     def release(self, instance: str) -> None:
         """The run ended: its ids are free again (idempotent)."""

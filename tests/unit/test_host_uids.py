@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from spectrumd.errors import Busy, Failed, InvalidArgument
 from spectrumd.host.uids import (
     DEFAULT_RANGE,
+    InstanceIds,
     SubIds,
     UidAllocator,
     UidRange,
@@ -156,6 +157,19 @@ def test_reserved_ids_of_readopted_instances_are_never_handed_out() -> None:
         a.allocate("third")  # pair 0 is half held
     a.release("old")
     assert a.allocate("third").vmm == 500000
+
+
+def test_a_readopted_pair_is_held_whole_or_not_at_all() -> None:
+    a = UidAllocator(UidRange(510000, 6))
+    a.reserve(510003, "leftover pid 4242")
+    with pytest.raises(Failed, match="held by leftover pid 4242"):
+        a.adopt("old", InstanceIds(510002, 510003))
+    assert a.holder(510002) is None, "nothing taken on refusal"
+    a.adopt("old", InstanceIds(510000, 510001))
+    assert a.ids_of("old") == InstanceIds(510000, 510001)
+    assert a.allocate("new") == InstanceIds(510004, 510005)
+    a.release("old")
+    assert a.holder(510000) is None and a.holder(510003) == "leftover pid 4242"
 
 
 @settings(max_examples=200, deadline=None)
