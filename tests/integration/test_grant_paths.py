@@ -7,6 +7,7 @@ InvalidArgument naming the component, and nothing exported.
 """
 
 import asyncio
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,5 +113,50 @@ async def test_a_permanent_grant_whose_path_became_a_symlink_is_not_applied(
     await c.manager("StartInstance", "s", "one")
     await wait_log(log, "marker-from-docs", timeout=90)
     assert await grant_state(c, path) == "active"
+    assert "the-secret-marker" not in log.read_text()
+    await c.instance_call("one", "Kill")
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def test_an_active_grant_whose_path_is_swapped_is_withdrawn_and_fds_are_not_leaked(
+    daemon: Daemon, home: Path, secret_dir: Path
+) -> None:
+    docs = home / "docs"
+    docs.mkdir(mode=0o755)
+    (docs / "marker").write_text("marker-from-docs\n")
+    c = await daemon.start(app_config(LISTER))
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    # Refused and ended requests, and grants made and revoked, leave no descriptor.
+    before = fd_count(pid)
+    for _ in range(20):
+        (p,) = await c.manager(
+            "Grant", "ssa{sv}", "one", str(docs), {"lifetime": Variant("s", "permanent")}
+        )
+        await c.call(p, GRANT_IFACE, "Revoke")
+        await error_of(c.manager("Grant", "ssa{sv}", "one", str(home / "nope"), {}))
+        await c.manager("RequestGrant", "ssa{sv}", "one", str(docs), {})  # no agent: ends
+    await asyncio.sleep(0.5)
+    assert fd_count(pid) <= before + 2, (before, fd_count(pid))
+
+    await c.manager("StartInstance", "s", "one")
+    log = Path((await props(c, "one"))["ConsoleLog"])
+    await wait_log(log, "ls: ", timeout=90)
+    (path,) = await c.manager("Grant", "ssa{sv}", "one", str(docs), {})
+    await wait_log(log, "marker-from-docs", timeout=20)
+    assert await grant_state(c, path) == "active"
+    # Swapped while the grant is active; the next change of the instance's exports
+    # (here: another grant) finds that the path no longer names the granted inode.
+    docs.rename(home / "docs-moved")
+    docs.symlink_to(secret_dir)
+    await c.manager("Grant", "ssa{sv}", "one", str(home), {})
+    await wait_log(log, "marker-from-home", timeout=20)
+    assert await grant_state(c, path) == "waiting"
+    assert "no longer names the directory that was granted" in daemon.stderr_path.read_text()
+    after = await output_after(log, settle=2.0, window=2.0)
+    assert "ls: " in after and "docs" not in after, after[-500:]
     assert "the-secret-marker" not in log.read_text()
     await c.instance_call("one", "Kill")
