@@ -14,6 +14,15 @@ A grant is ``active`` while its effect is applied (the instance runs) and
 ``waiting`` while the instance is not running (only permanent grants wait).
 Ending a grant (revoke, expiry, instance stop) undoes its effect at once.
 Every change is one ``audit`` log line.
+
+An ad-hoc host directory is resolved once, when it is asked for, with no
+symlink in any component (:mod:`spectrumd.host.paths`); the grant holds the
+directory open while it is active, and the path is handed to the file server
+only while it still resolves, symlink-free, to that same inode. A permanent
+grant is resolved again at every start of its instance: if its path has become
+a symlink, vanished or names another directory, it is not applied and stays
+``waiting`` (one WARNING and an ``audit`` ``not-applied`` line give the
+reason; the next start tries again).
 """
 
 from __future__ import annotations
@@ -24,7 +33,6 @@ import json
 import logging
 import os
 import secrets
-import stat
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -39,6 +47,7 @@ from spectrumd.errors import (
     NoSuchResource,
     SpectrumError,
 )
+from spectrumd.host.paths import HeldDirectory, open_directory
 from spectrumd.host.usb_ids import USB_GRANT_PREFIX, UsbMatch, parse_match
 from spectrumd.lifecycle import State
 from spectrumd.model.types import DirectoryResource, Resource
@@ -53,7 +62,6 @@ audit = logging.getLogger("spectrumd.audit")
 LIFETIMES = ("running", "until", "permanent")
 ACCESSES = ("ro", "rw")
 GRANTS_FILE = "grants.json"
-MAX_PATH = 4096
 MAX_GRANTS = 1024
 
 
@@ -69,6 +77,16 @@ class Grant:
     state: str = "waiting"  # "active" | "waiting" | "ended"
     # For ad-hoc paths: the entry name under the guest's file mount.
     entry: str = ""
+    # For ad-hoc paths, while active: the directory as resolved (no symlink in any
+    # component), held open; None while waiting. Not persisted: resolved anew.
+    held: HeldDirectory | None = attrs.field(default=None, repr=False)
+    # Why a waiting grant was not applied at the last start ("" if it was).
+    reason: str = ""
+
+    def release(self) -> None:
+        if self.held is not None:
+            self.held.close()
+            self.held = None
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -92,22 +110,12 @@ def check_lifetime(lifetime: str, expires_at_us: int, now_us: int) -> None:
         raise InvalidArgument(f'expires_at only goes with lifetime "until", not "{lifetime}"')
 
 
-def check_host_directory(untrusted_path: str) -> Path:
-    """An ad-hoc path must be absolute, canonical and an existing directory (no symlink)."""
-    if len(untrusted_path) > MAX_PATH or "\0" in untrusted_path:
-        raise InvalidArgument("path is too long or contains NUL")
-    if not untrusted_path.startswith("/"):
-        raise InvalidArgument(f'"{untrusted_path[:200]}" is not an absolute path')
-    parts = untrusted_path.split("/")[1:]
-    if untrusted_path != "/" and any(p in ("", ".", "..") for p in parts):
-        raise InvalidArgument(f'"{untrusted_path[:200]}" is not a canonical path')
-    try:
-        st = os.lstat(untrusted_path)
-    except OSError as e:
-        raise InvalidArgument(f'"{untrusted_path[:200]}": {e.strerror}') from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise InvalidArgument(f'"{untrusted_path[:200]}" is not a directory')
-    return Path(untrusted_path)
+def check_host_directory(untrusted_path: str) -> HeldDirectory:
+    """An ad-hoc path: absolute, canonical, an existing directory with no symlink in
+    any component, resolved once and held open (the caller closes it).
+
+    Raises InvalidArgument naming the rule or the component that broke it."""
+    return open_directory(untrusted_path)
 
 
 ExportSetter = Callable[[str, Exports], Awaitable[None]]
@@ -236,9 +244,18 @@ class GrantService:
         return name
 
     def validate(
-        self, instance: str, untrusted_resource: str, access: str, lifetime: str, expires_at_us: int
-    ) -> Resource | Path | UsbMatch:
-        """Check a grant before anyone is asked. Raises a named SpectrumError."""
+        self,
+        instance: str,
+        untrusted_resource: str,
+        access: str,
+        lifetime: str,
+        expires_at_us: int,
+        held: HeldDirectory | None = None,
+    ) -> Resource | HeldDirectory | UsbMatch:
+        """Check a grant before anyone is asked. Raises a named SpectrumError.
+
+        An ad-hoc path is resolved here and returned open: the caller owns it
+        (``held``, resolved earlier for the same path, is returned instead)."""
         if instance not in self._instances:
             raise NoSuchInstance(f'no instance "{instance}"')
         if access not in ACCESSES:
@@ -252,6 +269,8 @@ class GrantService:
             self._usb.check_grantable(instance, inst.definition.vmm, inst.resources)
             return match
         if untrusted_resource.startswith("/"):
+            if held is not None and not held.closed and held.path == untrusted_resource:
+                return held
             return check_host_directory(untrusted_resource)
         res = self._resources().get(untrusted_resource)
         if res is None:
@@ -272,16 +291,34 @@ class GrantService:
         lifetime: str = "running",
         expires_at_us: int = 0,
         origin: str = "user",
+        held: HeldDirectory | None = None,
     ) -> Grant:
-        """Make a grant and apply it now if the instance runs. Raises a named SpectrumError."""
-        self.validate(instance, untrusted_resource, access, lifetime, expires_at_us)
-        inst = self._instances[instance]
-        if lifetime != "permanent" and inst.state not in (State.running, State.paused):
-            raise InvalidState(
-                f"{instance} is {inst.state.value}: only a permanent grant can wait for a start"
+        """Make a grant and apply it now if the instance runs. Raises a named SpectrumError.
+
+        ``held``: the directory a request resolved when it was asked for; the
+        grant takes it over (it is closed here if the grant is not made)."""
+        checked = None
+        try:
+            checked = self.validate(
+                instance, untrusted_resource, access, lifetime, expires_at_us, held
             )
-        if len(self.grants) >= MAX_GRANTS:
-            raise Failed(f"too many grants (at most {MAX_GRANTS})")
+            inst = self._instances[instance]
+            if lifetime != "permanent" and inst.state not in (State.running, State.paused):
+                raise InvalidState(
+                    f"{instance} is {inst.state.value}: only a permanent grant can wait for a start"
+                )
+            if len(self.grants) >= MAX_GRANTS:
+                raise Failed(f"too many grants (at most {MAX_GRANTS})")
+        except BaseException:
+            for d in (held, checked):
+                if isinstance(d, HeldDirectory):
+                    d.close()
+            raise
+        directory = checked if isinstance(checked, HeldDirectory) else None
+        if held is not None and held is not directory:
+            held.close()
+        if directory is not None:
+            untrusted_resource = directory.path  # what was resolved, shown to everyone
         if untrusted_resource.startswith(USB_GRANT_PREFIX):
             # One spelling per grant: lower-case ids, canonical serial.
             untrusted_resource = str(parse_match(untrusted_resource))
@@ -295,6 +332,10 @@ class GrantService:
             origin=origin,
         )
         g.entry = self._entry_name(g)
+        if inst.state in (State.running, State.paused):
+            g.held = directory
+        elif directory is not None:
+            directory.close()  # a waiting grant is resolved anew at the start
         self.grants[g.id] = g
         try:
             # A permanent grant that cannot be kept on disk is refused; the others
@@ -303,8 +344,11 @@ class GrantService:
                 self._save()
             if inst.state in (State.running, State.paused):
                 await self._apply_one(inst, g)
+                if g.resource.startswith("/") and g.held is None:
+                    raise InvalidArgument(g.reason)  # swapped since it was resolved
                 g.state = "active"
         except BaseException:
+            g.release()
             del self.grants[g.id]
             if lifetime == "permanent":
                 self._save()
@@ -329,13 +373,50 @@ class GrantService:
 
     # -- effects ----------------------------------------------------------------
 
+    def _recheck_paths(self, inst: Instance) -> None:
+        """Resolve the instance's path grants that hold nothing (a start), and check
+        that those that hold a directory still name it. One that fails holds nothing
+        and is left out of the exports: it is (or goes back to) ``waiting``, with its
+        reason logged once."""
+        for g in self.grants.values():
+            if g.instance != inst.name or not g.resource.startswith("/"):
+                continue
+            before = g.reason
+            if g.held is not None:
+                if g.held.still_named():
+                    continue
+                g.release()
+                g.reason = f'"{g.resource}" no longer names the directory that was granted'
+            else:
+                try:
+                    g.held = check_host_directory(g.resource)
+                    g.reason = ""
+                    continue
+                except SpectrumError as e:
+                    g.reason = e.message
+            if g.state == "active":
+                g.state = "waiting"
+                for cb in self.on_changed:
+                    cb(g)
+            if g.reason != before:
+                log.warning("%s: grant %s is not applied: %s", inst.name, g.id, g.reason)
+                audit_line(
+                    "not-applied",
+                    id=g.id,
+                    instance=g.instance,
+                    resource=g.resource,
+                    reason=g.reason,
+                )
+
     def exports_for(self, inst: Instance) -> Exports:
+        """The exports of a running instance: an ad-hoc path only while it is held."""
         exports = exports_of(inst.resources)
         for g in self.grants.values():
             if g.instance != inst.name:
                 continue
             if g.resource.startswith("/"):
-                exports[g.entry] = (g.resource, g.access == "rw")
+                if g.held is not None:
+                    exports[g.entry] = (g.held.path, g.access == "rw")
             else:
                 res = self._resources().get(g.resource)
                 if isinstance(res, DirectoryResource):
@@ -343,6 +424,7 @@ class GrantService:
         return exports
 
     async def _apply(self, inst: Instance) -> None:
+        self._recheck_paths(inst)
         await self._set_exports(inst.name, self.exports_for(inst))
 
     async def _apply_one(self, inst: Instance, g: Grant, strict: bool = True) -> None:
@@ -377,6 +459,7 @@ class GrantService:
         if timer is not None:
             timer.cancel()
         g.state = "ended"
+        g.release()
         inst = self._instances.get(g.instance)
         if inst is not None and inst.state in (State.running, State.paused):
             try:
@@ -397,7 +480,11 @@ class GrantService:
                 log.error("%s: cannot apply grants: %s", inst.name, e)
                 return
             for g in mine:
-                if g.state == "waiting" and g.resource.startswith(USB_GRANT_PREFIX):
+                if g.state != "waiting":
+                    continue
+                if g.resource.startswith("/") and g.held is None:
+                    continue  # not applied (_recheck_paths logged why): it waits
+                if g.resource.startswith(USB_GRANT_PREFIX):
                     try:
                         await self._apply_one(inst, g, strict=False)
                     except SpectrumError as e:
@@ -410,7 +497,10 @@ class GrantService:
             for g in mine:
                 if g.lifetime != "permanent":
                     await self.end(g.id, "ended-with-instance")
-                elif g.state != "waiting":
+                    continue
+                g.release()
+                g.reason = ""  # a reason not to apply it is found (and logged) per start
+                if g.state != "waiting":
                     g.state = "waiting"
                     for cb in self.on_changed:
                         cb(g)
@@ -419,3 +509,5 @@ class GrantService:
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
+        for g in self.grants.values():
+            g.release()

@@ -8,8 +8,10 @@ the guest then powers off).
 host → guest: ``hello`` (answered with ``ready``); ``run B64`` (base64 of the
 shell command line, run once); ``poweroff``.
 
-Everything the guest sends is untrusted: a line that is too long or malformed
-is dropped, never raised.
+Everything the guest sends is untrusted: a line that is too long (discarded
+whole, up to its newline) or malformed is dropped, never raised. A guest that
+leaves more than ``MAX_PENDING_WRITE`` bytes unread, or reads nothing for
+``SEND_TIMEOUT`` while a send waits, loses the channel (see :mod:`.lines`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import base64
 import logging
 from collections.abc import Callable
 
-MAX_LINE = 4096
+from spectrumd.supervisor.lines import MAX_LINE, SEND_TIMEOUT, LineSplitter, WriteBound
 
 log = logging.getLogger(__name__)
 
@@ -43,31 +45,46 @@ class GuestChannel:
         writer: asyncio.StreamWriter,
         on_ready: Callable[[], None],
         on_exited: Callable[[int], None],
+        logger: logging.Logger = log,
+        send_timeout: float = SEND_TIMEOUT,
     ) -> None:
+        # ``logger``: the instance's own, so that a warning names the instance.
         self._reader = reader
         self._writer = writer
         self._on_ready = on_ready
         self._on_exited = on_exited
+        self._log = logger
+        self._bound = WriteBound(writer, logger, "control")
+        self._send_timeout = send_timeout
+
+    @property
+    def closed(self) -> bool:
+        return self._bound.closed
 
     async def send(self, line: bytes) -> None:
-        self._writer.write(line)
-        await self._writer.drain()
+        """Send one line; a guest that does not read loses the channel (never raises)."""
+        if self._bound.write(line):
+            await self._bound.drain(self._send_timeout)
 
     async def run(self) -> None:
         """Dispatch the guest's lines until the port closes."""
-        buf = b""
-        while chunk := await self._reader.read(4096):
-            buf += chunk
-            while b"\n" in buf:
-                untrusted_line, buf = buf.split(b"\n", 1)
+        lines = LineSplitter(MAX_LINE)
+        while not self._bound.closed:
+            try:
+                chunk = await self._reader.read(4096)
+            except ConnectionError:
+                break
+            if not chunk:
+                break
+            before = lines.discarded
+            for untrusted_line in lines.feed(chunk):
                 self._dispatch(untrusted_line)
-            if len(buf) > MAX_LINE:
-                log.debug("dropping an over-long line from the guest")
-                buf = b""
+            if lines.discarded > before:
+                # Once at WARNING: a guest must not be able to flood the journal.
+                level = logging.WARNING if before == 0 else logging.DEBUG
+                self._log.log(level, "control: discarded an over-long line (%d)", lines.discarded)
 
     def _dispatch(self, untrusted_line: bytes) -> None:
-        if len(untrusted_line) > MAX_LINE:
-            return
         try:
             words = untrusted_line.decode().strip().split(" ")
         except UnicodeDecodeError:

@@ -15,6 +15,8 @@ host → guest: ``response ID CODE B64``
 
 A malformed line is dropped and logged; a well-formed request that cannot be
 asked (one is pending already, bad path) is answered with code 2 at once.
+A line over 4096 bytes is discarded whole (up to its newline); a guest that
+leaves over ``MAX_PENDING_WRITE`` bytes of answers unread loses the port.
 """
 
 from __future__ import annotations
@@ -26,15 +28,16 @@ import contextlib
 import logging
 import re
 import time
+from collections.abc import Callable
 
 from spectrumd.errors import SpectrumError
+from spectrumd.supervisor.lines import MAX_LINE, LineSplitter, WriteBound
 from spectrumd.supervisor.requests import ENDED, GRANTED, Request, RequestBroker
 from spectrumd.supervisor.resources import RunContext
 from spectrumd.vmm.base import PORT_PORTAL, VmSpec
 
 log = logging.getLogger(__name__)
 
-MAX_LINE = 4096
 MOUNT_ROOT = "/mnt/spectrum"
 _ID = re.compile("[A-Za-z0-9]{1,16}")
 MAX_SECONDS = 10 * 365 * 24 * 3600
@@ -92,7 +95,10 @@ class PortalDriver:
 
     async def started(self, ctx: RunContext, spec: VmSpec) -> None:
         reader, writer = await asyncio.open_unix_connection(spec.port_socket(PORT_PORTAL))
-        task = asyncio.ensure_future(self._serve(ctx, reader, writer))
+        channel = PortalChannel(
+            ctx.name, ctx.application.name, ctx.log, reader, writer, lambda: self.broker
+        )
+        task = asyncio.ensure_future(channel.serve())
 
         async def stop() -> None:
             if self.broker is not None:
@@ -107,46 +113,85 @@ class PortalDriver:
     async def adopt(self, ctx: RunContext, spec: VmSpec) -> None:
         await self.started(ctx, spec)
 
-    async def _serve(
-        self, ctx: RunContext, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+
+class PortalChannel:
+    """One guest's portal connection: bounded in what it reads and what it queues.
+
+    An over-long line is discarded whole; a guest that leaves more than
+    ``MAX_PENDING_WRITE`` bytes of answers unread loses the channel (see
+    :mod:`.lines`). Warnings are logged once per channel, then at DEBUG.
+    """
+
+    def __init__(
+        self,
+        instance: str,
+        application: str,
+        log: logging.Logger,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        broker: Callable[[], RequestBroker | None],
     ) -> None:
-        buf = b""
+        self.instance, self.application = instance, application
+        self._log = log
+        self._reader = reader
+        self._writer = writer
+        self._broker = broker
+        self.bound = WriteBound(writer, log, "portal")
+        self._warned: set[str] = set()
+
+    def _warn_once(self, what: str, *args: object) -> None:
+        level = logging.DEBUG if what in self._warned else logging.WARNING
+        self._warned.add(what)
+        self._log.log(level, "portal: " + what, *args)
+
+    async def serve(self) -> None:
+        """Handle the guest's lines until the port closes or a bound is broken."""
+        lines = LineSplitter(MAX_LINE)
         waiting: set[asyncio.Task[None]] = set()
         try:
-            while chunk := await reader.read(4096):
-                buf += chunk
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    task = self._handle(ctx, line, writer)
+            while not self.bound.closed:
+                try:
+                    chunk = await self._reader.read(4096)
+                except ConnectionError:
+                    break
+                if not chunk:
+                    break
+                before = lines.discarded
+                for untrusted_line in lines.feed(chunk):
+                    task = self._handle(untrusted_line)
                     if task is not None:
                         waiting.add(task)
                         task.add_done_callback(waiting.discard)
-                if len(buf) > MAX_LINE:
-                    ctx.log.warning("portal: dropped an over-long line")
-                    buf = b""
+                    if self.bound.closed:
+                        break
+                if lines.discarded > before:
+                    self._warn_once("discarded an over-long line (over %d bytes)", MAX_LINE)
         finally:
             for task in waiting:
                 task.cancel()
+            broker = self._broker()
+            if self.bound.closed_for_overflow and broker is not None:
+                # Nobody is left to hear the answer: take the question off the agent.
+                req = broker.pending.get(self.instance)
+                if req is not None and req.origin == "portal":
+                    broker.cancel(req, "the guest lost its portal port")
 
-    def _handle(
-        self, ctx: RunContext, untrusted_line: bytes, writer: asyncio.StreamWriter
-    ) -> asyncio.Task[None] | None:
-        if len(untrusted_line) > MAX_LINE:
-            return None
+    def _handle(self, untrusted_line: bytes) -> asyncio.Task[None] | None:
         parsed = parse_request(untrusted_line.rstrip(b"\r"), time.time_ns() // 1000)
         if parsed is None:
-            ctx.log.warning("portal: dropped a malformed line (%d bytes)", len(untrusted_line))
+            self._warn_once("dropped a malformed line (%d bytes)", len(untrusted_line))
             return None
         if isinstance(parsed, str):
-            writer.write(response_line(parsed, ENDED, "malformed request"))
+            self.bound.write(response_line(parsed, ENDED, "malformed request"))
             return None
-        if self.broker is None:
-            writer.write(response_line(parsed.id, ENDED, "requests are not accepted yet"))
+        broker = self._broker()
+        if broker is None:
+            self.bound.write(response_line(parsed.id, ENDED, "requests are not accepted yet"))
             return None
         try:
-            req = self.broker.submit(
-                ctx.name,
-                ctx.application.name,
+            req = broker.submit(
+                self.instance,
+                self.application,
                 parsed.resource,
                 parsed.access,
                 parsed.lifetime,
@@ -154,17 +199,16 @@ class PortalDriver:
                 origin="portal",
             )
         except SpectrumError as e:
-            writer.write(response_line(parsed.id, ENDED, e.message))
+            self.bound.write(response_line(parsed.id, ENDED, e.message))
             return None
-        return asyncio.ensure_future(self._answer(parsed.id, req, writer))
+        return asyncio.ensure_future(self._answer(parsed.id, req))
 
-    async def _answer(self, rid: str, req: Request, writer: asyncio.StreamWriter) -> None:
+    async def _answer(self, rid: str, req: Request) -> None:
         await req.done.wait()
         assert req.code is not None
         if req.code == GRANTED and req.grant is not None:
             text = f"{MOUNT_ROOT}/{req.grant.entry}"
         else:
             text = req.reason
-        writer.write(response_line(rid, req.code, text))
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()
+        if self.bound.write(response_line(rid, req.code, text)):
+            await self.bound.drain()

@@ -6,7 +6,9 @@ one registered agent; the answer becomes a grant (code 0), a denial (1) or an
 end without a decision (2: no agent, timeout, agent gone, instance stopped,
 cancelled). Only code 1 is a denial; nothing is remembered either way.
 One request may be pending per instance: a flood from a guest reaches the
-agent one at a time.
+agent one at a time. An ad-hoc path is resolved when the request is made (no
+symlink in any component): the agent is shown the resolved path, and the
+directory held since then is what the grant gets.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Protocol
 import attrs
 
 from spectrumd.errors import Busy, SpectrumError
+from spectrumd.host.paths import HeldDirectory
 from spectrumd.supervisor.grants import Grant, GrantService, audit_line
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,8 @@ class Request:
     grant: Grant | None = None
     reason: str = ""
     done: asyncio.Event = attrs.Factory(asyncio.Event)
+    # An ad-hoc path as resolved at submit, until the grant takes it over.
+    held: HeldDirectory | None = attrs.field(default=None, repr=False)
 
 
 class Agent(Protocol):
@@ -83,16 +88,20 @@ class RequestBroker:
         """
         if instance in self.pending:
             raise Busy(f"{instance} already has a pending request")
-        self.grants.validate(instance, untrusted_resource, access, lifetime, expires_at_us)
+        checked = self.grants.validate(
+            instance, untrusted_resource, access, lifetime, expires_at_us
+        )
+        held = checked if isinstance(checked, HeldDirectory) else None
         req = Request(
             id=secrets.token_hex(4),
             instance=instance,
             application=application,
-            resource=untrusted_resource,
+            resource=held.path if held is not None else untrusted_resource,
             access=access,
             lifetime=lifetime,
             expires_at_us=expires_at_us,
             origin=origin,
+            held=held,
         )
         self.pending[instance] = req
         audit_line(
@@ -140,6 +149,7 @@ class RequestBroker:
             # The agent may shorten the lifetime (e.g. "running" instead of "permanent").
             if lifetime not in ("", req.lifetime) and lifetime in ("running", "until", "permanent"):
                 req.lifetime = lifetime
+            held, req.held = req.held, None  # the grant owns it from here, made or not
             try:
                 req.grant = await self.grants.create(
                     req.instance,
@@ -148,6 +158,7 @@ class RequestBroker:
                     req.lifetime,
                     req.expires_at_us,
                     origin="request",
+                    held=held,
                 )
             except SpectrumError as e:
                 self._finish(req, ENDED, f"confirmed, but the grant failed: {e}")
@@ -162,6 +173,9 @@ class RequestBroker:
     def _finish(self, req: Request, code: int, reason: str) -> None:
         if req.code is not None:
             return
+        if req.held is not None:
+            req.held.close()
+            req.held = None
         req.code, req.reason = code, reason
         if self.pending.get(req.instance) is req:
             del self.pending[req.instance]

@@ -91,7 +91,9 @@ def test_lifetimes() -> None:
 
 
 def test_host_directories(tmp_path: Path) -> None:
-    assert check_host_directory(str(tmp_path)) == tmp_path
+    held = check_host_directory(str(tmp_path))
+    assert held.path == str(tmp_path) and held.ino == tmp_path.stat().st_ino
+    held.close()
     (tmp_path / "f").write_text("x")
     (tmp_path / "link").symlink_to(tmp_path)
     for bad, why in [
@@ -99,7 +101,8 @@ def test_host_directories(tmp_path: Path) -> None:
         (f"{tmp_path}/../x", "not a canonical path"),
         (f"{tmp_path}/", "not a canonical path"),
         (f"{tmp_path}/f", "not a directory"),
-        (f"{tmp_path}/link", "not a directory"),  # a symlink is never followed
+        (f"{tmp_path}/link", "is a symbolic link"),  # a symlink is never followed
+        (f"{tmp_path}/link/f", f'component "{tmp_path}/link" is a symbolic link'),
         (f"{tmp_path}/missing", "No such file"),
         ("/a\0b", "NUL"),
     ]:

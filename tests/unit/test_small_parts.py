@@ -1,7 +1,5 @@
-"""Console log rotation, the guest control channel, path escaping, argument checks."""
+"""Console log rotation, path escaping, argument checks (the guest channels: test_guest_bounds)."""
 
-import asyncio
-import base64
 from pathlib import Path
 
 import pytest
@@ -11,7 +9,6 @@ from spectrumd.bus import validate
 from spectrumd.bus.names import escape_path_element, instance_path, unescape_path_element
 from spectrumd.errors import InvalidArgument
 from spectrumd.supervisor.console import ConsoleLog
-from spectrumd.supervisor.guest import GuestChannel, encode_run
 
 
 def test_console_log_is_bounded_and_rotated(tmp_path: Path) -> None:
@@ -49,34 +46,3 @@ def test_validate_names_and_options() -> None:
         validate.options({"colour": Variant("s", "red")})
     with pytest.raises(InvalidArgument, match=r"options\.accel: wrong type"):
         validate.options({"accel": Variant("u", 1)})
-
-
-class _Sink:
-    def __init__(self) -> None:
-        self.data = b""
-
-    def write(self, b: bytes) -> None:
-        self.data += b
-
-    async def drain(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-async def test_guest_channel_parses_only_what_it_knows() -> None:
-    reader = asyncio.StreamReader()
-    ready: list[bool] = []
-    exited: list[int] = []
-    sink = _Sink()
-    ch = GuestChannel(reader, sink, lambda: ready.append(True), exited.append)  # type: ignore[arg-type]
-    reader.feed_data(b"garbage\xff\nready\nexited 300\nexited -1\nexited x\n")
-    reader.feed_data(b"A" * 10000 + b"\n")  # over-long: dropped
-    reader.feed_data(b"exited 3\n")
-    reader.feed_eof()
-    await ch.run()
-    assert ready == [True]
-    assert exited == [3]
-    await ch.send(encode_run("echo hi; true"))
-    assert sink.data == b"run " + base64.b64encode(b"echo hi; true") + b"\n"
