@@ -281,7 +281,11 @@ class Run:
 
         guest_r, guest_w = await asyncio.open_unix_connection(spec.port_socket(PORT_CONTROL))
         self.guest = GuestChannel(
-            guest_r, guest_w, on_ready=self._guest_ready, on_exited=self._guest_exited
+            guest_r,
+            guest_w,
+            on_ready=self._guest_ready,
+            on_exited=self._guest_exited,
+            logger=self.log,
         )
         self.conns.callback(self.guest.close)
         self.spawn_task(self.guest.run())
