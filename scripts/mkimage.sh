@@ -96,7 +96,7 @@ if [ -n "$packages" ]; then
   mirror=""
   [ -f /etc/apt/sources.list.d/debian.sources ] && mirror=/etc/apt/sources.list.d/debian.sources
   # shellcheck disable=SC2086
-  mmdebstrap --variant=essential --mode=root --quiet \
+  mmdebstrap --variant=essential --mode=root \
     --include="$(printf '%s' "$packages" | tr -s ' \n' ',,')" \
     --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
     --dpkgopt='path-exclude=/usr/share/info/*' --dpkgopt='path-exclude=/usr/share/locale/*' \

@@ -76,7 +76,7 @@ echo "ROOT $(grep -c PRETTY_NAME /etc/os-release)"
 echo hi >/made-here && echo "OVERLAY $(cat /made-here)"
 dd if=/dev/zero of=/dev/pmem0 bs=4096 count=1 conv=notrunc 2>/dev/null; echo "DEVWRITE $?"
 echo "DOCS $(cat /mnt/spectrum/docs/marker)"
-spectrum-request resource nope >/dev/null 2>&1; echo "PORTAL $?"
+echo "PORTAL $(spectrum-request dir /srv 2>&1 | tr '\n' ' ')"
 echo DONE
 exec sleep 600
 """
@@ -112,7 +112,8 @@ async def test_two_instances_share_one_python_image(
         assert lines["OVERLAY"] == "hi"  # a writable layer over it
         assert lines["DEVWRITE"] != "0", "the guest wrote to its image's device"
         assert lines["DOCS"] == "docs-marker"  # the shared files, bound in
-        assert lines["PORTAL"] == "2", "spectrum-request did not reach the host"
+        # spectrum-request reached the host, which answered (no agent here).
+        assert "no agent is registered" in lines["PORTAL"], lines["PORTAL"]
     # Both VMMs map the one file: their guests read the host's page cache.
     assert all(vmm_maps(pid, python_image) for pid in pids)
     await asyncio.gather(*(c.manager("StopInstance", "s", n) for n in ("a", "b")))

@@ -156,6 +156,31 @@ WRONG: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         "applications.shell.disks[0].path",
     ),
     (
+        "overlay-disk-read-only",
+        _both(
+            _set("applications.shell.root_image", "/r.img"),
+            _set("applications.shell.disks", [{"path": "/o.img", "overlay": True}]),
+        ),
+        "applications.shell.disks[0].overlay",
+    ),
+    (
+        "two-overlay-disks",
+        _both(
+            _set("applications.shell.root_image", "/r.img"),
+            _set(
+                "applications.shell.disks",
+                [{"path": "/o.img", "writable": True, "overlay": True}] * 2
+                + [{"path": "relative"}],
+            ),
+        ),
+        "applications.shell.disks[1].overlay",
+    ),
+    (
+        "overlay-disk-without-image",
+        _set("applications.shell.disks", [{"path": "/o.img", "writable": True, "overlay": True}]),
+        "applications.shell.disks[0].overlay",
+    ),
+    (
         "disks-not-a-list",
         _set("applications.shell.disks", {"path": "/d.img"}),
         "applications.shell.disks",
