@@ -20,19 +20,14 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, Daemon
+from tests import images
+from tests.conftest import Daemon
+from tests.images import mkimage
 from tests.integration.helpers import error_of, props, short, wait_for, wait_log
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
-IMAGES = Path(os.environ.get("SPECTRUMD_IMAGE_DIR", "/var/cache/spectrumd/images"))
-MKIMAGE = ROOT / "scripts" / "mkimage.sh"
 SPECTRUM_SHA = hashlib.sha256(b"spectrum").hexdigest()
-
-
-def mkimage(out: Path, *args: str) -> Path:
-    subprocess.run(["sh", str(MKIMAGE), *args, str(out)], check=True, timeout=900)
-    return out
 
 
 def digest(path: Path) -> str:
@@ -41,7 +36,7 @@ def digest(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def python_image() -> Path:
-    return mkimage(IMAGES / "python3.erofs", "--packages", "python3-minimal")
+    return images.python_image()
 
 
 @pytest.fixture

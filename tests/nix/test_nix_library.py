@@ -24,7 +24,12 @@ DEMO_JSON = ROOT / "demo" / "config.json"
 
 
 def base() -> dict[str, Any]:
-    return copy.deepcopy(json.loads(DEMO_JSON.read_text()))
+    """The demo's configuration, its application without a root image (which
+    the table's cases about images and architectures set themselves)."""
+    config = copy.deepcopy(json.loads(DEMO_JSON.read_text()))
+    for key in ("root_image", "share_root"):
+        config["applications"]["shell"].pop(key, None)
+    return config
 
 
 def daemon_error(config: object, data: object = None) -> str:
