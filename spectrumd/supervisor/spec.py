@@ -17,6 +17,8 @@ CMDLINE_TAIL = "panic=-1 quiet"
 # one per hot-added device). Not passed to crosvm: --pci-hotplug-slots exists
 # only in crosvm builds with the pci-hotplug feature, and others refuse it.
 QEMU_HOTPLUG_SLOTS = 2
+# swiotlb slabs (2 KiB each) in a guest with a shared root image; see root_cmdline.
+SHARED_SWIOTLB_SLABS = 2048
 # Unix socket paths are limited to 108 bytes (sun_path).
 MAX_SOCKET_PATH = 107
 
@@ -96,6 +98,12 @@ def root_cmdline(app: Application, fstype: str) -> str:
         f"spectrum.root={'pmem0' if app.share_root else 'vda'}",
         f"spectrum.rootfstype={fstype}",
     ]
+    if app.share_root:
+        # The pmem region lies above 4 GiB, so the kernel sets up swiotlb's
+        # default 64 MiB of bounce buffers (for devices that cannot reach
+        # it), zeroed in every guest's RAM: the size of a small image, again
+        # per instance. Virtio devices need none of it; keep 4 MiB (2048 slabs).
+        params.append(f"swiotlb={SHARED_SWIOTLB_SLABS}")
     first = 0 if app.share_root else 1
     for i, disk in enumerate(app.disks):
         if disk.overlay:

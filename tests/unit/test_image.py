@@ -140,7 +140,7 @@ def test_guest_parameters_name_the_devices() -> None:
     )
     # pmem0 is no virtio-blk disk: the disks start at vda.
     assert root_cmdline(shared, "ext4") == (
-        "spectrum.root=pmem0 spectrum.rootfstype=ext4 spectrum.root_rw=vdb"
+        "spectrum.root=pmem0 spectrum.rootfstype=ext4 swiotlb=2048 spectrum.root_rw=vdb"
     )
     plain = Application(name="a", command="true", root_image=Path("/r.img"), disks=disks)
     assert root_cmdline(plain, "ext4").endswith("spectrum.root_rw=vdc")
