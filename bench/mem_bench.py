@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -275,14 +276,22 @@ def report(series: dict[bool, dict[str, Any]], embedded: float) -> None:
             )
             prev = r["after"]
     table(rows)
-    later = {s: [r["read"] for r in series[s]["rows"][1:]] for s in (False, True)}
-    if later[False] and later[True]:
-        off = sum(later[False]) / len(later[False])
-        on = sum(later[True]) / len(later[True])
+    added = {
+        s: [b["after"] - a["after"] for a, b in itertools.pairwise(series[s]["rows"])]
+        for s in (False, True)
+    }
+    reads = {s: [r["read"] for r in series[s]["rows"][1:]] for s in (False, True)}
+    if added[False] and added[True]:
+        off, on = (sum(added[s]) / len(added[s]) for s in (False, True))
+        r_off, r_on = (sum(reads[s]) / len(reads[s]) for s in (False, True))
         print(
-            f"\nPer added instance, its read costs {off:.1f} MiB without share_root and "
-            f"{on:.1f} MiB with it ({on / BLOB_MIB:.1%} of the data; "
-            f"{off / max(on, 0.1):.0f}x less)."
+            f"\nEach added instance costs {off:.0f} MiB without share_root and {on:.0f} MiB "
+            f"with it: sharing saves {off - on:.0f} MiB an instance "
+            f"({(off - on) / BLOB_MIB:.0%} of the {BLOB_MIB} MiB it reads)."
+        )
+        print(
+            f"Its read alone costs {r_off:.1f} MiB without share_root and {r_on:.1f} MiB "
+            f"with it ({r_on / BLOB_MIB:.1%} of the data; noise is a few MiB either way)."
         )
     print("\nStartInstance to the application's first output (first instance, TCG)\n")
     table(

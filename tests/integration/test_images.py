@@ -122,6 +122,8 @@ echo "RW $(grep ' /run/spectrum-image/rw ' /proc/1/mounts | cut -d' ' -f1,3)"
 echo kept >/data/written && echo "WROTE $(cat /data/written)"
 echo junk >/data/mark 2>/dev/null; echo "SHADOW $(cat /data/mark)"
 dd if=/dev/zero of=/dev/vda bs=4096 count=1 conv=notrunc 2>/dev/null; echo "DEVWRITE $?"
+blockdev --setrw /dev/vda 2>/dev/null
+dd if=/dev/zero of=/dev/vda bs=4096 count=1 conv=notrunc oflag=direct 2>/dev/null; echo "FORCED $?"
 ls /sys/block/pmem0 >/dev/null 2>&1 || echo "PMEM no"
 exit 7
 """
@@ -153,6 +155,8 @@ async def test_blk_ext4_image_with_overlay_disk(daemon: Daemon, work: Path) -> N
     assert lines["RW"] == "/dev/vdb ext4"
     assert lines["WROTE"] == "kept" and lines["SHADOW"] == "junk"
     assert lines["DEVWRITE"] != "0" and lines["PMEM"] == "no"
+    # Guest root clearing the read-only flag gets no further: QEMU refuses.
+    assert lines["FORCED"] != "0", out
     assert digest(image) == before, "the guest changed its read-only image"
     # What it wrote went to the overlay disk, and outlives the VM.
     kept = subprocess.run(
