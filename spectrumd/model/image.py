@@ -76,8 +76,11 @@ def probe_image(path: Path, *, share: bool, what: str = "root image") -> ImageIn
     no erofs or ext4 superblock, or (``share``) a size that is not a multiple
     of 2 MiB or a block size DAX cannot map.
     """
-    # O_NONBLOCK: a FIFO at the path must not hang the daemon.
+    # Look before opening: opening some device nodes acts (a watchdog starts,
+    # a tape rewinds). O_NONBLOCK: a FIFO swapped in meanwhile must not hang.
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ImageError(f"{what} {path} is not a regular file")
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except FileNotFoundError:
         raise ImageError(f"{what} {path} not found", missing=True) from None
