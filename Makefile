@@ -44,6 +44,7 @@ bench: deps venv guest
 	$(PY) bench/fs_bench.py
 	$(PY) bench/net_bench.py
 	$(PY) bench/cycles_bench.py
+	$(PY) bench/mem_bench.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,11 +1,16 @@
 """The demo: a private bus, spectrumd on demo/config.json, two guests started and stopped.
 
-Run by ``make demo``; exits 0 when both guests printed their application's
-output and stopped gracefully. Everything it starts it ends, by pid.
+Both instances run one application from one shared root image (Debian's
+python3-minimal, made by scripts/mkimage.sh and cached). Run by ``make
+demo``; exits 0 when both guests printed their application's output
+(python3's answer included) and stopped gracefully. Everything it starts it
+ends, by pid.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -19,6 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "demo" / "config.json"
 INSTANCES = ("work-shell", "home-shell")
 GUEST_OUTPUT = "network:"
+# What python3, which only the image holds, prints: sha256(b"spectrum").
+PYTHON_OUTPUT = "python3: sha256(spectrum) = " + hashlib.sha256(b"spectrum").hexdigest()
 
 
 def ctl(address: str, *args: str) -> str:
@@ -53,6 +60,12 @@ def main() -> int:
     netns = f"spectrum-demo-{os.getpid()}"
     bus = daemon = None
     try:
+        image = json.loads(CONFIG.read_text())["applications"]["shell"]["root_image"]
+        step(f"building the application's root image {image} (cached)")
+        subprocess.run(
+            ["sh", str(ROOT / "scripts" / "mkimage.sh"), "--packages", "python3-minimal", image],
+            check=True,
+        )
         step(f"creating the network namespace {netns}")
         subprocess.run(["ip", "netns", "add", netns], check=True)
         step("starting a private D-Bus daemon")
@@ -115,9 +128,12 @@ def main() -> int:
 
         for name in INSTANCES:
             step(f"output of {name} (spectrumctl logs {name})")
-            for line in wait_for_output(address, name).splitlines():
+            log = wait_for_output(address, name)
+            for line in log.splitlines():
                 if line.strip():
                     print(f"  {line}")
+            if PYTHON_OUTPUT not in log:
+                raise SystemExit(f"{name} did not print python3's answer from its image")
             print(ctl(address, "status", name), end="")
 
         for name in INSTANCES:

@@ -24,6 +24,10 @@ sources="$src/build.sh $src/init $src/spectrum-poweroff $src/spectrum-request"
 core_modules="virtio_pci virtio_mmio virtio_console virtio_net virtio_blk
   9p 9pnet_fd button evdev af_packet"
 usb_modules="xhci_pci usb_storage sd_mod"
+# The application's root image (erofs or ext4, on virtio-blk or virtio-pmem,
+# under a tmpfs overlay): loaded only when the kernel command line names one
+# (spectrum.root=), so a guest without an image does not pay for them.
+image_modules="erofs ext4 overlay virtio_pmem nd_pmem"
 
 sources_hash() {
   # shellcheck disable=SC2086
@@ -156,12 +160,19 @@ add_modules() {
 add_modules core $core_modules
 # shellcheck disable=SC2086
 add_modules usb $usb_modules
+# shellcheck disable=SC2086
+add_modules image $image_modules
 log "modules: $(wc -l <"$root/lib/modules/core.order") at boot," \
-  "$(wc -l <"$root/lib/modules/usb.order") with xHCI"
+  "$(wc -l <"$root/lib/modules/usb.order") with xHCI," \
+  "$(wc -l <"$root/lib/modules/image.order") with a root image"
 
 cp /bin/busybox "$root/bin/busybox"
+# Relative links: inside an application's root image the initramfs is bound
+# at /run/spectrum-guest, where /bin/busybox would name the image's own file.
 busybox --list-full | while read -r applet; do
-  [ -e "$root/$applet" ] || ln -s /bin/busybox "$root/$applet"
+  dir=${applet%/*}
+  up=$(printf '%s' "$dir" | sed 's|[^/][^/]*|..|g')
+  [ -e "$root/$applet" ] || ln -s "${up#/}/bin/busybox" "$root/$applet"
 done
 
 # The kernel opens /dev/console for init before anything is mounted.

@@ -3,6 +3,7 @@
 # throws "KEY.PATH: problem"; `config` returns the JSON value the daemon reads.
 let
   inherit (builtins)
+    any
     attrNames
     concatLists
     concatStringsSep
@@ -213,9 +214,29 @@ let
           out = {
             path = absPath p d "path" true;
             writable = bool p d "writable";
+            overlay = bool p d "overlay";
           };
+          overlayWritable =
+            if out.overlay == true && out.writable != true then
+              err (join p "overlay") "an overlay disk must be writable"
+            else
+              null;
+          # The disks before this one are checked already (ordered, below).
+          overlayOnce =
+            if out.overlay == true && any (e: get e "overlay" == true) (genList (builtins.elemAt raw) i) then
+              err (join p "overlay") "only one disk can hold the overlay"
+            else
+              null;
         in
-        ordered [ d out.path out.writable (done p d (attrNames out)) ] (dropNulls out);
+        ordered [
+          d
+          out.path
+          out.writable
+          out.overlay
+          overlayWritable
+          overlayOnce
+          (done p d (attrNames out))
+        ] (dropNulls out);
     in
     if raw == null then
       null
@@ -253,6 +274,13 @@ let
           err (join path "share_root") "needs a root_image to share"
         else
           null;
+      overlayIndex = if out.disks == null then [ ] else
+        filter (i: (builtins.elemAt out.disks i).overlay or false) (genList (i: i) (length out.disks));
+      overlayRoot =
+        if overlayIndex != [ ] && out.root_image == null then
+          err "${join path "disks"}[${toString (head overlayIndex)}].overlay" "needs a root_image"
+        else
+          null;
       initrdKernel =
         if out.initrd != null && out.kernel == null then
           err (join path "initrd") "an initrd needs a kernel"
@@ -272,6 +300,7 @@ let
       out.share_root
       out.disks
       shareRoot
+      overlayRoot
       initrdKernel
       (done path o (attrNames out))
     ] (dropNulls out);

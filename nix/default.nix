@@ -30,7 +30,7 @@ let
 in
 {
   # { command, memory_mib?, vcpus?, kernel?, initrd?, params?, arch?,
-  #   root_image?, share_root?, disks? ([ { path, writable? } ]) }
+  #   root_image?, share_root?, disks? ([ { path, writable?, overlay? } ]) }
   application = attrsOf "application";
 
   # { host_address? }

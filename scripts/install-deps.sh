@@ -2,7 +2,9 @@
 # Install the Debian packages spectrumd's demo and tests need; skip what is there.
 set -eu
 # systemd-container: machined, and systemd-nspawn for the test that boots systemd.
-PACKAGES="qemu-system-x86 busybox-static cpio kmod dbus systemd systemd-container nix-bin diod iproute2 socat libglib2.0-bin"
+# mmdebstrap, erofs-utils, e2fsprogs: application root images (scripts/mkimage.sh).
+# libglib2.0-bin: gdbus, for the test that reads every object with the real tools.
+PACKAGES="qemu-system-x86 busybox-static cpio kmod dbus systemd systemd-container nix-bin diod iproute2 socat mmdebstrap erofs-utils e2fsprogs libglib2.0-bin"
 missing=""
 for p in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -28,6 +28,17 @@ spectrum.config {
       share_root = true;
       disks = [ { path = "/var/lib/spectrum/disks/editor-home.img"; writable = true; } ];
     };
+    # The embedded guest, booted into a root image (scripts/mkimage.sh, or a
+    # Nix derivation that follows the README's image contract); its writable
+    # layer is kept on a disk of its own.
+    notebook = spectrum.application {
+      command = "exec python3 -m http.server";
+      root_image = "/var/cache/spectrumd/images/python3.erofs";
+      share_root = true;
+      disks = [
+        { path = "/var/lib/spectrum/disks/notebook-rw.img"; writable = true; overlay = true; }
+      ];
+    };
   };
 
   resources = {

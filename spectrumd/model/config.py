@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import attrs
 
 from spectrumd.errors import ConfigError
+from spectrumd.model.image import ImageError, probe_image
 from spectrumd.model.types import (
     RESOURCE_TYPES,
     Accel,
@@ -214,6 +215,7 @@ def _parse_application(name: str, o: _Obj) -> Application:
     )
     if app.share_root and app.root_image is None:
         raise ConfigError(_join(o.path, "share_root"), "needs a root_image to share")
+    _check_root_image(o, app)
     if app.initrd is not None and app.kernel is None:
         raise ConfigError(_join(o.path, "initrd"), "an initrd needs a kernel")
     o.done()
@@ -229,14 +231,39 @@ def _parse_disks(o: _Obj) -> tuple[Disk, ...]:
         raise ConfigError(where, f"expected a list, got {_json_type(raw)}")
     if len(raw) > MAX_DISKS:
         raise ConfigError(where, f"more than {MAX_DISKS} disks")
-    disks = []
+    disks: list[Disk] = []
     for i, item in enumerate(raw):
         d = _Obj(f"{where}[{i}]", item)
         path = d.abspath("path", required=True)
         assert path is not None
-        disks.append(Disk(path=path, writable=d.boolean("writable", False)))
+        disk = Disk(
+            path=path, writable=d.boolean("writable", False), overlay=d.boolean("overlay", False)
+        )
+        if disk.overlay and not disk.writable:
+            raise ConfigError(_join(d.path, "overlay"), "an overlay disk must be writable")
+        if disk.overlay and any(x.overlay for x in disks):
+            raise ConfigError(_join(d.path, "overlay"), "only one disk can hold the overlay")
+        disks.append(disk)
         d.done()
     return tuple(disks)
+
+
+def _check_root_image(o: _Obj, app: Application) -> None:
+    """Refuse a root image that is not erofs or ext4, or that cannot be shared.
+
+    A missing file is not refused here: the image may be built after the
+    configuration is written; the start checks again and says it is missing.
+    """
+    overlay = next((i for i, d in enumerate(app.disks) if d.overlay), None)
+    if overlay is not None and app.root_image is None:
+        raise ConfigError(f"{_join(o.path, 'disks')}[{overlay}].overlay", "needs a root_image")
+    if app.root_image is None:
+        return
+    try:
+        probe_image(app.root_image, share=app.share_root)
+    except ImageError as e:
+        if not e.missing:
+            raise ConfigError(_join(o.path, "root_image"), str(e)) from None
 
 
 def _usb_id(o: _Obj, key: str) -> str:

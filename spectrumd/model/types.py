@@ -33,6 +33,9 @@ class Arch(enum.StrEnum):
 class Disk:
     path: Path
     writable: bool = False
+    # Holds the writable layer over the root image (an ext4 file system)
+    # instead of a tmpfs; at most one disk, writable, and only with a root_image.
+    overlay: bool = False
 
 
 @attrs.frozen

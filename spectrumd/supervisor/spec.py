@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from spectrumd.errors import Failed
-from spectrumd.model.types import VmmKind, WaylandResource
+from spectrumd.model.image import ImageError, probe_image
+from spectrumd.model.types import Application, VmmKind, WaylandResource
 from spectrumd.supervisor.resources import RunContext
 from spectrumd.supervisor.usb import usb_capable
 from spectrumd.vmm import BACKENDS
@@ -16,6 +17,8 @@ CMDLINE_TAIL = "panic=-1 quiet"
 # one per hot-added device). Not passed to crosvm: --pci-hotplug-slots exists
 # only in crosvm builds with the pci-hotplug feature, and others refuse it.
 QEMU_HOTPLUG_SLOTS = 2
+# swiotlb slabs (2 KiB each) in a guest with a shared root image; see root_cmdline.
+SHARED_SWIOTLB_SLABS = 2048
 # Unix socket paths are limited to 108 bytes (sun_path).
 MAX_SOCKET_PATH = 107
 
@@ -35,11 +38,14 @@ def build_spec(ctx: RunContext, guest_dir: Path) -> VmSpec:
             hint = "" if app.kernel else " (build the embedded guest: make guest)"
             raise Failed(f"cannot start {ctx.name}: {what} {path} not found{hint}")
     root_size = 0
+    root_params = ""
     if app.root_image is not None:
         try:
-            root_size = app.root_image.stat().st_size
-        except OSError as e:
-            raise Failed(f"cannot start {ctx.name}: root image {app.root_image}: {e}") from None
+            image = probe_image(app.root_image, share=app.share_root)
+        except ImageError as e:
+            raise Failed(f"cannot start {ctx.name}: {e}") from None
+        root_size = image.size
+        root_params = root_cmdline(app, image.fstype.value)
     for disk in app.disks:
         if not disk.path.exists():
             raise Failed(f"cannot start {ctx.name}: disk {disk.path} not found")
@@ -54,7 +60,9 @@ def build_spec(ctx: RunContext, guest_dir: Path) -> VmSpec:
         vcpus=app.vcpus,
         kernel=kernel,
         initrd=initrd,
-        cmdline=f"console={console} {CMDLINE_TAIL} {app.params}".strip(),
+        cmdline=" ".join(
+            p for p in (f"console={console}", CMDLINE_TAIL, root_params, app.params) if p
+        ),
         run_dir=ctx.run_dir,
         arch=app.arch.value,
         ports=(PORT_CONTROL, *ctx.ports),
@@ -77,3 +85,27 @@ def build_spec(ctx: RunContext, guest_dir: Path) -> VmSpec:
     except OSError as e:
         raise Failed(f"cannot start {ctx.name}: cannot listen for the VMM: {e}") from None
     return spec
+
+
+def root_cmdline(app: Application, fstype: str) -> str:
+    """The guest's root-image parameters (guest/README.md): its device and file system.
+
+    Both backends attach the root image first: as the first virtio-blk disk
+    (vda), or as the only virtio-pmem device (pmem0) when shared; the other
+    disks follow in order, so the overlay disk's name follows from its index.
+    """
+    params = [
+        f"spectrum.root={'pmem0' if app.share_root else 'vda'}",
+        f"spectrum.rootfstype={fstype}",
+    ]
+    if app.share_root:
+        # The pmem region lies above 4 GiB, so the kernel sets up swiotlb's
+        # default 64 MiB of bounce buffers (for devices that cannot reach
+        # it), zeroed in every guest's RAM: the size of a small image, again
+        # per instance. Virtio devices need none of it; keep 4 MiB (2048 slabs).
+        params.append(f"swiotlb={SHARED_SWIOTLB_SLABS}")
+    first = 0 if app.share_root else 1
+    for i, disk in enumerate(app.disks):
+        if disk.overlay:
+            params.append(f"spectrum.root_rw=vd{chr(ord('a') + first + i)}")
+    return " ".join(params)

@@ -5,15 +5,17 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import Daemon
+from tests.images import python_image
 from tests.integration.helpers import props, wait_for
 from tests.nix.helpers import EXAMPLES, Nix
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 
 async def test_the_demo_instances_start_from_the_evaluated_configuration(
     daemon: Daemon, nix: Nix
 ) -> None:
+    python_image()  # the demo's application runs from it
     r = nix.file(EXAMPLES / "demo.nix")
     assert r.error is None, r.error
     c = await daemon.start(r.value)

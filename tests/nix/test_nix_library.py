@@ -24,7 +24,12 @@ DEMO_JSON = ROOT / "demo" / "config.json"
 
 
 def base() -> dict[str, Any]:
-    return copy.deepcopy(json.loads(DEMO_JSON.read_text()))
+    """The demo's configuration, its application without a root image (which
+    the table's cases about images and architectures set themselves)."""
+    config = copy.deepcopy(json.loads(DEMO_JSON.read_text()))
+    for key in ("root_image", "share_root"):
+        config["applications"]["shell"].pop(key, None)
+    return config
 
 
 def daemon_error(config: object, data: object = None) -> str:
@@ -154,6 +159,31 @@ WRONG: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         "relative-disk",
         _set("applications.shell.disks", [{"path": "disk.img"}]),
         "applications.shell.disks[0].path",
+    ),
+    (
+        "overlay-disk-read-only",
+        _both(
+            _set("applications.shell.root_image", "/r.img"),
+            _set("applications.shell.disks", [{"path": "/o.img", "overlay": True}]),
+        ),
+        "applications.shell.disks[0].overlay",
+    ),
+    (
+        "two-overlay-disks",
+        _both(
+            _set("applications.shell.root_image", "/r.img"),
+            _set(
+                "applications.shell.disks",
+                [{"path": "/o.img", "writable": True, "overlay": True}] * 2
+                + [{"path": "relative"}],
+            ),
+        ),
+        "applications.shell.disks[1].overlay",
+    ),
+    (
+        "overlay-disk-without-image",
+        _set("applications.shell.disks", [{"path": "/o.img", "writable": True, "overlay": True}]),
+        "applications.shell.disks[0].overlay",
     ),
     (
         "disks-not-a-list",
@@ -343,3 +373,29 @@ def test_nulls_mean_absent_as_in_the_daemon(nix: Nix) -> None:
         "instances": {"i": {"application": "a"}},
     }
     parse_config(r.value)
+
+
+def test_an_application_from_a_root_image(nix: Nix, tmp_path: Path) -> None:
+    """The Nix side takes an image and an overlay disk; only the daemon reads the image."""
+    image = tmp_path / "app.erofs"
+    header = bytearray(2048)
+    header[1024:1028] = (0xE0F5E1E2).to_bytes(4, "little")
+    header[1024 + 12] = 12  # 4 KiB blocks
+    image.write_bytes(bytes(header) + bytes((4 << 20) - 2048))
+    expr = (
+        f"let spectrum = import {NIX_DIR}; in spectrum.config {{"
+        " applications.py = spectrum.application {"
+        f'   command = "exec python3"; root_image = {_nix_path(image)}; share_root = true;'
+        '   disks = [ { path = "/srv/py-rw.ext4"; writable = true; overlay = true; } ]; };'
+        ' instances.one = spectrum.instance { application = "py"; }; }'
+    )
+    r = nix.expr(expr)
+    assert r.error is None, r.error
+    app = r.value["applications"]["py"]
+    assert app["root_image"] == str(image) and app["share_root"] is True
+    assert app["disks"] == [{"path": "/srv/py-rw.ext4", "writable": True, "overlay": True}]
+    assert parse_config(r.value).applications["py"].disks[0].overlay
+    # A corrupt image passes evaluation (Nix cannot read binary files), not the daemon.
+    image.write_bytes(bytes(4 << 20))
+    assert nix.expr(expr).error is None
+    assert daemon_error(r.value).startswith("applications.py.root_image: root image ")
