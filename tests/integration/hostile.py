@@ -29,7 +29,10 @@ def hostile_initrd(guest_dir: Path, out: Path, files: Mapping[str, str]) -> Path
         capture_output=True,
         check=True,
     ).stdout
-    out.write_bytes((guest_dir / "initramfs.img").read_bytes() + extra)
+    base = (guest_dir / "initramfs.img").read_bytes()
+    # The kernel looks for the next archive at a 4-byte boundary, past zeros.
+    pad = b"\0" * (-len(base) % 4)
+    out.write_bytes(base + pad + extra)
     return out
 
 
