@@ -15,9 +15,14 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import hypothesis  # noqa: F401 (imported now, not by its plugin at the session's end; see below)
 import pytest
 
 from spectrumd.cli.client import Client, connect
+
+# CPython 3.11.7 can fail to compile a module imported late in a session
+# ("AST constructor recursion depth mismatch"); hypothesis's plugin imports the
+# package in its terminal summary, so it is imported here, at collection.
 
 ROOT = Path(__file__).resolve().parent.parent
 GUEST_DIR = Path(os.environ.get("SPECTRUMD_GUEST_DIR", "/var/cache/spectrumd/guest"))
@@ -27,6 +32,8 @@ GUEST_DIR = Path(os.environ.get("SPECTRUMD_GUEST_DIR", "/var/cache/spectrumd/gue
 def short_tmp() -> Iterator[Path]:
     """A short temporary directory: unix socket paths must stay under 108 bytes."""
     d = Path(tempfile.mkdtemp(prefix="spt.", dir="/tmp"))
+    # Searchable, as /var/lib is: a crosvm (its own uid) reaches its run directory.
+    d.chmod(0o711)
     yield d
     shutil.rmtree(d, ignore_errors=True)
 
@@ -148,13 +155,14 @@ def kill_leftover_vmms(state_dir: Path) -> None:
     if not run.exists():
         return
     for pidfile in run.glob("*/vmm.pid"):
-        with contextlib.suppress(ValueError, ProcessLookupError, OSError):
-            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+        with contextlib.suppress(ValueError, ProcessLookupError, OSError, IndexError):
+            os.kill(int(pidfile.read_text().split()[0]), signal.SIGKILL)
 
 
 @pytest.fixture
 async def daemon(dbus_address: str, guest_dir: Path, short_tmp: Path) -> AsyncIterator[Daemon]:
     workdir = Path(tempfile.mkdtemp(prefix="d.", dir=short_tmp))
+    workdir.chmod(0o711)
     d = Daemon(dbus_address, workdir, guest_dir)
     try:
         yield d

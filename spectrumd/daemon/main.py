@@ -8,7 +8,6 @@ import contextlib
 import gc
 import logging
 import os
-import pwd
 import signal
 import sys
 from pathlib import Path
@@ -22,9 +21,12 @@ from spectrumd.bus.grants import GrantsBus
 from spectrumd.bus.machined import Machines
 from spectrumd.bus.manager import ManagerInterface
 from spectrumd.bus.names import BUS_NAME
+from spectrumd.daemon.confine import StartupError, adopt_ids, confinement
 from spectrumd.daemon.notify import FdStore, sd_notify, start_watchdog
 from spectrumd.errors import ConfigError, SpectrumError
+from spectrumd.host import uids
 from spectrumd.host.network import HostNetworks
+from spectrumd.host.uids import DEFAULT_RANGE
 from spectrumd.host.usb import DEFAULT_DEV_ROOT, DEFAULT_SYSFS_ROOT, UsbHost
 from spectrumd.model.types import VmmKind
 from spectrumd.supervisor import Environment, Supervisor, process
@@ -42,7 +44,6 @@ log = logging.getLogger("spectrumd")
 
 DEFAULT_STATE_DIR = Path("/var/lib/spectrumd")
 DEFAULT_GUEST_DIR = Path("/var/cache/spectrumd/guest")
-DEFAULT_VMM_USER = "spectrum-vmm"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,9 +78,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(default: the daemon's own)",
     )
     p.add_argument(
-        "--vmm-user",
-        default=DEFAULT_VMM_USER,
-        help=f"user the VMMs run as (default {DEFAULT_VMM_USER} if it exists; '' keeps ours)",
+        "--uid-range",
+        default=str(DEFAULT_RANGE),
+        metavar="FIRST-LAST",
+        help="uids (== gids) each running instance's VMM and file server get, two an "
+        "instance; they must be nobody's (default: %(default)s)",
+    )
+    p.add_argument(
+        "--unsafe-unconfined-vmm",
+        action="store_true",
+        help="run VMMs as root with no sandbox (a warning at every start); for kernels "
+        "without Landlock",
     )
     p.add_argument(
         "--usb-sysfs-root",
@@ -117,28 +126,6 @@ def bus_for(spec: str) -> SpectrumBus:
     return SpectrumBus(bus_address=spec)
 
 
-class StartupError(Exception):
-    """Printed as ``spectrumd: MESSAGE`` and the daemon exits with ``status``."""
-
-    def __init__(self, message: str, status: int = 1) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def vmm_user(name: str) -> tuple[int, int] | None:
-    """(uid, gid) of the user VMMs run as; None keeps the daemon's. Raises StartupError."""
-    if not name:
-        return None
-    try:
-        pw = pwd.getpwnam(name)
-    except KeyError:
-        if name == DEFAULT_VMM_USER:
-            log.warning("no user %s: VMMs run as the daemon's user", name)
-            return None
-        raise StartupError(f"--vmm-user: no user {name!r}") from None
-    return pw.pw_uid, pw.pw_gid
-
-
 async def serve(args: argparse.Namespace) -> int:
     try:
         async with contextlib.AsyncExitStack() as stack:
@@ -164,29 +151,34 @@ async def _serve(args: argparse.Namespace, stack: contextlib.AsyncExitStack) -> 
     if args.machined:
         await machines.start()
         stack.callback(machines.close)
+    allocator, abi = confinement(args)
     env = Environment(
         state_dir=args.state_dir.absolute(),
         guest_dir=args.guest_dir.absolute(),
         console_max_bytes=args.console_log_size,
         console_keep=args.console_log_keep,
         drivers=(files, network, portal, usb),
-        vmm_user=vmm_user(args.vmm_user),
         machines=machines,
         control_timeout=args.control_timeout,
+        uids=allocator,
+        landlock_abi=abi,
     )
-    env.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-    if env.vmm_user is not None:
-        # The VMM user reaches its own run directory (run/NAME, 0700, its own)
-        # through these, and nothing else: search but no read permission.
-        (env.state_dir / "run").mkdir(exist_ok=True)
-        for d in (env.state_dir, env.state_dir / "run"):
-            d.chmod(d.stat().st_mode & 0o7777 | 0o001)
     try:
         sup = Supervisor(args.config, env)
+        if allocator is not None:
+            uids.check_range(allocator.range, len(sup.instances), (), ())
     except ConfigError as e:
         raise StartupError(str(e), 2) from None
+    except SpectrumError as e:
+        raise StartupError(str(e)) from None
+    # Root's alone; a crosvm reaches its own directory run/NAME/vmm through
+    # these (search, no read).
+    (env.state_dir / "run").mkdir(parents=True, exist_ok=True)
+    for d in (env.state_dir, env.state_dir / "run"):
+        d.chmod(0o711)
     # VMMs an earlier daemon left running: their taps must survive the cleanup.
     records = sup.read_records()
+    adopt_ids(allocator, records)
     live = {n for n, r in records.items() if process.start_time(r.pid) == r.start_time}
     stack.push_async_callback(host_networks.close)
     try:

@@ -7,6 +7,7 @@ from typing import Protocol
 
 import attrs
 
+from spectrumd.host.uids import UidAllocator
 from spectrumd.supervisor.resources import ResourceDriver
 
 
@@ -24,8 +25,11 @@ class Environment:
     console_keep: int = 3
     # Parts that provide resources (file server, networks, ...), in setup order.
     drivers: tuple[ResourceDriver, ...] = ()
-    # (uid, gid) the VMMs run as; None: the daemon's own.
-    vmm_user: tuple[int, int] | None = None
+    # Each run's own ids (VMM, file server); None: VMMs run as root, unconfined
+    # (--unsafe-unconfined-vmm, with a warning at every start).
+    uids: UidAllocator | None = None
+    # The kernel's Landlock ABI (sandbox.check()), when VMMs are confined.
+    landlock_abi: int = 0
     # Registers each VMM with systemd-machined where systemd runs.
     machines: MachineRegistry | None = None
     attach_timeout: float = 30.0

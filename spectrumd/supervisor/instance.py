@@ -263,9 +263,11 @@ class Instance:
         back is ended, and the instance is ``failed`` with the reason.
         """
         async with self._lock:
-            proc = process.adopt(record.pid, record.start_time)
+            proc = process.adopt(record.pid, record.start_time, record.token, record.exe)
             if proc is None:
-                shutil.rmtree(record.spec.run_dir, ignore_errors=True)
+                if self.env.uids is not None:
+                    self.env.uids.release(self.name)
+                shutil.rmtree(self.env.run_dir(self.name), ignore_errors=True)
                 self._fire(Event.lost, reason="exited while spectrumd was not running")
                 self.log.warning("%s", self.state_reason)
                 return

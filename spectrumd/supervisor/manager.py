@@ -48,7 +48,7 @@ from spectrumd.supervisor import process
 from spectrumd.supervisor.env import Environment
 from spectrumd.supervisor.instance import Instance
 from spectrumd.supervisor.statefile import write_atomically
-from spectrumd.supervisor.vmrun import BadRecord, RunRecord, read_record
+from spectrumd.supervisor.vmrun import PID_FILE, BadRecord, RunRecord, read_record
 from spectrumd.vmm import crosvm_available
 
 log = logging.getLogger(__name__)
@@ -358,24 +358,35 @@ class Supervisor:
 
     @staticmethod
     def _end_unrecorded(run_dir: Path) -> None:
-        """End the VMM of a start cut short (vmm.pid, and its command line names run_dir)."""
+        """End the VMM of a start cut short: the pid in vmm.pid, if it still carries the
+        run's token (so never another process that got the pid since)."""
         try:
-            pid = int((run_dir / "vmm.pid").read_text())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            pid_text, token = (run_dir / PID_FILE).read_text().split()
+            pid = int(pid_text)
         except (OSError, ValueError):
-            pid, cmdline = 0, b""
-        if pid and f"{run_dir}/".encode() in cmdline:
-            log.warning(
-                "ending the VMM (pid %d) of a start of %s that never completed", pid, run_dir.name
-            )
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            pid, token = 0, ""
+        if pid > 0:
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                pidfd = -1
+            if pidfd >= 0:
+                try:
+                    if process.is_run(pid, token):
+                        log.warning(
+                            "ending the VMM (pid %d) of a start of %s that never completed",
+                            pid,
+                            run_dir.name,
+                        )
+                        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                finally:
+                    os.close(pidfd)
         shutil.rmtree(run_dir, ignore_errors=True)
 
     @staticmethod
     def _end_orphan(run_dir: Path, rec: RunRecord) -> None:
         """A VMM of an instance no longer configured: end it, if it is still that process."""
-        proc = process.adopt(rec.pid, rec.start_time)
+        proc = process.adopt(rec.pid, rec.start_time, rec.token, rec.exe)
         if proc is not None:
             log.warning(
                 "ending the VMM (pid %d) of %s: it is no longer configured", rec.pid, run_dir.name

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -119,13 +120,20 @@ class VmmProcess:
 
 
 async def spawn(
-    argv: list[str], pass_fds: tuple[int, ...], stderr_path: Path, user: tuple[int, int] | None
+    argv: list[str],
+    pass_fds: tuple[int, ...],
+    stderr_path: Path,
+    confine: Callable[[], None] | None,
+    env: Mapping[str, str],
 ) -> VmmProcess:
     """Start a VMM in its own session (crosvm SIGKILLs its whole process group on exit).
 
-    ``pass_fds`` (taps, device nodes) were opened by the daemon with
+    ``pass_fds`` (taps, device nodes, sockets) were opened by the daemon with
     O_CLOEXEC; the child inherits exactly these. Its stderr goes to
-    ``stderr_path``. ``user`` is (uid, gid) to run as. Raises OSError from exec.
+    ``stderr_path``. ``confine`` runs in the child before the exec (its uid,
+    namespaces, Landlock: ``sandbox.Prepared.enter``). ``env`` is added to a
+    minimal environment. Raises OSError from exec, SubprocessError if the
+    confinement failed.
     """
     err = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
     try:
@@ -137,26 +145,46 @@ async def spawn(
             stderr=err,
             start_new_session=True,
             close_fds=True,
-            user=user[0] if user else None,
-            group=user[1] if user else None,
-            extra_groups=[] if user else None,
+            preexec_fn=confine,
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env},
         )
     finally:
         os.close(err)
     return VmmProcess(proc.pid, child=proc)
 
 
-def adopt(pid: int, expected_start: int) -> VmmProcess | None:
-    """Adopt a VMM left by an earlier daemon, if ``pid`` still names that very process."""
+def adopt(pid: int, expected_start: int, token: str, exe: str) -> VmmProcess | None:
+    """Adopt a VMM left by an earlier daemon, if ``pid`` still names that very process:
+    the same start time, the same executable, and ``SPECTRUM_RUN=token`` in its
+    environment (what the daemon started it with)."""
     try:
         pidfd = os.pidfd_open(pid)
     except OSError:
         return None
     # Checked after the pidfd is open: from now on the pid cannot be reused under us.
-    if start_time(pid) != expected_start:
+    if start_time(pid) != expected_start or not is_run(pid, token, exe):
         os.close(pidfd)
         return None
     return VmmProcess(pid, pidfd=pidfd)
+
+
+def executable(pid: int) -> str:
+    """What the kernel says ``pid`` runs ("" if it cannot be read)."""
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return ""
+
+
+def is_run(pid: int, token: str, exe: str | None = None) -> bool:
+    """True if ``pid`` was started with ``SPECTRUM_RUN=token`` (and runs ``exe``)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    if exe is not None and executable(pid) != exe:
+        return False
+    return bool(token) and f"SPECTRUM_RUN={token}".encode() in environ
 
 
 def stderr_tail(path: Path) -> str:

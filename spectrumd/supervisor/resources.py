@@ -23,6 +23,7 @@ from typing import Protocol
 
 import attrs
 
+from spectrumd.host.uids import InstanceIds
 from spectrumd.model.types import Application, InstanceDef, Resource
 from spectrumd.vmm.base import NetDev, VmmControl, VmSpec
 
@@ -43,6 +44,8 @@ class RunContext:
     nets: list[NetDev] = attrs.Factory(list)
     # The VMM's control channel, set once it answers (for hot-plugging in ``started``).
     control: VmmControl | None = None
+    # The run's own uids (VMM, file server); None: the VMM is not confined.
+    ids: InstanceIds | None = None
 
 
 class ResourceDriver(Protocol):

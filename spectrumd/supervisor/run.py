@@ -26,17 +26,21 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import signal
 import time
 from collections.abc import Coroutine, Mapping
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import attrs
 
 from spectrumd.errors import Cancelled, Failed, SpectrumError
+from spectrumd.host import sandbox
+from spectrumd.host.uids import InstanceIds
 from spectrumd.lifecycle import Event, ExitFacts, exit_event
-from spectrumd.model.types import Application, InstanceDef, Resource
+from spectrumd.model.types import Accel, Application, InstanceDef, Resource, VmmKind
 from spectrumd.supervisor import process
 from spectrumd.supervisor.console import ConsoleLog, pump
 from spectrumd.supervisor.control import BoundedControl
@@ -44,8 +48,30 @@ from spectrumd.supervisor.env import Environment
 from spectrumd.supervisor.guest import GuestChannel, encode_run
 from spectrumd.supervisor.resources import RunContext
 from spectrumd.supervisor.spec import build_spec
-from spectrumd.supervisor.vmrun import VMM_LOG, RunRecord, snapshot, write_record
+from spectrumd.supervisor.statefile import write_atomically
+from spectrumd.supervisor.vmrun import (
+    PID_FILE,
+    RUN_TOKEN,
+    VMM_LOG,
+    RunRecord,
+    snapshot,
+    write_record,
+)
 from spectrumd.vmm import BACKENDS, PORT_CONTROL, VmmBackend, VmmError, VmSpec
+from spectrumd.vmm.base import VMM_DIR
+
+KVM = Path("/dev/kvm")
+PROC = Path("/proc")
+
+
+def kvm_groups() -> tuple[int, ...]:
+    """The group of /dev/kvm, if it is not root's: what a VMM under KVM joins."""
+    try:
+        gid = os.stat(KVM).st_gid
+    except OSError:
+        return ()
+    return (gid,) if gid != 0 else ()
+
 
 _T = TypeVar("_T")
 
@@ -87,6 +113,9 @@ class Run:
     # Adopted from an earlier daemon whose configuration differed.
     stale_definition: bool = False
     started_at_us: int = 0
+    ids: InstanceIds | None = None
+    # Put in the VMM's environment: the next daemon adopts a pid only if it has it.
+    token: str = attrs.Factory(lambda: secrets.token_hex(16))
     done: asyncio.Future[None] = attrs.Factory(lambda: asyncio.get_running_loop().create_future())
     _scope: asyncio.Task[Any] | None = None
     _ending: asyncio.Task[None] | None = None
@@ -119,10 +148,14 @@ class Run:
         """
         self.proc, self.spec, self.command_sent = proc, record.spec, True
         self.started_at_us = record.started_at_us
+        if self.env.uids is not None:
+            # Taken back at daemon start from what the kernel says the VMM runs as.
+            self.ids = self.env.uids.ids_of(self.name)
+            self.stack.callback(self.env.uids.release, self.name)
         self.stale_definition = record.snapshot != snapshot(
             self.definition, self.application, self.resources
         )
-        self.stack.callback(shutil.rmtree, record.spec.run_dir, True)
+        self.stack.callback(shutil.rmtree, self.env.run_dir(self.name), True)
         self.stack.push_async_callback(proc.reap)
         paused: bool = await self._in_scope(self._reconnect(record.spec))
         return paused
@@ -172,25 +205,36 @@ class Run:
     async def _start(self) -> None:
         backend = self.backend
         ctx = self._context(self.env.run_dir(self.name))
+        # Root's own: the VMM reaches nothing here but what it inherits.
         shutil.rmtree(ctx.run_dir, ignore_errors=True)
         ctx.run_dir.mkdir(mode=0o700, parents=True)
+        os.chmod(ctx.run_dir, 0o700)
         self.stack.callback(shutil.rmtree, ctx.run_dir, True)
-        if self.env.vmm_user is not None:
-            # The VMM creates its sockets here.
-            os.chown(ctx.run_dir, *self.env.vmm_user)
+        self.ids = self._allocate_ids()
+        ctx.ids = self.ids
+        if backend.vmm_connects:
+            # A VMM that connects to its sockets (crosvm) and makes its control
+            # socket needs a directory of its own; the daemon reads nothing there.
+            # It reaches it by searching the run directory (no read, no write).
+            os.chmod(ctx.run_dir, 0o711)
+            vmm_dir = ctx.run_dir / VMM_DIR
+            vmm_dir.mkdir(mode=0o700)
+            if self.ids is not None:
+                os.chown(vmm_dir, self.ids.vmm, self.ids.vmm)
         for driver in self.env.drivers:
             await driver.prepare(ctx)
         spec = build_spec(ctx, self.env.guest_dir)
         self.spec = spec
-        binary = spec.binary or backend.default_binary(spec.arch)
-        if shutil.which(binary) is None:
-            raise Failed(f"cannot start {self.name}: VMM binary {binary} not found")
+        name = spec.binary or backend.default_binary(spec.arch)
+        binary = shutil.which(name)
+        if binary is None:
+            raise Failed(f"cannot start {self.name}: VMM binary {name} not found")
         argv = backend.argv(spec)
         self.log.debug("exec %s", argv)
-        proc = await self._spawn(argv, spec)
+        proc = await self._spawn(argv, spec, self._confine(spec, Path(binary)))
         self.events.vmm_spawned(proc.pid)
         # Recorded so that a test's cleanup can find our child even if we died.
-        (spec.run_dir / "vmm.pid").write_text(f"{proc.pid}\n")
+        write_atomically(spec.run_dir / PID_FILE, f"{proc.pid} {self.token}\n")
         if self.env.machines is not None:
             await self.env.machines.register(self.name, proc.pid)
 
@@ -204,17 +248,75 @@ class Run:
         self.started_at_us = time.time_ns() // 1000
         try:
             write_record(proc, spec, self.definition, self._snapshot(), ctx.nets,
-                         self.started_at_us)  # fmt: skip
+                         self.started_at_us, self.token)  # fmt: skip
         except OSError as e:
             self.log.error("cannot record the run (it will not be re-adopted): %s", e)
+
+    def _allocate_ids(self) -> InstanceIds | None:
+        """This run's own uids (VMM, file server), released when the run has ended."""
+        uids = self.env.uids
+        if uids is None:
+            self.log.warning(
+                "the VMM runs as root and unconfined (--unsafe-unconfined-vmm): a compromised "
+                "VMM owns the host"
+            )
+            return None
+        ids = uids.allocate(self.name)
+        self.stack.callback(uids.release, self.name)
+        return ids
+
+    def _confine(self, spec: VmSpec, binary: Path) -> sandbox.Prepared | None:
+        """The VMM's confinement: its uid, Landlock over what it may read and write."""
+        if self.ids is None:
+            return None
+        read = [spec.kernel, *([spec.initrd] if spec.initrd else [])]
+        read_write: list[Path] = []
+        if spec.root_image is not None:
+            read.append(spec.root_image)
+        for disk in spec.disks:
+            (read_write if disk.writable else read).append(disk.path)
+        groups: tuple[int, ...] = ()
+        if spec.accel is Accel.kvm:
+            read_write.append(KVM)
+            groups = kvm_groups()
+        programs: tuple[Path, ...] = sandbox.PROGRAMS
+        if not binary.resolve().is_relative_to("/usr"):
+            programs = (*programs, binary.resolve().parent)
+        own: tuple[Path, ...] = ()
+        if self.backend.kind is VmmKind.crosvm:
+            own = (spec.run_dir / VMM_DIR,)
+            # crosvm lists and dups its descriptors through /proc/self/fd (also the
+            # USB devices it is given as /proc/self/fd/N). Other processes' files
+            # there stay closed to it: they belong to other uids.
+            read.append(PROC)
+        conf = sandbox.Confinement(
+            uid=self.ids.vmm,
+            gid=self.ids.vmm,
+            groups=groups,
+            programs=programs,
+            read=tuple(read),
+            read_write=tuple(read_write),
+            own=own,
+        )
+        prepared = sandbox.prepare(conf, self.env.landlock_abi)
+        self.stack.callback(prepared.close)
+        return prepared
 
     def _snapshot(self) -> str:
         return snapshot(self.definition, self.application, self.resources)
 
-    async def _spawn(self, argv: list[str], spec: VmSpec) -> process.VmmProcess:
+    async def _spawn(
+        self, argv: list[str], spec: VmSpec, confined: sandbox.Prepared | None
+    ) -> process.VmmProcess:
         """Spawn the VMM; a cancellation during the spawn still gets the child reaped."""
         spawning = asyncio.ensure_future(
-            process.spawn(argv, spec.pass_fds, spec.run_dir / VMM_LOG, self.env.vmm_user)
+            process.spawn(
+                argv,
+                spec.pass_fds,
+                spec.run_dir / VMM_LOG,
+                None if confined is None else confined.enter,
+                {RUN_TOKEN: self.token},
+            )
         )
         try:
             proc = await asyncio.shield(spawning)

@@ -74,6 +74,7 @@ def build_spec(ctx: RunContext, guest_dir: Path) -> VmSpec:
         wayland_sockets=tuple(r.path for r in ctx.resources if isinstance(r, WaylandResource)),
         hotplug_slots=QEMU_HOTPLUG_SLOTS if ctx.definition.vmm is VmmKind.qemu else 0,
         usb=usb_capable(ctx.definition.vmm, ctx.resources),
+        vmm_uid=ctx.ids.vmm if ctx.ids is not None else None,
     )
     sockets = [spec.control_socket, spec.console_socket, *map(spec.port_socket, spec.ports)]
     # crosvm's side of each serial socket is "vmm-" + the name (spectrumd.vmm.crosvm).
@@ -81,7 +82,7 @@ def build_spec(ctx: RunContext, guest_dir: Path) -> VmSpec:
     if max(len(str(p)) for p in sockets) + extra > MAX_SOCKET_PATH:
         raise Failed(f"cannot start {ctx.name}: state directory path is too long for sockets")
     try:
-        backend.prepare(spec, ctx.stack)
+        spec = backend.prepare(spec, ctx.stack)
     except OSError as e:
         raise Failed(f"cannot start {ctx.name}: cannot listen for the VMM: {e}") from None
     return spec

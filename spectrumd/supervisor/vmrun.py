@@ -21,6 +21,10 @@ from spectrumd.vmm.base import NetDev, VmSpec
 
 RECORD = "state.json"
 VMM_LOG = "vmm.log"
+# The environment variable that carries a run's token into its VMM.
+RUN_TOKEN = "SPECTRUM_RUN"
+# "PID TOKEN" of a VMM spawned, before its start has completed (and its record).
+PID_FILE = "vmm.pid"
 
 
 def snapshot(definition: InstanceDef, application: Application, res: tuple[Resource, ...]) -> str:
@@ -38,13 +42,22 @@ def write_record(
     digest: str,
     nets: list[NetDev],
     started_at_us: int,
+    token: str,
 ) -> None:
-    """Record the running VMM atomically (raises OSError)."""
+    """Record the running VMM atomically (raises OSError).
+
+    The record lives in the run's root-only directory; even so, the next
+    daemon trusts none of it: paths are recomputed from the instance's name,
+    and the pid is adopted only if it is still that process (start time,
+    executable, and ``token`` in its environment).
+    """
     assert proc.started is not None
     body: dict[str, Any] = {
-        "version": 1,
+        "version": 2,
         "pid": proc.pid,
         "start_time": proc.started,
+        "token": token,
+        "exe": process.executable(proc.pid),
         "vmm": definition.vmm.value,
         "started_at_us": started_at_us,
         "snapshot": digest,
@@ -53,7 +66,6 @@ def write_record(
             "accel": spec.accel.value,
             "kernel": str(spec.kernel),
             "initrd": str(spec.initrd) if spec.initrd else None,
-            "run_dir": str(spec.run_dir),
             "ports": list(spec.ports),
         },
         "nets": [[n.id, n.tap_name, n.mac] for n in nets],
@@ -69,6 +81,8 @@ class BadRecord(Exception):
 class RunRecord:
     pid: int
     start_time: int
+    token: str
+    exe: str
     vmm: str
     started_at_us: int
     snapshot: str
@@ -77,7 +91,11 @@ class RunRecord:
 
 
 def read_record(run_dir: Path) -> RunRecord | None:
-    """The record in ``run_dir``; None if there is none. Raises BadRecord if unreadable."""
+    """The record in ``run_dir``; None if there is none. Raises BadRecord if unreadable.
+
+    The run directory is ``run_dir`` itself (the daemon's, from the instance's
+    name), whatever the record says.
+    """
     try:
         raw = json.loads((run_dir / RECORD).read_text())
     except FileNotFoundError:
@@ -94,7 +112,7 @@ def read_record(run_dir: Path) -> RunRecord | None:
             kernel=Path(s["kernel"]),
             initrd=Path(s["initrd"]) if s["initrd"] else None,
             cmdline=str(s["cmdline"]),
-            run_dir=Path(s["run_dir"]),
+            run_dir=run_dir,
             arch=str(s["arch"]),
             ports=tuple(str(p) for p in s["ports"]),
             binary=s["binary"],
@@ -102,6 +120,8 @@ def read_record(run_dir: Path) -> RunRecord | None:
         return RunRecord(
             pid=int(raw["pid"]),
             start_time=int(raw["start_time"]),
+            token=str(raw["token"]),
+            exe=str(raw["exe"]),
             vmm=str(raw["vmm"]),
             started_at_us=int(raw["started_at_us"]),
             snapshot=str(raw["snapshot"]),

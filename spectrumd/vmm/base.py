@@ -21,6 +21,8 @@ from spectrumd.model.types import Accel, Disk, VmmKind
 PORT_CONTROL = "org.spectrum_os.control"
 PORT_FS = "org.spectrum_os.fs"
 PORT_PORTAL = "org.spectrum_os.portal"
+# The directory of run_dir that a VMM which makes its own sockets (crosvm) owns.
+VMM_DIR = "vmm"
 
 
 def port_socket_name(port: str) -> str:
@@ -74,11 +76,26 @@ class VmSpec:
     # (qemu-xhci) only when asked: the guest's USB stack costs boot time.
     # crosvm always has its own.
     usb: bool = False
+    # Listening sockets the daemon made for the VMM (a VMM that listens: QEMU), by
+    # socket file name in run_dir (``vmm.sock``, ``console.sock``, ``control.sock``,
+    # ...): the VMM inherits them and never needs to reach run_dir itself.
+    listen_fds: tuple[tuple[str, int], ...] = ()
+    # The uid (== gid) the VMM runs as; None: the daemon's own.
+    vmm_uid: int | None = None
 
     @property
     def pass_fds(self) -> tuple[int, ...]:
         """Descriptors the VMM must inherit."""
-        return tuple(n.tap_fd for n in self.nets)
+        return tuple(n.tap_fd for n in self.nets) + tuple(fd for _, fd in self.listen_fds)
+
+    def listen_fd(self, path: Path) -> int | None:
+        """The inherited listening socket for ``path`` (in run_dir), if the daemon made one."""
+        return dict(self.listen_fds).get(path.name) if path.parent == self.run_dir else None
+
+    @property
+    def sockets(self) -> tuple[Path, ...]:
+        """Every socket of the VMM's control, console and ports, in run_dir."""
+        return (self.control_socket, self.console_socket, *map(self.port_socket, self.ports))
 
     @property
     def console_socket(self) -> Path:
@@ -164,12 +181,12 @@ class VmmBackend(Protocol):
 
     def prepare(
         self, spec: VmSpec, stack: contextlib.ExitStack | contextlib.AsyncExitStack
-    ) -> None:
-        """Set up, before the spawn, what the VMM needs on the host side.
+    ) -> VmSpec:
+        """Set up, before the spawn, what the VMM needs on the host side; the spec to run.
 
-        crosvm connects to its serial sockets at startup, so they must be
-        listening before it is exec'd; QEMU listens itself and needs nothing.
-        Undo actions go on ``stack``. Raises OSError.
+        QEMU gets listening sockets the daemon made (``listen_fds``); crosvm
+        connects to its serial sockets at startup, so relays must listen before
+        it is exec'd. Undo actions go on ``stack``. Raises OSError.
         """
 
     def argv(self, spec: VmSpec) -> list[str]:

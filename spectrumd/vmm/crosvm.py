@@ -32,7 +32,7 @@ import socket
 from pathlib import Path
 
 from spectrumd.model.types import Accel, VmmKind
-from spectrumd.vmm.base import EventHandler, VmmError, VmSpec
+from spectrumd.vmm.base import VMM_DIR, EventHandler, VmmError, VmSpec
 from spectrumd.vmm.crosvm_control import CrosvmControl
 from spectrumd.vmm.relay import Keeper, SerialRelay
 
@@ -55,8 +55,9 @@ EXIT_REASONS = {
 
 
 def vmm_socket(spec: VmSpec, name: str) -> Path:
-    """Where crosvm connects for ``name`` (``console.sock``, ``control.sock``, ...)."""
-    return spec.run_dir / f"vmm-{name}"
+    """Where crosvm connects for ``name`` (``console.sock``, ``control.sock``, ...), or
+    makes its control socket (``vmm.sock``): in the directory crosvm owns."""
+    return spec.run_dir / VMM_DIR / name
 
 
 def _path(what: str, path: Path, *, sock: bool = False, kv: bool = True) -> str:
@@ -137,7 +138,7 @@ class CrosvmBackend:
             "run",
             "--mem", str(spec.memory_mib),
             "--cpus", str(spec.vcpus),
-            "--socket", _path("control", spec.control_socket, sock=True),
+            "--socket", _path("control", vmm_socket(spec, spec.control_socket.name), sock=True),
         ]  # fmt: skip
         console = _path("console", vmm_socket(spec, spec.console_socket.name), sock=True)
         argv += ["--serial", f"type=unix-stream,hardware=serial,num=1,path={console},console"]
@@ -180,13 +181,18 @@ class CrosvmBackend:
 
     def prepare(
         self, spec: VmSpec, stack: contextlib.ExitStack | contextlib.AsyncExitStack
-    ) -> None:
+    ) -> VmSpec:
         """Listen where crosvm will connect (before the spawn). Raises OSError."""
         relays: list[SerialRelay] = []
         stack.callback(self._discard, spec.run_dir, relays)
         for vmm_path, host_path in _serial_sockets(spec):
-            relays.append(SerialRelay(vmm_path, host_path, self.keeper, kept_as(spec, host_path)))
+            relays.append(
+                SerialRelay(
+                    vmm_path, host_path, self.keeper, kept_as(spec, host_path), owner=spec.vmm_uid
+                )
+            )
         self._prepared[spec.run_dir] = relays
+        return spec
 
     def _discard(self, run_dir: Path, relays: list[SerialRelay]) -> None:
         if self._prepared.get(run_dir) is relays:
@@ -206,11 +212,12 @@ class CrosvmBackend:
         relays = self._prepared.pop(spec.run_dir, None)
         if relays is None:  # not started by this daemon: re-adoption
             relays = self._kept_relays(spec)
-        control = CrosvmControl(spec.binary or "crosvm", spec.control_socket, relays)
+        sock = vmm_socket(spec, spec.control_socket.name)
+        control = CrosvmControl(spec.binary or "crosvm", sock, relays)
         try:
             for r in relays:
                 r.start()
-            await wait_control_socket(spec.control_socket, timeout)
+            await wait_control_socket(sock, timeout)
         except BaseException:
             await control.close()
             raise

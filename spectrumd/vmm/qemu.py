@@ -27,12 +27,14 @@ import attrs
 from spectrumd.model.types import Accel, VmmKind
 from spectrumd.vmm.base import EventHandler, NetDev, VmmError, VmSpec
 from spectrumd.vmm.qmp import QmpClient, QmpError
+from spectrumd.vmm.relay import listen_unix
 
 # How long remove_net waits for the guest to release a device (DEVICE_DELETED).
 UNPLUG_TIMEOUT = 5.0
 # The xHCI controller's id; its USB bus is "xhci.0".
 XHCI_ID = "xhci"
 USB_BUS = f"{XHCI_ID}.0"
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 # virtio-pmem regions are mapped in whole 2 MiB pages.
 PMEM_ALIGN = 2 * 1024 * 1024
 
@@ -101,8 +103,11 @@ def _socket_path(what: str, path: Path) -> str:
     return s
 
 
-def _chardev_socket(chardev_id: str, path: str) -> list[str]:
-    return ["-chardev", f"socket,id={chardev_id},path={opt_escape(path)},server=on,wait=off"]
+def _chardev_socket(chardev_id: str, what: str, spec: VmSpec, path: Path) -> list[str]:
+    """A listening chardev: on the socket the daemon made (``fd=``), else at ``path``."""
+    fd = spec.listen_fd(path)
+    where = f"fd={fd}" if fd is not None else f"path={opt_escape(_socket_path(what, path))}"
+    return ["-chardev", f"socket,id={chardev_id},{where},server=on,wait=off"]
 
 
 _MAC_RE = re.compile("[0-9a-f]{2}(:[0-9a-f]{2}){5}")
@@ -153,8 +158,15 @@ class QemuBackend:
 
     def prepare(
         self, spec: VmSpec, stack: contextlib.ExitStack | contextlib.AsyncExitStack
-    ) -> None:
-        """Nothing: QEMU listens on its own sockets."""
+    ) -> VmSpec:
+        """Listening sockets for QMP, the console and the ports, made by the daemon in
+        its own directory; QEMU inherits them and needs no path. Raises OSError."""
+        fds = []
+        for path in spec.sockets:
+            sock = listen_unix(path)
+            stack.callback(sock.close)
+            fds.append((path.name, sock.fileno()))
+        return attrs.evolve(spec, listen_fds=tuple(fds))
 
     def argv(self, spec: VmSpec) -> list[str]:
         """The QEMU command line for ``spec``; a pure function.
@@ -201,6 +213,9 @@ class QemuBackend:
             "-nographic",
             "-no-reboot",
             "-S",
+            # seccomp: no obsolete system calls, no setuid/setgid, no fork or
+            # exec, no scheduler or resource changes; sets no_new_privs.
+            "-sandbox", SANDBOX,
             "-machine", machine,
             "-accel", spec.accel.value,
         ]  # fmt: skip
@@ -214,9 +229,13 @@ class QemuBackend:
             argv += ["-initrd", initrd]
         argv += ["-append", spec.cmdline]
 
-        qmp = _socket_path("control", spec.control_socket)
-        argv += ["-qmp", f"unix:{opt_escape(qmp)},server=on,wait=off"]
-        argv += _chardev_socket("console", _socket_path("console", spec.console_socket))
+        if spec.listen_fd(spec.control_socket) is not None:
+            argv += _chardev_socket("qmp", "control", spec, spec.control_socket)
+            argv += ["-mon", "chardev=qmp,mode=control"]
+        else:
+            qmp = _socket_path("control", spec.control_socket)
+            argv += ["-qmp", f"unix:{opt_escape(qmp)},server=on,wait=off"]
+        argv += _chardev_socket("console", "console", spec, spec.console_socket)
         argv += ["-serial", "chardev:console"]
         argv += ["-device", "virtio-serial-pci,id=vser0"]
 
@@ -228,7 +247,7 @@ class QemuBackend:
             if sock in seen:
                 raise ValueError(f"ports {seen[sock]!r} and {port!r} share the socket {sock!r}")
             seen[sock] = port
-            argv += _chardev_socket(f"port{i}", sock)
+            argv += _chardev_socket(f"port{i}", f"port {port}", spec, spec.port_socket(port))
             argv += [
                 "-device",
                 f"virtserialport,bus=vser0.0,chardev=port{i},name={opt_escape(port)}",

@@ -57,6 +57,30 @@ def listen_unix(path: Path) -> socket.socket:
     return sock
 
 
+def listen_for(path: Path, owner: int | None) -> socket.socket:
+    """A listening socket at ``path`` that uid ``owner`` (== its gid) may connect to.
+
+    ``path`` is in a directory the VMM owns: nothing is done by path there. The
+    socket is bound in the parent directory (root's own), given to ``owner``
+    there, and renamed into place; rename replaces whatever the VMM may have
+    put under that name without following it. Raises OSError.
+    """
+    if owner is None:
+        return listen_unix(path)
+    staging = path.parent.parent / f".{path.name}.{os.getpid()}.tmp"
+    sock = listen_unix(staging)
+    try:
+        os.chown(staging, owner, owner)
+        os.chmod(staging, 0o600)
+        os.rename(staging, path)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(staging)
+        raise
+    return sock
+
+
 class SerialRelay:
     """One serial device: VMM connection ⇄ successive supervisor connections."""
 
@@ -67,6 +91,7 @@ class SerialRelay:
         keeper: Keeper | None = None,
         kept_as: str = "",
         _connected: socket.socket | None = None,
+        owner: int | None = None,
     ) -> None:
         self.vmm_path = vmm_path
         self.host_path = host_path
@@ -77,11 +102,7 @@ class SerialRelay:
         # in the backlog until we accept.
         self._vmm_listener = None
         if _connected is None:
-            self._vmm_listener = listen_unix(vmm_path)
-            # The VMM may run as another user (--vmm-user), and connecting needs
-            # write permission on the socket. The run directory (0700, the VMM
-            # user's own) is what keeps everyone else out.
-            os.chmod(vmm_path, 0o666)
+            self._vmm_listener = listen_for(vmm_path, owner)
         self._host_listener: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
         self.vmm_connected = asyncio.Event()

@@ -68,10 +68,11 @@ def ticks(path: Path) -> int:
 
 
 async def start_one(daemon: Daemon) -> tuple[Any, dict[str, Any], Path]:
+    """Start the stand-in; the directory it owns (its control socket, argv record, flags)."""
     c = await daemon.start(crosvm_config(daemon.workdir), env=standin_env())
     await c.manager("StartInstance", "s", "one")
     p = await props(c, "one")
-    return c, p, daemon.state_dir / "run" / "one"
+    return c, p, daemon.state_dir / "run" / "one" / "vmm"
 
 
 async def test_start_pause_resume_stop(daemon: Daemon) -> None:
@@ -148,7 +149,7 @@ async def test_without_systemd_a_restart_ends_crosvm_and_says_why(daemon: Daemon
     assert p["State"] == "failed" and p["MainPID"] == 0, p
     assert "nothing kept those connections" in p["StateReason"], p["StateReason"]
     assert not running(pid), "the old crosvm was left running"
-    assert not run_dir.exists()
+    assert not run_dir.parent.exists()
     await c.manager("StartInstance", "s", "one")  # and it starts again
     assert (await props(c, "one"))["State"] == "running"
 
@@ -175,7 +176,7 @@ async def test_automatic_choice(daemon: Daemon, with_crosvm: bool, vmm: str) -> 
 async def standin(short_tmp: Path) -> Any:
     """A stand-in crosvm run by the backend directly (prepare, spawn, attach)."""
     run_dir = short_tmp / f"cv{os.getpid()}{time.monotonic_ns() % 10000}"
-    run_dir.mkdir()
+    (run_dir / "vmm").mkdir(parents=True)  # the directory crosvm owns, as the run makes it
     kernel = run_dir / "k"
     kernel.write_bytes(b"")
     spec = VmSpec(
@@ -192,7 +193,7 @@ async def standin(short_tmp: Path) -> Any:
     backend = CrosvmBackend()
     with contextlib.ExitStack() as stack:
         backend.prepare(spec, stack)
-        proc = await process.spawn(backend.argv(spec), (), run_dir / "vmm.log", None)
+        proc = await process.spawn(backend.argv(spec), (), run_dir / "vmm.log", None, {})
         try:
             control = await backend.attach(spec, lambda n, d: None, 10)
             try:

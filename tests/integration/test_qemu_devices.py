@@ -77,7 +77,7 @@ def netns() -> Any:
 
 async def start_qemu(spec: VmSpec) -> AsyncIterator[QemuControl]:
     backend = QemuBackend()
-    proc = await process.spawn(backend.argv(spec), (), spec.run_dir / "vmm.log", None)
+    proc = await process.spawn(backend.argv(spec), (), spec.run_dir / "vmm.log", None, {})
     try:
         control = await backend.attach(spec, lambda n, d: None, 15)
         try:

@@ -186,25 +186,6 @@ async def test_stop_all(daemon: Daemon, docs: Path) -> None:
     assert qemus(daemon.state_dir) == {}
 
 
-async def test_vmm_runs_as_the_vmm_user(daemon: Daemon, docs: Path) -> None:
-    # The VMM user reaches its run directory through our (test) directories too.
-    for parent in daemon.workdir.parents:
-        if str(parent).startswith("/tmp/"):
-            parent.chmod(parent.stat().st_mode | 0o001)
-    daemon.workdir.chmod(daemon.workdir.stat().st_mode | 0o001)
-    c = await daemon.start(config(docs, ("a",)), extra_args=["--vmm-user", "nobody"])
-    await c.manager("StartInstance", "s", "a")
-    pid = (await props(c, "a"))["MainPID"]
-    uids = next(
-        line.split()[1:]
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-        if line.startswith("Uid:")
-    )
-    assert uids == ["65534"] * 4
-    await wait_for(c, "a", lambda p: p["GuestReady"], timeout=90)
-    await c.instance_call("a", "Kill")
-
-
 async def test_restart_policy_restarts_a_failed_instance(daemon: Daemon, docs: Path) -> None:
     cfg = config(docs, ("a",))
     cfg["instances"]["a"]["restart"] = "on-failure"  # type: ignore[index]

@@ -201,7 +201,7 @@ async def wait_standin(run_dir: Path, want: str, timeout: float = 10) -> None:
 
 def standin_usb_list(run_dir: Path) -> str:
     out = subprocess.run(
-        [str(STANDIN_DIR / "crosvm"), "usb", "list", str(run_dir / "vmm.sock")],
+        [str(STANDIN_DIR / "crosvm"), "usb", "list", str(run_dir / "vmm" / "vmm.sock")],
         capture_output=True,
         text=True,
         check=True,

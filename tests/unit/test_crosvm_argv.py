@@ -65,13 +65,13 @@ FULL = dict(
 def test_minimal() -> None:
     opts = check("minimal", backend.argv(spec()))
     assert opts["--mem"] == [256] and opts["--cpus"] == [1]
-    assert opts["--socket"] == [str(RUN / "vmm.sock")]
+    assert opts["--socket"] == [str(RUN / "vmm" / "vmm.sock")]
     assert opts["--serial"] == [
         {
             "type": "unix-stream",
             "hardware": "serial",
             "num": 1,
-            "path": str(RUN / "vmm-console.sock"),
+            "path": str(RUN / "vmm" / "console.sock"),
             "console": True,
         },
         {
@@ -80,7 +80,7 @@ def test_minimal() -> None:
             "num": 1,
             "name": PORT_CONTROL,
             "input-unix-stream": True,
-            "path": str(RUN / "vmm-control.sock"),
+            "path": str(RUN / "vmm" / "control.sock"),
         },
     ]
     assert opts["kernel"] == ["/usr/lib/spectrum/vmlinuz"]

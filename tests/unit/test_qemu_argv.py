@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from spectrumd.model.types import Accel, Disk
-from spectrumd.vmm.base import PORT_CONTROL, PORT_FS, VmSpec
+from spectrumd.vmm.base import PORT_CONTROL, PORT_FS, PORT_PORTAL, VmSpec
 from spectrumd.vmm.qemu import QemuBackend, opt_escape
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -192,3 +192,21 @@ def test_default_binary() -> None:
 def test_argv_is_pure() -> None:
     s = spec(ports=(PORT_CONTROL, PORT_FS))
     assert backend.argv(s) == backend.argv(s)
+
+
+def test_sockets_the_daemon_made_are_inherited() -> None:
+    # What the daemon runs: QMP, the console and every port on listening
+    # sockets it made; QEMU is given descriptors and never a path of run_dir.
+    s = spec(
+        ports=(PORT_CONTROL, PORT_PORTAL),
+        listen_fds=(("vmm.sock", 5), ("console.sock", 6), ("control.sock", 7), ("portal.sock", 8)),
+    )
+    argv = backend.argv(s)
+    check_golden("daemon-sockets", argv)
+    assert not [a for a in argv if str(s.run_dir) in a]
+    assert set(s.pass_fds) == {5, 6, 7, 8}
+    assert argv[argv.index("-mon") + 1] == "chardev=qmp,mode=control"
+    assert "socket,id=qmp,fd=5,server=on,wait=off" in argv
+    assert argv[argv.index("-sandbox") + 1] == (
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+    )
