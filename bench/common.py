@@ -58,13 +58,15 @@ def child(argv: list[str], name: str, **kw: Any) -> Iterator[subprocess.Popen[st
 def kill_our_vmms(state_dir: Path) -> None:
     """Last resort: SIGKILL VMMs that our spectrumd recorded and that still run.
 
-    Only pids whose command line names our own state directory are touched
+    Only pids that carry their run's token (vmm.pid: "PID TOKEN") are touched
     (spectrumd leaves its VMMs running when it exits, for the next one to adopt).
     """
     for pidfile in (state_dir / "run").glob("*/vmm.pid"):
         with contextlib.suppress(ValueError, OSError):
-            pid = int(pidfile.read_text())
-            if os.fsencode(state_dir) in Path(f"/proc/{pid}/cmdline").read_bytes():
+            pid_text, token = pidfile.read_text().split()
+            pid = int(pid_text)
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if f"SPECTRUM_RUN={token}".encode() in environ:
                 os.kill(pid, signal.SIGKILL)
                 print(f"bench: killed leftover VMM {pid}", file=sys.stderr)
 

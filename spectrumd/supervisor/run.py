@@ -315,7 +315,12 @@ class Run:
                 spec.pass_fds,
                 spec.run_dir / VMM_LOG,
                 None if confined is None else confined.enter,
-                {RUN_TOKEN: self.token},
+                {
+                    RUN_TOKEN: self.token,
+                    # For people (ps e) and tests: whose VMM this is.
+                    "SPECTRUM_INSTANCE": self.name,
+                    "SPECTRUM_STATE_DIR": str(self.env.state_dir),
+                },
             )
         )
         try:

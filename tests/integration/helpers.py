@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import tempfile
 import time
@@ -40,6 +41,30 @@ def app_config(command: str, **instances: dict[str, Any]) -> dict[str, Any]:
         },
         "instances": instances or {"one": {"application": "app"}},
     }
+
+
+def vmms(state_dir: Path) -> dict[str, int]:
+    """The live VMMs that the daemon of ``state_dir`` started: instance name → pid.
+
+    Found by the environment spectrumd gives every VMM (``SPECTRUM_STATE_DIR``,
+    ``SPECTRUM_INSTANCE``); zombies (exited, not reaped by PID 1 here) are gone.
+    """
+    mark = f"SPECTRUM_STATE_DIR={state_dir.absolute()}".encode()
+    found: dict[str, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if mark not in environ or state in ("Z", "X"):
+            continue
+        for var in environ:
+            if var.startswith(b"SPECTRUM_INSTANCE="):
+                found[var.split(b"=", 1)[1].decode()] = int(entry)
+    return found
 
 
 async def props(c: Client, name: str) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from spectrumd.bus.grants import GRANT_IFACE
 from spectrumd.bus.names import instance_path
 from spectrumd.cli.client import Client, connect
 from tests.conftest import Daemon
-from tests.integration.helpers import app_config, error_of, props, short, wait_for
+from tests.integration.helpers import app_config, error_of, props, short, vmms, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -56,14 +56,9 @@ def spectrumctl(d: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def qemus_of(run_dir: Path) -> list[int]:
-    marker = os.fsencode(f"{run_dir}/")
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                if marker in Path(f"/proc/{entry}/cmdline").read_bytes():
-                    out.append(int(entry))
-    return out
+    """The live VMMs of the instance whose run directory is ``run_dir``."""
+    pid = vmms(run_dir.parent.parent).get(run_dir.name)
+    return [] if pid is None else [pid]
 
 
 def internal_errors(d: Daemon) -> list[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Daemon
-from tests.integration.helpers import app_config, marked_dir, props, wait_for, wait_log
+from tests.integration.helpers import app_config, marked_dir, props, vmms, wait_for, wait_log
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -30,29 +30,6 @@ def config(docs: Path, names: tuple[str, ...]) -> dict[str, object]:
     cfg = app_config(TICKER, **{n: {"application": "app", "resources": ["docs"]} for n in names})
     cfg["resources"]["docs"]["path"] = str(docs)  # type: ignore[index]
     return cfg
-
-
-def qemus(state_dir: Path) -> dict[str, int]:
-    """Running QEMUs whose command line names a run directory under ``state_dir``: name → pid."""
-    found: dict[str, int] = {}
-    prefix = f"{state_dir}/run/"
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state == "Z" or not argv or b"qemu-system" not in argv[0]:
-            continue
-        for arg in argv:
-            text = arg.decode(errors="replace")
-            if prefix in text:
-                name = text.split(prefix, 1)[1].split("/", 1)[0]
-                found[name] = int(entry)
-                break
-    return found
 
 
 async def kill_daemon(d: Daemon) -> None:
@@ -85,7 +62,7 @@ async def test_crash_and_restart_keep_instances_running(
 
     await kill_daemon(daemon)
     await asyncio.sleep(1)
-    assert qemus(daemon.state_dir) == before, "the VMMs kept running without their daemon"
+    assert vmms(daemon.state_dir) == before, "the VMMs kept running without their daemon"
 
     c = await daemon.start()
     for n in names:
@@ -115,12 +92,12 @@ async def test_crash_and_restart_keep_instances_running(
 
     # A clean exit (SIGTERM) leaves them running too.
     assert await daemon.stop() == 0
-    assert set(qemus(daemon.state_dir)) == {"c"}
+    assert set(vmms(daemon.state_dir)) == {"c"}
     c = await daemon.start()
     assert (await props(c, "c"))["State"] == "running"
     assert (await props(c, "a"))["State"] == "stopped"
     await c.instance_call("c", "Kill")
-    assert qemus(daemon.state_dir) == {}
+    assert vmms(daemon.state_dir) == {}
 
 
 async def test_vmm_that_died_while_the_daemon_was_down(daemon: Daemon, docs: Path) -> None:
@@ -165,7 +142,7 @@ async def test_daemon_killed_during_a_transition(daemon: Daemon, docs: Path, dur
     await asyncio.sleep(1)
     c = await daemon.start()
     p = await props(c, "a")
-    running = qemus(daemon.state_dir)
+    running = vmms(daemon.state_dir)
     # Consistent: one VMM and an instance that says so, or none and a stopped one.
     if p["State"] == "running":
         assert running == {"a": p["MainPID"]}
@@ -183,7 +160,7 @@ async def test_stop_all(daemon: Daemon, docs: Path) -> None:
     await c.manager("StartInstance", "s", "b")
     await c.manager("StopAll")
     assert [(await props(c, n))["State"] for n in ("a", "b", "c")] == ["stopped"] * 3
-    assert qemus(daemon.state_dir) == {}
+    assert vmms(daemon.state_dir) == {}
 
 
 async def test_restart_policy_restarts_a_failed_instance(daemon: Daemon, docs: Path) -> None:

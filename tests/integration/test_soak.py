@@ -31,7 +31,7 @@ from spectrumd.bus.names import INSTANCE_IFACE, instance_path
 from spectrumd.cli.client import CallError, Client, connect
 from spectrumd.host import names
 from tests.conftest import Daemon
-from tests.integration.helpers import props, short, wait_for
+from tests.integration.helpers import props, short, vmms, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -91,21 +91,8 @@ def proc_state(pid: int) -> str:
 
 
 def qemus_of(state_dir: Path) -> dict[int, bytes]:
-    """Every QEMU on the host whose command line names our state directory."""
-    marker = os.fsencode(state_dir)
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        pid = int(entry)
-        try:
-            comm = Path(f"/proc/{pid}/comm").read_text().strip()
-        except OSError:
-            continue
-        line = cmdline(pid)
-        if comm.startswith("qemu") and marker in line:
-            out[pid] = line
-    return out
+    """Every VMM on the host that the daemon of ``state_dir`` started: pid → command line."""
+    return {pid: cmdline(pid) for pid in vmms(state_dir).values()}
 
 
 def children_of(pid: int) -> set[int]:
