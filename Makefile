@@ -18,6 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	@sh scripts/venv-gi.sh $(VENV)
 	@touch $@
 
 venv: $(VENV)/.installed

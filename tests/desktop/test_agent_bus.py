@@ -1,0 +1,141 @@
+"""The desktop agent against a real spectrumd, without guests: registration,
+a daemon restart, a second agent, a refused caller, a grant the daemon cannot
+make, and a bus that is not there."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dbus_fast import Message, MessageType, Variant
+
+from spectrumd.cli.client import Client, connect
+from tests.conftest import Daemon
+from tests.desktop.conftest import SCREENSHOTS, Gui
+from tests.desktop.ui import UI
+from tests.integration.helpers import app_config, marked_dir, wait_log
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+AGENT = "spectrum-agent"
+TITLE = "Spectrum: one asks for access"
+REQUEST_IFACE = "org.spectrum_os.Spectrum1.Request"
+
+
+async def registrations(daemon: Daemon, count: int, timeout: float = 20) -> list[str]:
+    """The owners of the first ``count`` agent registrations in the daemon's audit log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        owners = re.findall(r'agent-registered owner="([^"]+)"', daemon.stderr_path.read_text())
+        if len(owners) >= count:
+            return owners
+        assert time.monotonic() < deadline, f"{len(owners)} registrations, wanted {count}"
+        await asyncio.sleep(0.1)
+
+
+async def request(c: Client, resource: str) -> str:
+    (path,) = await c.manager(
+        "RequestGrant", "ssa{sv}", "one", resource, {"lifetime": Variant("s", "permanent")}
+    )
+    return str(path)
+
+
+async def code_of(c: Client, req: str) -> int:
+    (code,) = await c.call(
+        req, "org.freedesktop.DBus.Properties", "Get", "ss", [REQUEST_IFACE, "Code"]
+    )
+    return int(code.value)
+
+
+async def wait_code(c: Client, req: str, timeout: float = 20) -> int:
+    deadline = time.monotonic() + timeout
+    while (code := await code_of(c, req)) < 0:
+        assert time.monotonic() < deadline, "the request is still pending"
+        await asyncio.sleep(0.05)
+    return code
+
+
+async def test_restart_second_agent_intruder_and_failed_grant(
+    daemon: Daemon, gui: Gui, ui: UI
+) -> None:
+    c = await daemon.start(app_config("exec sleep 600"))
+    gui.start("agent", daemon.address)
+    (first,) = await registrations(daemon, 1)
+
+    with marked_dir("desk.", "m") as shared:
+        # A request shows a dialog naming the instance, the resource and the access.
+        req = await request(c, str(shared))
+        dialog = await ui.wait_window(AGENT, TITLE)
+        texts = await ui.run(ui.texts, dialog)
+        assert "one" in texts and str(shared) in texts and "read-only" in texts, texts
+        ui.key(TITLE, "Escape")
+        assert await wait_code(c, req) == 1, "Escape denies"
+        await ui.wait_window(AGENT, TITLE, gone=True)
+
+        # spectrumd restarts: the agent registers again with the new daemon.
+        await daemon.stop()
+        c = await daemon.start()
+        owners = await registrations(daemon, 2)
+        assert owners[1] == first, "the same agent registered again"
+        req = await request(c, str(shared))
+        await ui.wait_window(AGENT, TITLE)
+
+        # Someone else on the bus calls the agent's Confirm: refused, no second dialog.
+        intruder = await connect(daemon.address)
+        reply = await intruder.call(
+            Message(
+                destination=first,
+                path="/org/spectrum_os/Spectrum1/desktop_agent",
+                interface="org.spectrum_os.Spectrum1.Agent",
+                member="Confirm",
+                signature="ssssssa{sv}",
+                body=["fake", "bank", "app", "/", "rw", "permanent", {}],
+            )
+        )
+        assert reply is not None and reply.message_type == MessageType.ERROR
+        assert reply.error_name == "org.freedesktop.DBus.Error.AccessDenied"
+        intruder.disconnect()
+        assert await ui.run(ui.window, AGENT, "bank") is None
+
+        # Allowed, but the directory is gone by then: the user is told, nothing is granted.
+        dialog = await ui.wait_window(AGENT, TITLE)
+        allow = await ui.run(ui.find, dialog, "push button", "Allow")
+        ui.focus(TITLE)
+        await wait_sensitive(ui, allow)
+    await ui.click(TITLE, allow)
+    assert await wait_code(c, req) == 2
+    notice = await ui.wait_window(AGENT, "Spectrum agent: message")
+    text = " ".join(await ui.run(ui.texts, notice))
+    assert "The grant was not made" in text and "confirmed, but the grant failed" in text, text
+    (rows,) = await c.manager("ListGrants")
+    assert rows == []
+
+    # A second agent is refused with Busy, and says so in its window.
+    gui.start("agent", daemon.address)
+    status = await ui.wait_window(AGENT, "Spectrum agent: not active", timeout=20)
+    deadline = time.monotonic() + 20
+    while "Busy" not in (text := " ".join(await ui.run(ui.texts, status))):
+        assert time.monotonic() < deadline, text
+        await asyncio.sleep(0.1)
+    assert "an agent is already registered" in text
+    ui.display.screenshot(SCREENSHOTS / "agent-busy.png")
+
+
+async def wait_sensitive(ui: UI, acc: Any, timeout: float = 10) -> float:
+    start = time.monotonic()
+    while not await ui.run(ui.sensitive, acc):
+        assert time.monotonic() - start < timeout, "the button never became active"
+        await asyncio.sleep(0.05)
+    return time.monotonic() - start
+
+
+async def test_no_bus(gui: Gui, ui: UI, short_tmp: Path) -> None:
+    gui.start("agent", f"unix:path={short_tmp}/no-such-bus")
+    status = await ui.wait_window(AGENT, "Spectrum agent: not active")
+    text = " ".join(await ui.run(ui.texts, status))
+    assert "cannot reach the" in text and "no-such-bus" in text, text
+    await wait_log(Path(gui.logdir) / "agent-0.log", "cannot reach", timeout=5)
