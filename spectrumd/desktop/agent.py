@@ -211,12 +211,12 @@ class Agent:
     def _response(
         self,
         _conn: Gio.DBusConnection,
-        _sender: str,
+        _sender: str | None,
         _path: str,
         _iface: str,
         _signal: str,
         params: GLib.Variant,
-        rid: str,
+        rid: Any,
     ) -> None:
         code, results = params.unpack()
         grant = results.get("grant", "")

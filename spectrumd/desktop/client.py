@@ -128,9 +128,7 @@ def manager_call(
     call(conn, MANAGER_PATH, MANAGER_IFACE, method, args, done, what)
 
 
-def instance_call(
-    conn: Gio.DBusConnection, path: str, method: str, done: Done, what: str
-) -> None:
+def instance_call(conn: Gio.DBusConnection, path: str, method: str, done: Done, what: str) -> None:
     timeout = LONG_CALL_TIMEOUT_MS if method in ("Start", "Stop") else CALL_TIMEOUT_MS
     call(conn, path, INSTANCE_IFACE, method, None, done, what, timeout)
 

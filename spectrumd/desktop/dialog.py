@@ -27,6 +27,7 @@ from spectrumd.desktop.model import (
 from spectrumd.desktop.widgets import instance_badge, paint
 
 TICK_MS = 100
+WRAP_AT = 50
 DENY_KEYS = (Gdk.KEY_Escape, Gdk.KEY_Return, Gdk.KEY_KP_Enter, Gdk.KEY_ISO_Enter)
 
 
@@ -70,7 +71,6 @@ class ConfirmDialog(Gtk.Window):
         headline = Gtk.Label(
             label=f"{asks} {printable(req.application, 64)} asks for more access.",
             xalign=0.0,
-            wrap=True,
         )
         box.append(headline)
 
@@ -85,9 +85,14 @@ class ConfirmDialog(Gtk.Window):
         for i, (key, value) in enumerate(rows):
             k = Gtk.Label(label=key, xalign=1.0, yalign=0.0)
             k.add_css_class("dim-label")
-            v = Gtk.Label(label=value, xalign=0.0, wrap=True, selectable=False)
-            v.set_wrap_mode(Pango.WrapMode.WORD_CHAR)
-            v.set_max_width_chars(50)
+            v = Gtk.Label(label=value, xalign=0.0, selectable=False)
+            if len(value) > WRAP_AT:
+                # A wrapped label asks for the height it has at its narrowest: give
+                # it a width, or the window grows tall and empty.
+                v.set_wrap(True)
+                v.set_wrap_mode(Pango.WrapMode.WORD_CHAR)
+                v.set_width_chars(WRAP_AT)
+                v.set_max_width_chars(WRAP_AT)
             grid.attach(k, 0, i, 1, 1)
             grid.attach(v, 1, i, 1, 1)
         box.append(grid)
@@ -105,9 +110,9 @@ class ConfirmDialog(Gtk.Window):
         until_row.append(self.until)
         until_row.append(self.minutes)
         until_row.append(Gtk.Label(label="minutes"))
-        {"until": self.until, "permanent": self.permanent}.get(req.lifetime, self.running).set_active(
-            True
-        )
+        {"until": self.until, "permanent": self.permanent}.get(
+            req.lifetime, self.running
+        ).set_active(True)
         for w in (self.running, until_row, self.permanent):
             box.append(w)
 

@@ -125,7 +125,9 @@ class Reconnecting:
 
 def _parser(prog: str, what: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=what)
-    p.add_argument("--bus", help="session, system or a D-Bus address (default: $SPECTRUM_BUS or system)")
+    p.add_argument(
+        "--bus", help="session, system or a D-Bus address (default: $SPECTRUM_BUS or system)"
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 
@@ -168,9 +170,9 @@ def agent_main(argv: list[str] | None = None) -> int:
 def manager_main(argv: list[str] | None = None) -> int:
     from spectrumd.desktop.manager import ManagerWindow
 
-    args = _parser("spectrum-manager", "Instances, their state and what they can reach.").parse_args(
-        argv
-    )
+    args = _parser(
+        "spectrum-manager", "Instances, their state and what they can reach."
+    ).parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="spectrum-manager: %(message)s")
     spec = client.bus_spec(args.bus)
     app = _app(MANAGER_APP_ID, "spectrum-manager")

@@ -195,7 +195,7 @@ class ManagerWindow(Gtk.ApplicationWindow):
         out = {}
         for obj in self.om.get_objects():
             proxy = obj.get_interface(INSTANCE_IFACE)
-            if proxy is not None:
+            if isinstance(proxy, Gio.DBusProxy):
                 out[obj.get_object_path()] = proxy
         return out
 
@@ -205,7 +205,10 @@ class ManagerWindow(Gtk.ApplicationWindow):
         found = []
         for obj in self.om.get_objects():
             proxy = obj.get_interface(client.GRANT_IFACE)
-            if proxy is not None and client.cached(proxy, "Instance") == instance_path:
+            if (
+                isinstance(proxy, Gio.DBusProxy)
+                and client.cached(proxy, "Instance") == instance_path
+            ):
                 found.append(proxy)
         return sorted(found, key=lambda p: p.get_object_path())
 
@@ -279,7 +282,10 @@ class ManagerWindow(Gtk.ApplicationWindow):
             ("Application", client.cached(proxy, "Application", "")),
             ("VMM", client.cached(proxy, "Vmm", "")),
             ("VMM pid", str(client.cached(proxy, "MainPID", 0) or "—")),
-            ("Started", time.strftime("%H:%M:%S", time.localtime(started / 1e6)) if started else "—"),
+            (
+                "Started",
+                time.strftime("%H:%M:%S", time.localtime(started / 1e6)) if started else "—",
+            ),
             ("Guest ready", "yes" if client.cached(proxy, "GuestReady", False) else "no"),
         ]
         for key, value in facts:
@@ -318,7 +324,9 @@ class ManagerWindow(Gtk.ApplicationWindow):
             self.details.append(_text("none", dim=True))
         for network, tap, mac in nets:
             self.details.append(
-                _text(f"{printable(network, 64)}: tap {printable(tap, 20)}, MAC {printable(mac, 20)}")
+                _text(
+                    f"{printable(network, 64)}: tap {printable(tap, 20)}, MAC {printable(mac, 20)}"
+                )
             )
 
     def _grant_row(self, g: Gio.DBusProxy, now_us: int) -> Gtk.Widget:

@@ -11,9 +11,8 @@ def paint(widget: Gtk.Widget, name: str) -> None:
     """Give ``widget`` the instance's colour as background, with white text."""
     colour = instance_colour(name)
     provider = Gtk.CssProvider()
-    provider.load_from_data(
-        f"* {{ background-color: {colour}; color: #ffffff; border-radius: 4px; }}".encode()
-    )
+    css = f"* {{ background-color: {colour}; color: #ffffff; border-radius: 4px; }}"
+    provider.load_from_data(css.encode())  # type: ignore[no-untyped-call]  # a gi override
     widget.get_style_context().add_provider(provider, Gtk.STYLE_PROVIDER_PRIORITY_APPLICATION)
 
 

@@ -25,7 +25,9 @@ def _have(*tools: str) -> bool:
 @pytest.fixture(scope="session")
 def display() -> Iterator[Display]:
     if not _have("Xvfb", "xdotool", "import", "dbus-daemon"):
-        pytest.fail("the desktop tests need xvfb, xdotool and imagemagick (scripts/install-deps.sh)")
+        pytest.fail(
+            "the desktop tests need xvfb, xdotool and imagemagick (scripts/install-deps.sh)"
+        )
     work = Path(tempfile.mkdtemp(prefix="spx.", dir="/tmp"))
     try:
         with virtual_display(work) as d:
@@ -52,7 +54,16 @@ class Gui:
     def start(self, which: str, bus: str) -> subprocess.Popen[bytes]:
         log = open(self.logdir / f"{which}-{len(self.procs)}.log", "ab")  # noqa: SIM115
         proc = subprocess.Popen(
-            [sys.executable, "-m", "spectrumd.desktop", which, "--bus", bus, "--log-level", "debug"],
+            [
+                sys.executable,
+                "-m",
+                "spectrumd.desktop",
+                which,
+                "--bus",
+                bus,
+                "--log-level",
+                "debug",
+            ],
             env=self.display.env,
             stdout=log,
             stderr=log,
@@ -62,7 +73,9 @@ class Gui:
         return proc
 
     def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted(self.logdir.glob("*.log")))
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text()}" for p in sorted(self.logdir.glob("*.log"))
+        )
 
     def stop(self, proc: subprocess.Popen[bytes]) -> None:
         if proc.poll() is None:
