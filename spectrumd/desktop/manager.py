@@ -83,6 +83,7 @@ class ManagerWindow(Gtk.ApplicationWindow):
         self.usb: list[Any] | None = None
         self.usb_error = ""
         self._subscriptions: list[int] = []
+        self._shown_key = ""
 
         outer = Gtk.Box(orientation=Gtk.Orientation.VERTICAL)
         self.set_child(outer)
@@ -254,7 +255,24 @@ class ManagerWindow(Gtk.ApplicationWindow):
 
     # -- details ---------------------------------------------------------------------
 
+    def _details_key(self) -> str:
+        """All the pane shows; it is rebuilt only when this changes (rebuilding on
+        every signal would churn widgets, and their accessibility objects, for nothing)."""
+        proxy = self._instances().get(self.selected or "")
+        if proxy is None:
+            return ""
+        parts: list[Any] = [proxy.get_object_path()]
+        for p in (proxy, *self._grants(proxy.get_object_path())):
+            parts.append(p.get_object_path())
+            parts.extend((n, client.cached(p, n)) for n in sorted(p.get_cached_property_names()))
+        parts += [self.usb, self.usb_error, sorted(self.resources.items())]
+        return repr(parts)
+
     def _render_details(self) -> None:
+        key = self._details_key()
+        if key == self._shown_key and self.details.get_first_child() is not None:
+            return
+        self._shown_key = key
         while (child := self.details.get_first_child()) is not None:
             self.details.remove(child)
         proxy = self._instances().get(self.selected or "")

@@ -1,7 +1,8 @@
 """The desktop's pure core: colours, the request queue, the click guard, texts.
 
 No GTK, no D-Bus, no clock of its own (times are passed in), so all of it is
-tested without a display.
+tested without a display. Only the standard library: the desktop package runs
+under the system's Python with PyGObject and nothing else installed.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import unicodedata
 import urllib.parse
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass
 
-import attrs
 
 ERROR_PREFIX = "org.spectrum_os.Spectrum1.Error."
 LIFETIMES = ("running", "until", "permanent")
@@ -48,7 +49,7 @@ def printable(untrusted: str, limit: int = MAX_SHOWN) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-@attrs.frozen
+@dataclass(frozen=True)
 class PendingRequest:
     """One Confirm call of the daemon, as the agent got it."""
 
@@ -144,7 +145,7 @@ class ClickGuard:
         return self.remaining(now) == 0.0
 
 
-@attrs.frozen
+@dataclass(frozen=True)
 class Answer:
     """What the agent replies, and when it must revoke the grant itself (µs, 0: never).
 
@@ -180,7 +181,7 @@ def default_minutes(req: PendingRequest, now_us: int) -> int:
     return 10
 
 
-@attrs.frozen
+@dataclass(frozen=True)
 class ResourceView:
     kind: str  # "directory", "usb" or "resource"
     title: str  # one line: the host path, or the USB ids
@@ -273,7 +274,11 @@ def error_text(what: str, error_name: str, message: str) -> str:
     """A D-Bus error as one line for the user: ``Start work-shell: Not allowed: …``."""
     short = error_name.removeprefix(ERROR_PREFIX)
     if error_name == "org.freedesktop.DBus.Error.AccessDenied":
-        short = "AccessDenied"  # refused by the bus policy rather than the daemon
+        # Refused by the bus policy rather than the daemon; its message is a dump of
+        # the rule that matched, meant for an administrator's log.
+        short = "AccessDenied"
+        if message.startswith("Rejected send message"):
+            message = "the bus lets only root and the group spectrum do this"
     if error_name in (
         "org.freedesktop.DBus.Error.ServiceUnknown",
         "org.freedesktop.DBus.Error.NameHasNoOwner",

@@ -9,13 +9,15 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.desktop.display import Display, virtual_display
 from tests.desktop.ui import UI
 
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+ROOT = Path(__file__).resolve().parents[2]
+SCREENSHOTS = ROOT / "docs" / "screenshots"
 
 
 def _have(*tools: str) -> bool:
@@ -51,23 +53,40 @@ class Gui:
         self.logdir = logdir
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, which: str, bus: str) -> subprocess.Popen[bytes]:
+    def start(self, which: str, bus: str, user: int | None = None) -> subprocess.Popen[bytes]:
+        """Run ``spectrum-agent`` or ``spectrum-manager`` (``which``) on ``bus``.
+
+        With ``user``, as that uid and without the venv: under Debian's Python,
+        which has PyGObject (the desktop package needs nothing else).
+        """
         log = open(self.logdir / f"{which}-{len(self.procs)}.log", "ab")  # noqa: SIM115
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "spectrumd.desktop",
-                which,
-                "--bus",
-                bus,
-                "--log-level",
-                "debug",
-            ],
-            env=self.display.env,
-            stdout=log,
-            stderr=log,
-        )
+        argv = ["-m", "spectrumd.desktop", which, "--bus", bus, "--log-level", "debug"]
+        env = self.display.env
+        extra: dict[str, Any] = {}
+        if user is None:
+            argv.insert(0, sys.executable)
+        else:
+            argv.insert(0, "/usr/bin/python3")
+            extra = {"user": user, "group": user, "extra_groups": [], "cwd": "/"}
+            # A session bus of that user's own, as a desktop session has: GTK's
+            # accessibility names its objects after the application's path there.
+            session = subprocess.Popen(
+                ["dbus-daemon", "--session", "--nofork", "--nopidfile", "--print-address=1"]
+                + ["--address=unix:tmpdir=/tmp"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                **extra,
+            )
+            self.procs.append(session)  # type: ignore[arg-type]
+            assert session.stdout is not None
+            env = dict(
+                env,
+                PYTHONPATH=str(ROOT),
+                HOME="/nonexistent",
+                DBUS_SESSION_BUS_ADDRESS=session.stdout.readline().strip(),
+            )
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log, **extra)
         log.close()
         self.procs.append(proc)
         return proc
@@ -90,6 +109,7 @@ class Gui:
 @pytest.fixture
 async def gui(display: Display, short_tmp: Path) -> AsyncIterator[Gui]:
     logdir = Path(tempfile.mkdtemp(prefix="gui.", dir=short_tmp))
+    logdir.chmod(0o755)
     g = Gui(display, logdir)
     try:
         yield g

@@ -37,11 +37,17 @@ class UI:
     # -- blocking helpers (run through ``run``) ------------------------------------
 
     def windows(self, app_name: str) -> list[Any]:
+        from gi.repository import GLib
+
         desktop = self.pyatspi.Registry.getDesktop(0)
         out = []
-        for app in desktop:
-            if app is not None and app.name == app_name:
-                out.extend(w for w in app if w is not None)
+        for i in range(desktop.childCount):
+            try:
+                app = desktop.getChildAtIndex(i)
+                if app is not None and app.name == app_name:
+                    out.extend(w for w in app if w is not None)
+            except GLib.Error:
+                continue  # an application that has just gone away
         return out
 
     def window(self, app_name: str, title_part: str) -> Any | None:
