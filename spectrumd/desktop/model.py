@@ -15,7 +15,6 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-
 ERROR_PREFIX = "org.spectrum_os.Spectrum1.Error."
 LIFETIMES = ("running", "until", "permanent")
 ARM_DELAY = 1.0  # seconds a dialog must be shown and focused before its buttons work

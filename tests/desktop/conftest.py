@@ -71,8 +71,14 @@ class Gui:
             # A session bus of that user's own, as a desktop session has: GTK's
             # accessibility names its objects after the application's path there.
             session = subprocess.Popen(
-                ["dbus-daemon", "--session", "--nofork", "--nopidfile", "--print-address=1"]
-                + ["--address=unix:tmpdir=/tmp"],
+                [
+                    "dbus-daemon",
+                    "--session",
+                    "--nofork",
+                    "--nopidfile",
+                    "--print-address=1",
+                    "--address=unix:tmpdir=/tmp",
+                ],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
                 text=True,
