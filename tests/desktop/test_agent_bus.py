@@ -37,9 +37,9 @@ async def registrations(daemon: Daemon, count: int, timeout: float = 20) -> list
         await asyncio.sleep(0.1)
 
 
-async def request(c: Client, resource: str) -> str:
+async def request(c: Client, resource: str, instance: str = "one") -> str:
     (path,) = await c.manager(
-        "RequestGrant", "ssa{sv}", "one", resource, {"lifetime": Variant("s", "permanent")}
+        "RequestGrant", "ssa{sv}", instance, resource, {"lifetime": Variant("s", "permanent")}
     )
     return str(path)
 
@@ -62,22 +62,32 @@ async def wait_code(c: Client, req: str, timeout: float = 20) -> int:
 async def test_restart_second_agent_intruder_and_failed_grant(
     daemon: Daemon, gui: Gui, ui: UI
 ) -> None:
-    c = await daemon.start(app_config("exec sleep 600"))
+    config = app_config("exec sleep 600", one={"application": "app"}, two={"application": "app"})
+    config["resources"]["docs"]["path"] = "/usr/share/doc"
+    c = await daemon.start(config)
     gui.start("agent", daemon.address)
     (first,) = await registrations(daemon, 1)
 
     with marked_dir("desk.", "m") as shared:
-        # A request shows a dialog naming the instance, the resource and the access.
+        # A request shows a dialog naming the instance, the resource and the access;
+        # a configured resource shows the host directory it stands for.
         req = await request(c, str(shared))
+        req_two = await request(c, "docs", instance="two")
         dialog = await ui.wait_window(AGENT, TITLE)
         texts = await ui.run(ui.texts, dialog)
         assert "one" in texts and str(shared) in texts and "read-only" in texts, texts
+        # Two instances: two dialogs at once, each with its own request.
+        other = await ui.wait_window(AGENT, "Spectrum: two asks for access")
+        texts = await ui.run(ui.texts, other)
+        assert "two" in texts and "/usr/share/doc" in texts and "docs" in texts, texts
         ui.key(TITLE, "Escape")
         assert await wait_code(c, req) == 1, "Escape denies"
         await ui.wait_window(AGENT, TITLE, gone=True)
+        assert await code_of(c, req_two) == -1, "the other request is still open"
 
-        # spectrumd restarts: the agent registers again with the new daemon.
+        # spectrumd restarts: the open dialog closes, and the agent registers again.
         await daemon.stop()
+        await ui.wait_window(AGENT, "Spectrum: two asks", gone=True, timeout=10)
         c = await daemon.start()
         owners = await registrations(daemon, 2)
         assert owners[1] == first, "the same agent registered again"
