@@ -80,6 +80,16 @@ async def test_restart_second_agent_intruder_and_failed_grant(
         other = await ui.wait_window(AGENT, "Spectrum: two asks for access")
         texts = await ui.run(ui.texts, other)
         assert "two" in texts and "/usr/share/doc" in texts and "docs" in texts, texts
+        # Focus lost: the buttons go inactive, and the second starts again on return.
+        allow = await ui.run(ui.find, dialog, "push button", "Allow")
+        ui.focus(TITLE)
+        await wait_sensitive(ui, allow)
+        ui.focus("Spectrum: two asks for access")
+        await wait_sensitive(ui, allow, want=False, timeout=2)
+        ui.focus(TITLE)
+        back = time.monotonic()
+        assert await wait_sensitive(ui, allow) >= 0.8, "armed again too soon after refocus"
+        assert time.monotonic() - back < 3
         ui.key(TITLE, "Escape")
         assert await wait_code(c, req) == 1, "Escape denies"
         await ui.wait_window(AGENT, TITLE, gone=True)
@@ -135,10 +145,11 @@ async def test_restart_second_agent_intruder_and_failed_grant(
     ui.display.screenshot(SCREENSHOTS / "agent-busy.png")
 
 
-async def wait_sensitive(ui: UI, acc: Any, timeout: float = 10) -> float:
+async def wait_sensitive(ui: UI, acc: Any, timeout: float = 10, want: bool = True) -> float:
+    """Seconds until the button is active (or inactive, ``want=False``)."""
     start = time.monotonic()
-    while not await ui.run(ui.sensitive, acc):
-        assert time.monotonic() - start < timeout, "the button never became active"
+    while await ui.run(ui.sensitive, acc) != want:
+        assert time.monotonic() - start < timeout, f"the button never became {'active' if want else 'inactive'}"
         await asyncio.sleep(0.05)
     return time.monotonic() - start
 

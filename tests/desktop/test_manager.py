@@ -137,7 +137,9 @@ async def run_checks(
     await ui.click(TITLE, await button(ui, "Start"))
     shown_at = await wait_text(ui, lambda t: "running" in t, "never shown running", timeout=60)
     assert running_at, "the daemon never said running"
-    assert shown_at - running_at[0] < 1.0, f"shown {shown_at - running_at[0]:.2f} s late"
+    late = shown_at - running_at[0]
+    print(f"the window showed 'running' {late * 1000:.0f} ms after the daemon's signal")
+    assert late < 1.0, f"shown {late:.2f} s late"
 
     # 3. The guest's grant and network are listed; Revoke takes the directory away.
     log = Path((await props(c, "one"))["ConsoleLog"])
