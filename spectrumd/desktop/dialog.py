@@ -24,7 +24,7 @@ from spectrumd.desktop.model import (
     plan_answer,
     printable,
 )
-from spectrumd.desktop.widgets import instance_badge, paint
+from spectrumd.desktop.widgets import instance_badge
 
 TICK_MS = 100
 WRAP_AT = 50
@@ -60,12 +60,8 @@ class ConfirmDialog(Gtk.Window):
             getattr(box, f"set_margin_{side}")(16)
         self.set_child(box)
 
-        band = Gtk.Box(orientation=Gtk.Orientation.HORIZONTAL, spacing=8)
-        paint(band, req.instance)
-        badge = instance_badge(req.instance, big=True)
-        badge.set_hexpand(True)
-        band.append(badge)
-        box.append(band)
+        # The instance's name on its colour, as in the management window.
+        box.append(instance_badge(req.instance, big=True))
 
         asks = "The application" if req.origin == "portal" else "A caller on the host, for"
         headline = Gtk.Label(

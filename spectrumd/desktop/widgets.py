@@ -7,11 +7,14 @@ from gi.repository import Gtk
 from spectrumd.desktop.model import instance_colour, printable
 
 
-def paint(widget: Gtk.Widget, name: str) -> None:
+def paint(widget: Gtk.Widget, name: str, padding: str = "0") -> None:
     """Give ``widget`` the instance's colour as background, with white text."""
     colour = instance_colour(name)
     provider = Gtk.CssProvider()
-    css = f"* {{ background-color: {colour}; color: #ffffff; border-radius: 4px; }}"
+    css = (
+        f"* {{ background-color: {colour}; color: #ffffff; border-radius: 4px;"
+        f" padding: {padding}; }}"
+    )
     provider.load_from_data(css.encode())  # type: ignore[no-untyped-call]  # a gi override
     widget.get_style_context().add_provider(provider, Gtk.STYLE_PROVIDER_PRIORITY_APPLICATION)
 
@@ -19,13 +22,10 @@ def paint(widget: Gtk.Widget, name: str) -> None:
 def instance_badge(name: str, big: bool = False) -> Gtk.Label:
     """The instance's name on its colour: how the user tells instances apart."""
     label = Gtk.Label(label=printable(name, 80))
-    label.set_margin_start(2)
     label.set_xalign(0.0)
     if big:
         label.add_css_class("title-2")
-    paint(label, name)
-    # Padding through a CSS class would be global; a margin inside a box keeps it local.
-    label.set_size_request(-1, 32 if big else 24)
+    paint(label, name, "4px 10px")
     return label
 
 

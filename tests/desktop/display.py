@@ -83,10 +83,11 @@ class Display:
             ["xdotool", *args], env=self.env, capture_output=True, text=True, timeout=10, check=True
         ).stdout
 
-    def screenshot(self, path: Path) -> None:
+    def screenshot(self, path: Path, window: str = "root") -> None:
+        """Save the screen, or one X window (an id from xdotool), as a PNG."""
         path.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run(
-            ["import", "-window", "root", str(path)], env=self.env, check=True, timeout=20
+            ["import", "-window", window, str(path)], env=self.env, check=True, timeout=20
         )
 
 

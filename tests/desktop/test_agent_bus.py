@@ -142,14 +142,16 @@ async def test_restart_second_agent_intruder_and_failed_grant(
         assert time.monotonic() < deadline, text
         await asyncio.sleep(0.1)
     assert "an agent is already registered" in text
-    ui.display.screenshot(SCREENSHOTS / "agent-busy.png")
+    ui.display.screenshot(SCREENSHOTS / "agent-busy.png", ui.x_window("Spectrum agent: not active"))
 
 
 async def wait_sensitive(ui: UI, acc: Any, timeout: float = 10, want: bool = True) -> float:
     """Seconds until the button is active (or inactive, ``want=False``)."""
     start = time.monotonic()
     while await ui.run(ui.sensitive, acc) != want:
-        assert time.monotonic() - start < timeout, f"the button never became {'active' if want else 'inactive'}"
+        assert time.monotonic() - start < timeout, (
+            f"the button never became {'active' if want else 'inactive'}"
+        )
         await asyncio.sleep(0.05)
     return time.monotonic() - start
 

@@ -108,7 +108,7 @@ async def run_checks(
     await wait_text(
         ui, lambda t: any(x.startswith("Start one: Not allowed") for x in t), "no refusal shown"
     )
-    ui.display.screenshot(SCREENSHOTS / "manager-refused.png")
+    ui.display.screenshot(SCREENSHOTS / "manager-refused.png", ui.x_window(TITLE))
     assert (await props(c, "one"))["State"] == "stopped"
     gui.stop(reader)
     await ui.wait_window(MANAGER, TITLE, gone=True)
@@ -151,7 +151,7 @@ async def run_checks(
     tap = nets[0][1]
     await wait_text(ui, lambda t: any(str(shared) in x for x in t), "no grant listed")
     await wait_text(ui, lambda t: any(f"lan: tap {tap}" in x for x in t), "no network listed")
-    ui.display.screenshot(SCREENSHOTS / "manager.png")
+    ui.display.screenshot(SCREENSHOTS / "manager.png", ui.x_window(TITLE))
     ui.focus(TITLE)
     await ui.click(TITLE, await button(ui, "Revoke"))
     await wait_text(ui, lambda t: not any(str(shared) in x for x in t), "the grant stays listed")

@@ -87,7 +87,7 @@ async def test_guest_request_through_the_dialog(
     # After the delay the same click grants, and the guest reads the file.
     await wait_sensitive(ui, allow)
     armed_after = time.monotonic() - seen
-    ui.display.screenshot(SCREENSHOTS / "agent-dialog.png")
+    ui.display.screenshot(SCREENSHOTS / "agent-dialog.png", ui.x_window(TITLE))
     await ui.click(TITLE, allow)
     text = await wait_log(log, "first rc=", timeout=30)
     assert f"first rc=0 /mnt/spectrum/{dirs[0].name}" in text
