@@ -74,11 +74,12 @@ async def test_guest_request_through_the_dialog(
         assert expected in texts, (expected, texts)
     allow = await ui.run(ui.find, dialog, "push button", "Allow")
     assert allow is not None
-    # A click in the first second does nothing.
+    # A click in the first second does nothing. The button is inactive before the
+    # click and still after it, so the click landed inside that second.
     ui.focus(TITLE)
+    assert not await ui.run(ui.sensitive, allow), "active at once"
     await ui.click(TITLE, allow)
-    clicked = time.monotonic()
-    assert clicked - seen < 0.9, f"the test was too slow to click early ({clicked - seen:.2f} s)"
+    assert not await ui.run(ui.sensitive, allow), "the test was too slow to click early"
     await asyncio.sleep(0.5)
     (rows,) = await c.manager("ListGrants")
     assert rows == [], "an early click granted"
@@ -94,7 +95,8 @@ async def test_guest_request_through_the_dialog(
     await wait_log(log, "marker-0", timeout=20)
     (rows,) = await c.manager("ListGrants")
     assert [(r[1], r[2], r[4]) for r in rows] == [("one", str(dirs[0]), "running")]
-    assert armed_after >= 0.7, f"the buttons became active after {armed_after:.2f} s"
+    # The second counts from the focus, which came at most a poll or two before we saw it.
+    assert armed_after >= 0.5, f"the buttons became active after {armed_after:.2f} s"
 
     # 2. Deny denies.
     dialog = await dialog_for(ui, dirs[1])
