@@ -63,11 +63,12 @@ class ConfirmDialog(Gtk.Window):
         # The instance's name on its colour, as in the management window.
         box.append(instance_badge(req.instance, big=True))
 
-        asks = "The application" if req.origin == "portal" else "A caller on the host, for"
-        headline = Gtk.Label(
-            label=f"{asks} {printable(req.application, 64)} asks for more access.",
-            xalign=0.0,
-        )
+        app = printable(req.application, 64)
+        if req.origin == "portal":
+            asks = f"The application {app} asks for more access."
+        else:
+            asks = f"A program on the host asks for more access for {app}."
+        headline = Gtk.Label(label=asks, xalign=0.0)
         box.append(headline)
 
         grid = Gtk.Grid(column_spacing=12, row_spacing=6)

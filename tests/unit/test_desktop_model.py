@@ -174,3 +174,23 @@ def test_the_desktop_imports_nothing_of_the_daemon() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_desktop_files_are_valid_and_start_the_installed_programs() -> None:
+    import shutil
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    files = sorted((ROOT / "data").glob("*.desktop"))
+    assert [f.name for f in files] == [
+        "spectrum-agent-autostart.desktop",
+        "spectrum-agent.desktop",
+        "spectrum-manager.desktop",
+    ]
+    assert shutil.which("desktop-file-validate"), "desktop-file-utils is not installed"
+    for f in files:
+        r = subprocess.run(["desktop-file-validate", str(f)], capture_output=True, text=True)
+        assert r.returncode == 0 and not r.stdout.strip(), (f.name, r.stdout)
+        exec_line = next(x for x in f.read_text().splitlines() if x.startswith("Exec="))
+        program = exec_line.removeprefix("Exec=").split()[0]
+        assert scripts[program].startswith("spectrumd.desktop.main:"), program
