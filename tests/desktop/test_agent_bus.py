@@ -1,10 +1,12 @@
-"""The desktop agent against a real spectrumd, without guests: registration,
+"""The desktop programs against a real spectrumd, without guests: registration,
 a daemon restart, a second agent, a refused caller, a grant the daemon cannot
-make, and a bus that is not there."""
+make, a bus that is not there or goes away; the management window across a
+daemon restart."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 from dbus_fast import Message, MessageType, Variant
 
 from spectrumd.cli.client import Client, connect
-from tests.conftest import Daemon
+from tests.conftest import Daemon, dbus_daemon
 from tests.desktop.conftest import SCREENSHOTS, Gui
 from tests.desktop.ui import UI
 from tests.integration.helpers import app_config, marked_dir, wait_log
@@ -162,3 +164,50 @@ async def test_no_bus(gui: Gui, ui: UI, short_tmp: Path) -> None:
     text = " ".join(await ui.run(ui.texts, status))
     assert "cannot reach the" in text and "no-such-bus" in text, text
     await wait_log(Path(gui.logdir) / "agent-0.log", "cannot reach", timeout=5)
+
+
+async def manager_texts(ui: UI) -> list[str]:
+    w = await ui.run(ui.window, "spectrum-manager", "Spectrum instances")
+    return [] if w is None else await ui.run(ui.texts, w)
+
+
+async def wait_manager(ui: UI, pred: Any, what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred(texts := await manager_texts(ui)):
+        assert time.monotonic() < deadline, f"{what}; the window shows {texts}"
+        await asyncio.sleep(0.05)
+
+
+async def test_manager_follows_a_daemon_restart(daemon: Daemon, gui: Gui, ui: UI) -> None:
+    await daemon.start(app_config("exec sleep 600"))
+    gui.start("manager", daemon.address)
+    await wait_manager(ui, lambda t: "one" in t and "stopped" in t, "no instance")
+    await daemon.stop()
+    await wait_manager(
+        ui,
+        lambda t: "spectrumd is not running; waiting for it" in t and "one" not in t,
+        "the daemon's end is not shown",
+    )
+    await daemon.start(app_config("exec sleep 600", two={"application": "app"}))
+    await wait_manager(ui, lambda t: "two" in t and "one" not in t, "the new daemon's instances")
+    texts = await manager_texts(ui)
+    assert not any("not running" in x for x in texts), texts
+
+
+async def test_agent_outlives_its_bus(gui: Gui, ui: UI, short_tmp: Path) -> None:
+    sock = short_tmp / "brief-bus"
+    private_bus = contextlib.contextmanager(dbus_daemon)
+    with contextlib.ExitStack() as first, contextlib.ExitStack() as second:
+        address = first.enter_context(private_bus(["--session", f"--address=unix:path={sock}"]))
+        gui.start("agent", address)
+        await asyncio.sleep(1.0)  # connected; no daemon on this bus, so no window
+        assert await ui.run(ui.window, AGENT, "Spectrum agent") is None
+        first.close()  # the bus daemon ends
+        status = await ui.wait_window(AGENT, "Spectrum agent: not active")
+        deadline = time.monotonic() + 10
+        while not any("closed" in x or "cannot reach" in x for x in await ui.run(ui.texts, status)):
+            assert time.monotonic() < deadline, await ui.run(ui.texts, status)
+            await asyncio.sleep(0.1)
+        # A bus at the same address again: the agent connects, and the window goes.
+        second.enter_context(private_bus(["--session", f"--address=unix:path={sock}"]))
+        await ui.wait_window(AGENT, "Spectrum agent: not active", gone=True, timeout=15)
