@@ -63,11 +63,11 @@ class ConfirmDialog(Gtk.Window):
         # The instance's name on its colour, as in the management window.
         box.append(instance_badge(req.instance, big=True))
 
-        app = printable(req.application, 64)
+        app_name = printable(req.application, 64)
         if req.origin == "portal":
-            asks = f"The application {app} asks for more access."
+            asks = f"The application {app_name} asks for more access."
         else:
-            asks = f"A program on the host asks for more access for {app}."
+            asks = f"A program on the host asks for more access for {app_name}."
         headline = Gtk.Label(label=asks, xalign=0.0)
         box.append(headline)
 

@@ -45,6 +45,7 @@ class DialogPrompter:
         self.agent: Agent | None = None
         self.dialogs: dict[str, ConfirmDialog] = {}
         self._status: StatusWindow | None = None
+        self._dismissed = ""  # the status text the user closed
 
     def show(self, req: PendingRequest, view: ResourceView) -> None:
         def answered(answer: Answer | None) -> None:
@@ -68,15 +69,22 @@ class DialogPrompter:
 
     def status(self, text: str | None) -> None:
         if text is None:
+            self._dismissed = ""
             if self._status is not None:
                 self._status.destroy()
                 self._status = None
             return
+        label = f"{printable(text, 400)}\n\nTrying again every few seconds."
+        if self._status is None and label == self._dismissed:
+            return  # the user closed it; show it again only for news
         if self._status is None:
             self._status = StatusWindow(self.app, "Spectrum agent: not active")
             self._status.connect("close-request", self._status_closed)
-        self._status.label.set_label(f"{printable(text, 400)}\n\nTrying again every few seconds.")
-        self._status.present()
+            self._status.label.set_label(label)
+            self._status.present()
+        elif self._status.label.get_label() != label:
+            # Retries repeat the message: update it, but never take the focus again.
+            self._status.label.set_label(label)
 
     def notice(self, text: str) -> None:
         window = StatusWindow(self.app, "Spectrum agent: message")
@@ -84,6 +92,8 @@ class DialogPrompter:
         window.present()
 
     def _status_closed(self, _w: Gtk.Window) -> bool:
+        if self._status is not None:
+            self._dismissed = self._status.label.get_label()
         self._status = None
         return False
 

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from gi.repository import GLib
+
 from tests.desktop.display import Display
 
 
@@ -37,8 +39,6 @@ class UI:
     # -- blocking helpers (run through ``run``) ------------------------------------
 
     def windows(self, app_name: str) -> list[Any]:
-        from gi.repository import GLib
-
         desktop = self.pyatspi.Registry.getDesktop(0)
         out = []
         for i in range(desktop.childCount):
@@ -52,24 +52,41 @@ class UI:
 
     def window(self, app_name: str, title_part: str) -> Any | None:
         for w in self.windows(app_name):
-            if title_part in (w.name or ""):
-                return w
+            try:
+                if title_part in (w.name or ""):
+                    return w
+            except GLib.Error:
+                continue  # closed while we looked
         return None
 
     def walk(self, acc: Any) -> list[Any]:
+        """``acc`` and everything below it; what has gone meanwhile is left out."""
         out = [acc]
-        for child in acc:
-            if child is not None:
-                out.extend(self.walk(child))
+        try:
+            children = [c for c in acc if c is not None]
+        except GLib.Error:
+            return out
+        for child in children:
+            out.extend(self.walk(child))
         return out
 
     def texts(self, window: Any) -> list[str]:
-        return [a.name for a in self.walk(window) if a.getRoleName() == "label" and a.name]
+        out = []
+        for a in self.walk(window):
+            try:
+                if a.getRoleName() == "label" and a.name:
+                    out.append(a.name)
+            except GLib.Error:
+                continue
+        return out
 
     def find(self, window: Any, role: str, name: str) -> Any | None:
         for a in self.walk(window):
-            if a.getRoleName() == role and a.name == name:
-                return a
+            try:
+                if a.getRoleName() == role and a.name == name:
+                    return a
+            except GLib.Error:
+                continue
         return None
 
     def sensitive(self, acc: Any) -> bool:
