@@ -20,6 +20,7 @@ from tests.conftest import Daemon, dbus_daemon
 from tests.desktop.conftest import SCREENSHOTS, Gui
 from tests.desktop.ui import UI
 from tests.integration.helpers import app_config, marked_dir, wait_log
+from tests.usb_tree import UsbTree
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -211,3 +212,25 @@ async def test_agent_outlives_its_bus(gui: Gui, ui: UI, short_tmp: Path) -> None
         # A bus at the same address again: the agent connects, and the window goes.
         second.enter_context(private_bus(["--session", f"--address=unix:path={sock}"]))
         await ui.wait_window(AGENT, "Spectrum agent: not active", gone=True, timeout=15)
+
+
+async def test_usb_request_names_the_device(daemon: Daemon, gui: Gui, ui: UI) -> None:
+    tree = UsbTree(daemon.workdir / "usb")
+    tree.plug("1050", "0407", "A 1", manufacturer="Yubico", name="YubiKey")
+    config = app_config("exec sleep 600")
+    config["resources"]["key"] = {"type": "usb", "vendor": "1050", "product": "0407"}
+    config["instances"] = {"one": {"application": "app", "resources": ["key"]}}
+    c = await daemon.start(
+        config, extra_args=["--usb-sysfs-root", str(tree.sysfs), "--usb-dev-root", str(tree.dev)]
+    )
+    gui.start("agent", daemon.address)
+    await registrations(daemon, 1)
+    req = await request(c, "usb:1050:0407:A%201")
+    dialog = await ui.wait_window(AGENT, TITLE)
+    texts = await ui.run(ui.texts, dialog)
+    for expected in ("USB 1050:0407 serial A 1", "1050", "0407", "A 1", "Yubico YubiKey"):
+        assert expected in texts, (expected, texts)
+    assert "the whole device" in texts, texts
+    ui.display.screenshot(SCREENSHOTS / "agent-usb.png", ui.x_window(TITLE))
+    ui.key(TITLE, "Escape")
+    assert await wait_code(c, req) == 1
