@@ -2,10 +2,11 @@
 # Install the Debian packages spectrumd's demo and tests need; skip what is there.
 set -eu
 # systemd-container: machined, and systemd-nspawn for the test that boots systemd.
-# python3-gi .. imagemagick: the desktop agent (GTK 4 through PyGObject) and its tests
-# (a virtual X display, AT-SPI to read it, xdotool to click, import for screenshots).
+# python3-gi .. desktop-file-utils: the desktop agent (GTK 4 through PyGObject) and its
+# tests (a virtual X display, AT-SPI to read it, xdotool to click, import for
+# screenshots, desktop-file-validate for data/*.desktop).
 PACKAGES="qemu-system-x86 busybox-static cpio kmod dbus systemd systemd-container nix-bin diod iproute2 socat
-python3-gi python3-gi-cairo gir1.2-gtk-4.0 gir1.2-adw-1 xvfb xauth at-spi2-core python3-pyatspi xdotool imagemagick desktop-file-utils"
+python3-gi python3-gi-cairo gir1.2-gtk-4.0 xvfb at-spi2-core python3-pyatspi xdotool imagemagick desktop-file-utils"
 missing=""
 for p in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
