@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from gi.repository import Gio, GLib, Gtk
+from gi.repository import Gdk, Gio, GLib, Gtk
 
 from spectrumd.desktop import client
 from spectrumd.desktop.agent import Agent
@@ -142,6 +142,12 @@ def _parser(prog: str, what: str) -> argparse.ArgumentParser:
     return p
 
 
+def _display_or_exit(prog: str) -> None:
+    # Not Gtk.init_check(): PyGObject calls it at import, and a second call says True.
+    if Gdk.Display.get_default() is None:
+        sys.exit(f"{prog}: cannot open a display (neither WAYLAND_DISPLAY nor DISPLAY works)")
+
+
 def _app(app_id: str, prgname: str) -> Gtk.Application:
     # The program's name is what window lists and accessibility tools show.
     GLib.set_prgname(prgname)
@@ -157,6 +163,7 @@ def agent_main(argv: list[str] | None = None) -> int:
     )
     logging.basicConfig(level=args.log_level.upper(), format="spectrum-agent: %(message)s")
     spec = client.bus_spec(args.bus)
+    _display_or_exit("spectrum-agent")
     app = _app(AGENT_APP_ID, "spectrum-agent")
     prompter = DialogPrompter(app)
 
@@ -185,6 +192,7 @@ def manager_main(argv: list[str] | None = None) -> int:
     ).parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="spectrum-manager: %(message)s")
     spec = client.bus_spec(args.bus)
+    _display_or_exit("spectrum-manager")
     app = _app(MANAGER_APP_ID, "spectrum-manager")
 
     def activate(_app: Gtk.Application) -> None:

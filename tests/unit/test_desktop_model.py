@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import colorsys
+import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -194,3 +195,19 @@ def test_desktop_files_are_valid_and_start_the_installed_programs() -> None:
         exec_line = next(x for x in f.read_text().splitlines() if x.startswith("Exec="))
         program = exec_line.removeprefix("Exec=").split()[0]
         assert scripts[program].startswith("spectrumd.desktop.main:"), program
+
+
+@pytest.mark.parametrize("program", ["agent", "manager"])
+def test_without_a_display_the_programs_say_so(program: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    r = subprocess.run(
+        [sys.executable, "-m", "spectrumd.desktop", program, "--bus", "unix:path=/nonexistent"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=30,
+    )
+    assert r.returncode == 1
+    assert f"spectrum-{program}: cannot open a display" in r.stderr
+    assert "Traceback" not in r.stderr
