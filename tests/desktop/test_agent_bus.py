@@ -121,8 +121,25 @@ async def test_restart_second_agent_intruder_and_failed_grant(
         )
         assert reply is not None and reply.message_type == MessageType.ERROR
         assert reply.error_name == "org.freedesktop.DBus.Error.AccessDenied"
-        intruder.disconnect()
         assert await ui.run(ui.window, AGENT, "bank") is None
+        # Nor can it take the real question off the screen: not by Cancel, not by a
+        # forged Response signal on the request's path.
+        reply = await intruder.call(
+            Message(
+                destination=first,
+                path="/org/spectrum_os/Spectrum1/desktop_agent",
+                interface="org.spectrum_os.Spectrum1.Agent",
+                member="Cancel",
+                signature="s",
+                body=[req.rsplit("/", 1)[1]],
+            )
+        )
+        assert reply is not None and reply.error_name == "org.freedesktop.DBus.Error.AccessDenied"
+        await intruder.send(Message.new_signal(req, REQUEST_IFACE, "Response", "ua{sv}", [2, {}]))
+        await asyncio.sleep(0.5)
+        assert await ui.run(ui.window, AGENT, TITLE) is not None, "a forgery closed the dialog"
+        assert await code_of(c, req) == -1
+        intruder.disconnect()
 
         # Allowed, but the directory is gone by then: the user is told, nothing is granted.
         dialog = await ui.wait_window(AGENT, TITLE)
