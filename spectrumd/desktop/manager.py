@@ -55,7 +55,7 @@ class InstanceRow(Gtk.ListBoxRow):
     def __init__(self, path: str, name: str) -> None:
         super().__init__()
         self.path = path
-        self.name = name
+        self.instance_name = name  # not "name": Gtk.Widget has a property of that name
         box = Gtk.Box(orientation=Gtk.Orientation.HORIZONTAL, spacing=8)
         for side in ("top", "bottom", "start", "end"):
             getattr(box, f"set_margin_{side}")(6)
@@ -69,6 +69,10 @@ class InstanceRow(Gtk.ListBoxRow):
 
     def update(self, state: str) -> None:
         self.state.set_label(printable(state, 20))
+
+
+def _by_name(a: InstanceRow, b: InstanceRow) -> int:
+    return (a.instance_name > b.instance_name) - (a.instance_name < b.instance_name)
 
 
 class ManagerWindow(Gtk.ApplicationWindow):
@@ -103,7 +107,7 @@ class ManagerWindow(Gtk.ApplicationWindow):
         paned.set_position(280)
         outer.append(paned)
         self.list = Gtk.ListBox()
-        self.list.set_sort_func(lambda a, b: (a.name > b.name) - (a.name < b.name))
+        self.list.set_sort_func(_by_name)
         self.list.connect("row-selected", self._row_selected)
         left = Gtk.ScrolledWindow()
         left.set_child(self.list)
