@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dbus_fast import Message
+from dbus_fast import Message, Variant
 
 from spectrumd.bus.names import INSTANCE_IFACE, instance_path
 from tests.conftest import Daemon, kill_leftover_vmms
@@ -133,9 +133,18 @@ async def run_checks(
     gui.start("manager", daemon.address)
     await ui.wait_window(MANAGER, TITLE)
     await wait_text(ui, lambda t: "one" in t and "stopped" in t, "no stopped instance")
+    # Watch the row's state label alone: one read per poll, so the poll's own
+    # time (a walk of the whole window is slow on a loaded machine) is not counted.
+    window = await ui.wait_window(MANAGER, TITLE)
+    state_label = await ui.run(ui.find, window, "label", "stopped")
+    assert state_label is not None
     ui.focus(TITLE)
     await ui.click(TITLE, await button(ui, "Start"))
-    shown_at = await wait_text(ui, lambda t: "running" in t, "never shown running", timeout=60)
+    deadline = time.monotonic() + 60
+    while (await ui.run(lambda: state_label.name)) != "running":
+        assert time.monotonic() < deadline, "never shown running"
+        await asyncio.sleep(0.02)
+    shown_at = time.monotonic()
     assert running_at, "the daemon never said running"
     late = shown_at - running_at[0]
     print(f"the window showed 'running' {late * 1000:.0f} ms after the daemon's signal")
@@ -145,11 +154,20 @@ async def run_checks(
     log = Path((await props(c, "one"))["ConsoleLog"])
     await wait_for(c, "one", lambda p: p["GuestReady"], timeout=60)
     await wait_log(log, "ls: ")
-    (gpath,) = await c.manager("Grant", "ssa{sv}", "one", str(shared), {})
+    before = time.time() + 600
+    (gpath,) = await c.manager(
+        "Grant", "ssa{sv}", "one", str(shared), {"duration": Variant("t", 600)}
+    )
+    # The window shows the expiry to the minute; the call may have crossed one.
+    expiries = {time.strftime("%H:%M", time.localtime(t)) for t in (before, time.time() + 600)}
     await wait_log(log, "marker-from-the-host", timeout=20)
     (nets,) = [(await props(c, "one"))["NetworkInterfaces"]]
     tap = nets[0][1]
-    await wait_text(ui, lambda t: any(str(shared) in x for x in t), "no grant listed")
+    await wait_text(
+        ui,
+        lambda t: any(str(shared) in x and any(f"until {e}" in x for e in expiries) for x in t),
+        "no grant listed with its expiry",
+    )
     await wait_text(ui, lambda t: any(f"lan: tap {tap}" in x for x in t), "no network listed")
     ui.display.screenshot(SCREENSHOTS / "manager.png", ui.x_window(TITLE))
     ui.focus(TITLE)
