@@ -2,7 +2,8 @@
 system policy, and a real guest on a network in a namespace of its own.
 
 - A reader (uid nobody, outside the group spectrum) sees the instances, and
-  its Start is refused with a message; the instance stays stopped.
+  its Start is refused with a message; the instance stays stopped. Its agent
+  is refused too, and says so.
 - root's window starts the instance with its button and shows the new state
   within a second of the daemon's signal; it lists the guest's grant and its
   network, and its Revoke takes the directory away from the guest.
@@ -112,6 +113,12 @@ async def run_checks(
     assert (await props(c, "one"))["State"] == "stopped"
     gui.stop(reader)
     await ui.wait_window(MANAGER, TITLE, gone=True)
+    # Nor may it be the agent: its window says so.
+    agent = gui.start("agent", daemon.address, user=NOBODY)
+    status = await ui.wait_window("spectrum-agent", "Spectrum agent: not active")
+    text = " ".join(await ui.run(ui.texts, status))
+    assert "Register as the agent: Not allowed" in text, text
+    gui.stop(agent)
 
     # 2. root's window: Start, and the new state shows within a second of the signal.
     running_at: list[float] = []
