@@ -98,7 +98,14 @@ async def test_restart_second_agent_intruder_and_failed_grant(
         await ui.wait_window(AGENT, TITLE, gone=True)
         assert await code_of(c, req_two) == -1, "the other request is still open"
 
+        # A host caller cancels the other request: its dialog closes.
+        await c.call(req_two, REQUEST_IFACE, "Cancel")
+        assert await wait_code(c, req_two) == 2
+        await ui.wait_window(AGENT, "Spectrum: two asks", gone=True, timeout=10)
+
         # spectrumd restarts: the open dialog closes, and the agent registers again.
+        await request(c, "docs", instance="two")
+        await ui.wait_window(AGENT, "Spectrum: two asks")
         await daemon.stop()
         await ui.wait_window(AGENT, "Spectrum: two asks", gone=True, timeout=10)
         c = await daemon.start()
