@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,6 @@ from tests.desktop.display import Display, virtual_display
 from tests.desktop.ui import UI
 
 ROOT = Path(__file__).resolve().parents[2]
-SCREENSHOTS = ROOT / "docs" / "screenshots"
 
 
 def _have(*tools: str) -> bool:
@@ -36,6 +36,22 @@ def display() -> Iterator[Display]:
             yield d
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def screenshots() -> Iterator[Path]:
+    """Where the tests save their screenshots: ``$SPECTRUM_SCREENSHOTS`` (the
+    README's are made with ``SPECTRUM_SCREENSHOTS=docs/screenshots``), else a
+    directory removed at the end, so that a test run leaves the tree as it was."""
+    wanted = os.environ.get("SPECTRUM_SCREENSHOTS")
+    if wanted:
+        yield Path(wanted).resolve()
+        return
+    d = Path(tempfile.mkdtemp(prefix="shots.", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from dbus_fast import Message, MessageType, Variant
 
 from spectrumd.cli.client import Client, connect
 from tests.conftest import Daemon, dbus_daemon
-from tests.desktop.conftest import SCREENSHOTS, Gui
+from tests.desktop.conftest import Gui
 from tests.desktop.ui import UI
 from tests.integration.helpers import app_config, marked_dir, wait_log
 from tests.usb_tree import UsbTree
@@ -63,7 +63,7 @@ async def wait_code(c: Client, req: str, timeout: float = 20) -> int:
 
 
 async def test_restart_second_agent_intruder_and_failed_grant(
-    daemon: Daemon, gui: Gui, ui: UI
+    daemon: Daemon, gui: Gui, ui: UI, screenshots: Path
 ) -> None:
     config = app_config("exec sleep 600", one={"application": "app"}, two={"application": "app"})
     config["resources"]["docs"]["path"] = "/usr/share/doc"
@@ -169,7 +169,7 @@ async def test_restart_second_agent_intruder_and_failed_grant(
         assert time.monotonic() < deadline, text
         await asyncio.sleep(0.1)
     assert "an agent is already registered" in text
-    ui.display.screenshot(SCREENSHOTS / "agent-busy.png", ui.x_window("Spectrum agent: not active"))
+    ui.display.screenshot(screenshots / "agent-busy.png", ui.x_window("Spectrum agent: not active"))
 
 
 async def wait_sensitive(ui: UI, acc: Any, timeout: float = 10, want: bool = True) -> float:
@@ -238,7 +238,9 @@ async def test_agent_outlives_its_bus(gui: Gui, ui: UI, short_tmp: Path) -> None
         await ui.wait_window(AGENT, "Spectrum agent: not active", gone=True, timeout=15)
 
 
-async def test_usb_request_names_the_device(daemon: Daemon, gui: Gui, ui: UI) -> None:
+async def test_usb_request_names_the_device(
+    daemon: Daemon, gui: Gui, ui: UI, screenshots: Path
+) -> None:
     tree = UsbTree(daemon.workdir / "usb")
     tree.plug("1050", "0407", "A 1", manufacturer="Yubico", name="YubiKey")
     config = app_config("exec sleep 600")
@@ -255,6 +257,6 @@ async def test_usb_request_names_the_device(daemon: Daemon, gui: Gui, ui: UI) ->
     for expected in ("USB 1050:0407 serial A 1", "1050", "0407", "A 1", "Yubico YubiKey"):
         assert expected in texts, (expected, texts)
     assert "the whole device" in texts, texts
-    ui.display.screenshot(SCREENSHOTS / "agent-usb.png", ui.x_window(TITLE))
+    ui.display.screenshot(screenshots / "agent-usb.png", ui.x_window(TITLE))
     ui.key(TITLE, "Escape")
     assert await wait_code(c, req) == 1

@@ -25,7 +25,7 @@ from dbus_fast import Message, Variant
 
 from spectrumd.bus.names import INSTANCE_IFACE, instance_path
 from tests.conftest import Daemon, kill_leftover_vmms
-from tests.desktop.conftest import SCREENSHOTS, Gui
+from tests.desktop.conftest import Gui
 from tests.desktop.ui import UI
 from tests.integration.helpers import app_config, marked_dir, props, wait_for, wait_log
 from tests.integration.test_grants import LISTER, output_after
@@ -82,21 +82,32 @@ async def button(ui: UI, name: str) -> Any:
 
 
 async def test_manager_window(
-    policy_bus: tuple[str, Path], guest_dir: Path, netns: str, gui: Gui, ui: UI
+    policy_bus: tuple[str, Path],
+    guest_dir: Path,
+    netns: str,
+    gui: Gui,
+    ui: UI,
+    screenshots: Path,
 ) -> None:
     address, tmp = policy_bus
     daemon = Daemon(address, tmp, guest_dir)
     config = app_config(LISTER, one={"application": "app", "resources": ["lan"]})
     try:
         with marked_dir("mgr.", "marker-from-the-host") as shared:
-            await run_checks(daemon, config, netns, gui, ui, shared)
+            await run_checks(daemon, config, netns, gui, ui, shared, screenshots)
     finally:
         await daemon.stop()
         kill_leftover_vmms(daemon.state_dir)
 
 
 async def run_checks(
-    daemon: Daemon, config: dict[str, Any], netns: str, gui: Gui, ui: UI, shared: Path
+    daemon: Daemon,
+    config: dict[str, Any],
+    netns: str,
+    gui: Gui,
+    ui: UI,
+    shared: Path,
+    screenshots: Path,
 ) -> None:
     c = await daemon.start(config, extra_args=["--netns", netns])
 
@@ -109,7 +120,7 @@ async def run_checks(
     await wait_text(
         ui, lambda t: any(x.startswith("Start one: Not allowed") for x in t), "no refusal shown"
     )
-    ui.display.screenshot(SCREENSHOTS / "manager-refused.png", ui.x_window(TITLE))
+    ui.display.screenshot(screenshots / "manager-refused.png", ui.x_window(TITLE))
     assert (await props(c, "one"))["State"] == "stopped"
     gui.stop(reader)
     await ui.wait_window(MANAGER, TITLE, gone=True)
@@ -176,7 +187,7 @@ async def run_checks(
         "no grant listed with its expiry",
     )
     await wait_text(ui, lambda t: any(f"lan: tap {tap}" in x for x in t), "no network listed")
-    ui.display.screenshot(SCREENSHOTS / "manager.png", ui.x_window(TITLE))
+    ui.display.screenshot(screenshots / "manager.png", ui.x_window(TITLE))
     ui.focus(TITLE)
     await ui.click(TITLE, await button(ui, "Revoke"))
     await wait_text(ui, lambda t: not any(str(shared) in x for x in t), "the grant stays listed")

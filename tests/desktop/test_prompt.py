@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Daemon
-from tests.desktop.conftest import SCREENSHOTS, Gui
+from tests.desktop.conftest import Gui
 from tests.desktop.test_agent_bus import registrations, wait_sensitive
 from tests.desktop.ui import UI
 from tests.integration.helpers import app_config, marked_dir, props, wait_for, wait_log
@@ -58,7 +58,7 @@ async def dialog_for(ui: UI, path: Path) -> object:
 
 
 async def test_guest_request_through_the_dialog(
-    daemon: Daemon, gui: Gui, ui: UI, dirs: list[Path]
+    daemon: Daemon, gui: Gui, ui: UI, dirs: list[Path], screenshots: Path
 ) -> None:
     c = await daemon.start(app_config(asker(dirs)))
     gui.start("agent", daemon.address)
@@ -88,7 +88,7 @@ async def test_guest_request_through_the_dialog(
     # After the delay the same click grants, and the guest reads the file.
     await wait_sensitive(ui, allow)
     armed_after = time.monotonic() - seen
-    ui.display.screenshot(SCREENSHOTS / "agent-dialog.png", ui.x_window(TITLE))
+    ui.display.screenshot(screenshots / "agent-dialog.png", ui.x_window(TITLE))
     await ui.click(TITLE, allow)
     text = await wait_log(log, "first rc=", timeout=30)
     assert f"first rc=0 /mnt/spectrum/{dirs[0].name}" in text
