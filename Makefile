@@ -18,6 +18,9 @@ $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	@sh scripts/venv-gi.sh $(VENV)
+	@# Stubs for gi (mypy); they depend on PyPI's PyGObject, which is Debian's here: --no-deps.
+	PYGOBJECT_STUB_CONFIG=Gtk4,Gdk4 $(PY) -m pip install -q --no-deps 'pygobject-stubs==2.20.0'
 	@touch $@
 
 venv: $(VENV)/.installed
