@@ -49,7 +49,7 @@ from spectrumd.errors import (
 )
 from spectrumd.host.paths import HeldDirectory, open_directory
 from spectrumd.host.usb_ids import USB_GRANT_PREFIX, UsbMatch, parse_match
-from spectrumd.lifecycle import State
+from spectrumd.lifecycle import State, is_up
 from spectrumd.model.types import DirectoryResource, Resource
 from spectrumd.supervisor.files import Exports, exports_of
 from spectrumd.supervisor.instance import Instance
@@ -270,6 +270,12 @@ class GrantService:
             return match
         if untrusted_resource.startswith("/"):
             if held is not None and not held.closed and held.path == untrusted_resource:
+                # Granted as asked: the very directory, if the path still names it.
+                if not held.still_named():
+                    raise Failed(
+                        f'"{held.path}" was removed or replaced since it was asked for; '
+                        "nothing was granted"
+                    )
                 return held
             return check_host_directory(untrusted_resource)
         res = self._resources().get(untrusted_resource)
@@ -303,7 +309,7 @@ class GrantService:
                 instance, untrusted_resource, access, lifetime, expires_at_us, held
             )
             inst = self._instances[instance]
-            if lifetime != "permanent" and inst.state not in (State.running, State.paused):
+            if lifetime != "permanent" and not is_up(inst.state):
                 raise InvalidState(
                     f"{instance} is {inst.state.value}: only a permanent grant can wait for a start"
                 )
@@ -332,7 +338,7 @@ class GrantService:
             origin=origin,
         )
         g.entry = self._entry_name(g)
-        if inst.state in (State.running, State.paused):
+        if is_up(inst.state):
             g.held = directory
         elif directory is not None:
             directory.close()  # a waiting grant is resolved anew at the start
@@ -342,7 +348,7 @@ class GrantService:
             # only need the file if the daemon restarts while they last.
             if lifetime == "permanent":
                 self._save()
-            if inst.state in (State.running, State.paused):
+            if is_up(inst.state):
                 await self._apply_one(inst, g)
                 if g.resource.startswith("/") and g.held is None:
                     raise InvalidArgument(g.reason)  # swapped since it was resolved
@@ -461,7 +467,7 @@ class GrantService:
         g.state = "ended"
         g.release()
         inst = self._instances.get(g.instance)
-        if inst is not None and inst.state in (State.running, State.paused):
+        if inst is not None and is_up(inst.state):
             try:
                 await self._undo_one(inst, g)
             except Failed as e:
