@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import resource
 from collections.abc import Iterable
@@ -73,10 +74,10 @@ class _PathBeneathAttr(ctypes.Structure):
     _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
 
 
-def landlock_abi() -> int:
-    """The kernel's Landlock ABI version; 0 if it has none (or it is disabled)."""
+def landlock_abi() -> tuple[int, int]:
+    """(the kernel's Landlock ABI version, 0) or (0, the errno that says why there is none)."""
     v = _libc.syscall(_SYS_CREATE_RULESET, None, ctypes.c_size_t(0), _CREATE_RULESET_VERSION)
-    return max(int(v), 0)
+    return (int(v), 0) if v > 0 else (0, ctypes.get_errno())
 
 
 def _handled_fs(abi: int) -> int:
@@ -85,11 +86,16 @@ def _handled_fs(abi: int) -> int:
 
 def check() -> int:
     """Raise Failed naming what this kernel lacks to confine VMMs; return the Landlock ABI."""
-    abi = landlock_abi()
+    abi, err = landlock_abi()
     if abi < 1:
+        why = {
+            errno.EOPNOTSUPP: "Landlock is built in but not enabled (lsm= on the command line)",
+            errno.ENOSYS: "the kernel has no Landlock, or a seccomp filter (a container's) "
+            "hides it",
+        }.get(err, f"landlock_create_ruleset: {os.strerror(err)}")
         raise Failed(
-            "this kernel has no Landlock (it is not in CONFIG_LSM or lsm=), so VMMs cannot "
-            "be confined; start with --unsafe-unconfined-vmm to run them unconfined anyway"
+            f"VMMs cannot be confined: {why}; start with --unsafe-unconfined-vmm to run "
+            "them unconfined anyway"
         )
     if os.geteuid() != 0:
         raise Failed("confining VMMs (their own uids, network namespaces) needs root")

@@ -276,7 +276,8 @@ class Run:
         for disk in spec.disks:
             (read_write if disk.writable else read).append(disk.path)
         groups: tuple[int, ...] = ()
-        if spec.accel is Accel.kvm:
+        if spec.accel is Accel.kvm and KVM.exists():
+            # (Without it the VMM itself says that KVM is missing.)
             read_write.append(KVM)
             groups = kvm_groups()
         programs: tuple[Path, ...] = sandbox.PROGRAMS

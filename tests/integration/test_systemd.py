@@ -178,6 +178,9 @@ def container(guest_dir: Path) -> Iterator[Container]:
         NSPAWN, "-q", "-D", "/", "--volatile=yes", "--register=no", "--keep-unit",
         "--console=passive",
         "--private-network",
+        # nspawn's own seccomp filter does not let Landlock through by default:
+        # spectrumd confines its VMMs with it.
+        "--system-call-filter=landlock_create_ruleset landlock_add_rule landlock_restrict_self",
         *(f"--bind-ro={src}:{dst}" for src, dst in binds.items()),
         "--boot", "--", "--unit=basic.target", "systemd.firstboot=off",
     ]  # fmt: skip
