@@ -2,7 +2,7 @@
 # Install the Debian packages spectrumd's demo and tests need; skip what is there.
 set -eu
 # systemd-container: machined, and systemd-nspawn for the test that boots systemd.
-PACKAGES="qemu-system-x86 busybox-static cpio kmod dbus systemd systemd-container nix-bin diod iproute2 socat"
+PACKAGES="qemu-system-x86 busybox-static cpio kmod dbus systemd systemd-container nix-bin diod iproute2 socat fio"
 missing=""
 for p in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
