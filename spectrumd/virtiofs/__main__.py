@@ -26,13 +26,14 @@ import logging
 import os
 import resource
 import select
+import signal
 import socket
 import struct
 import sys
 
 from .control import ControlConnection, command, recv_with_fds
 from .device import Device, drain_kick, fs_config
-from .ops import FileSystem
+from .ops import DEFAULT_ENTRY_TIMEOUT, FileSystem
 from .tree import ExportError, Tree
 from .vhost import HEADER, MAX_PAYLOAD, Backend, VhostError
 
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--request-queues", type=int, default=1)
     ap.add_argument("--max-inodes", type=int, default=1 << 16)
     ap.add_argument("--max-handles", type=int, default=1 << 12)
+    ap.add_argument("--entry-timeout", type=float, default=DEFAULT_ENTRY_TIMEOUT, metavar="SECONDS")
     ap.add_argument("--user", metavar="UID:GID")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
@@ -147,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    # SIGTERM unwinds like an exit (finally blocks run, profiles are written).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     os.umask(0)  # the guest's mode bits (the kernel applied its umask) are kept as given
     tree = Tree(max_inodes=args.max_inodes, max_handles=args.max_handles)
     try:
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, ValueError, OSError) as e:
         logger.error("cannot start: %s", e)
         return 1
-    fs = FileSystem(tree)
+    fs = FileSystem(tree, args.entry_timeout)
     control = None
     if args.control_fd is not None:
         control = socket.socket(fileno=args.control_fd)

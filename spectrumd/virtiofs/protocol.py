@@ -236,8 +236,8 @@ def encode_attr(st: Any) -> bytes:
     )  # fmt: skip
 
 
-def encode_entry(nodeid: int, st: Any, entry_valid: int, attr_valid: int) -> bytes:
-    return ENTRY_HEAD.pack(nodeid, 0, entry_valid, attr_valid, 0, 0) + encode_attr(st)
+def encode_entry(nodeid: int, st: Any, entry_sec: int, entry_nsec: int, attr_valid: int) -> bytes:
+    return ENTRY_HEAD.pack(nodeid, 0, entry_sec, attr_valid, entry_nsec, 0) + encode_attr(st)
 
 
 def encode_attr_out(st: Any, attr_valid: int) -> bytes:

@@ -43,6 +43,7 @@ class Export:
     fd: int  # O_PATH directory fd, owned here
     writable: bool
     serial: int
+    root_ino: int = 0  # st_ino of the export's root directory
     revoked: bool = False
 
     def check(self) -> None:
@@ -116,7 +117,7 @@ class Tree:
             raise
         os.close(fd)
         self._serial += 1
-        self.exports[bname] = Export(bname, path_fd, writable, self._serial)
+        self.exports[bname] = Export(bname, path_fd, writable, self._serial, st.st_ino)
 
     def remove_export(self, name: str) -> bool:
         """Revoke export *name* now; returns whether it existed."""
