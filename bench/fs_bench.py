@@ -21,9 +21,9 @@ cache=none; and ``drop_caches`` between steps): sequential read of a
 (``dd bs=1M`` + ``sync``), ``ls -lR`` of 2,000 files (stat/s), and
 creating 500 empty files (create/s). Times come from the guest's
 ``/proc/uptime`` (10 ms resolution). Targets: ours >= 1.0x virtiofsd on
-every figure and >= 0.5x 9p on read and write. With ``--rounds N`` the kinds are booted in turn N times and each
-figure is the best of N (the machine is shared: the best run is the one
-least disturbed). Prints a table; exits 1
+every figure and >= 0.5x 9p on read and write. With ``--rounds N`` the
+kinds are booted in turn N times and each figure is the best of N (the
+machine is shared: the best run is the one least disturbed). Prints a table; exits 1
 only if the benchmark could not run. Everything started here is ended by
 pid on the way out.
 """

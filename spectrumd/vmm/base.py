@@ -74,11 +74,23 @@ class VmSpec:
     # (qemu-xhci) only when asked: the guest's USB stack costs boot time.
     # crosvm always has its own.
     usb: bool = False
+    # A virtio-fs device served by spectrumd.virtiofs over vhost-user: QEMU
+    # gets fs_fd, one end of a connected socketpair (-chardev socket,fd=N);
+    # crosvm connects to fs_vhost_socket, which the daemon listens on. Guest
+    # RAM is then shared memory (the backend maps it).
+    fs_fd: int | None = None
+    fs_tag: str = "spectrum"
 
     @property
     def pass_fds(self) -> tuple[int, ...]:
         """Descriptors the VMM must inherit."""
-        return tuple(n.tap_fd for n in self.nets)
+        fds = tuple(n.tap_fd for n in self.nets)
+        return fds if self.fs_fd is None else (*fds, self.fs_fd)
+
+    @property
+    def fs_vhost_socket(self) -> Path:
+        """Where crosvm connects for the virtio-fs backend (``--vhost-user fs``)."""
+        return self.run_dir / "fs-vhost.sock"
 
     @property
     def console_socket(self) -> Path:
