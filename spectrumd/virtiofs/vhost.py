@@ -72,16 +72,15 @@ class Backend:
     def handle(self, request: int, flags: int, payload: bytes, fds: list[int]) -> bytes | None:
         """Act on one message; returns the reply (header included) or None.
 
-        Raises VhostError. Every fd in *fds* is taken over (kept or closed).
+        Raises VhostError. Every fd in *fds* is taken over: a handler that
+        keeps one removes it from the list, the rest are closed here.
         """
         try:
             body, ack = self._dispatch(request, payload, fds)
         except (struct.error, ValueError, OSError, MemoryError_) as e:
-            _close(fds)
             raise VhostError(f"request {request}: {e}") from None
-        except BaseException:
-            _close(fds)
-            raise
+        finally:
+            _close(fds)  # what the message's handler did not take
         if body is None and flags & F_NEED_REPLY and self.protocol_features & PF_REPLY_ACK:
             body = _U64.pack(0 if ack else 1)
         if body is None:
@@ -110,7 +109,6 @@ class Backend:
         if req == GET_QUEUE_NUM:
             return _U64.pack(len(dev.queues)), True
         if req in (SET_OWNER, SET_LOG_BASE, SET_LOG_FD):
-            _close(fds)
             return None, req == SET_OWNER
         if req in (RESET_OWNER, RESET_DEVICE):
             dev.reset()
@@ -178,7 +176,6 @@ class Backend:
             return p[: _CONFIG_HEAD.size] + bytes(self.config[offset : offset + size]), True
         if req == SET_CONFIG:
             return None, False  # the tag is ours; the driver may not change it
-        _close(fds)
         raise VhostError(f"request {req} is not supported")
 
     def _set_mem_table(self, p: bytes, fds: list[int]) -> None:
@@ -189,11 +186,7 @@ class Backend:
         for i in range(n):
             gpa, size, uva, offset = _REGION.unpack_from(p, 8 + 32 * i)
             regions.append((gpa, size, uva, offset, fds[i]))
-        try:
-            mem = GuestMemory.mapped(regions)
-        finally:
-            _close(fds)
-            fds.clear()
+        mem = GuestMemory.mapped(regions)  # the maps hold their own references
         dev = self.device
         old = dev.mem
         dev.mem = mem
