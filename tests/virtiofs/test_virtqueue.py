@@ -78,7 +78,7 @@ def test_write_from_scattered_guest_buffers(guest: FakeGuest, tmp_path: Path) ->
     g = guest
     e = lookup(g, 1, b"e")
     body = struct.pack("<IIII", os.O_RDWR, 0o644, 0, 0) + name(b"w")
-    ln, outs = run(g, [request(P.CREATE, e, body)], [16, 128 + 16])
+    _ln, outs = run(g, [request(P.CREATE, e, body)], [16, 128 + 16])
     fh = struct.unpack_from("<Q", g.read(outs[1], 144), 128)[0]
     payload = [b"a" * 5000, b"b" * 3000]
     head = request(P.WRITE, 0, struct.pack("<QQIIQII", fh, 0, 8000, 0, 0, 0, 0))
