@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.fuse_fd is not None:
             from .fusedev import serve_fd
 
-            serve_fd(args.fuse_fd, fs)
+            serve_fd(args.fuse_fd, fs, control)
             return 0
         sock = socket.socket(fileno=args.vhost_fd)
         config = fs_config(args.tag, args.request_queues)

@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
+import select
+import socket
 from pathlib import Path
 
 from . import protocol as P
+from .control import ControlConnection, command, recv_with_fds
 from .ops import MAX_WRITE, FileSystem
 from .serve import answer
 
@@ -55,41 +59,68 @@ def umount(where: Path) -> None:
         raise OSError(err, f"umount {where}: {os.strerror(err)}")
 
 
-def serve_fd(fd: int, fs: FileSystem) -> None:
-    """Answer requests on the /dev/fuse *fd* until the file system is unmounted."""
+def serve_fd(fd: int, fs: FileSystem, control: socket.socket | None = None) -> None:
+    """Answer requests on the /dev/fuse *fd* until the file system is unmounted.
+
+    Commands on *control* (control.py) are handled between requests.
+    """
     buf = bytearray(_BUF)
     mv = memoryview(buf)
     out = bytearray(MAX_WRITE)
     out_mv = memoryview(out)
-    while True:
-        try:
-            n = os.readv(fd, [buf])
-        except OSError as e:
-            if e.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
-                continue  # ENOENT: the request was interrupted before we read it
-            if e.errno == errno.ENODEV:
-                return  # unmounted
-            raise
-        if n == 0:
-            return
-        opcode = P.IN_HEADER.unpack_from(buf)[1] if n >= P.IN_HEADER.size else 0
-        if opcode == P.WRITE:
-            head, payload = bytes(mv[: min(n, P.WRITE_HEADER)]), [mv[P.WRITE_HEADER : n]]
-        else:
-            head, payload = bytes(mv[:n]), []
-        reply = answer(fs, head, payload, [out_mv])
-        if reply is None:
-            continue
-        parts: list[bytes | memoryview] = [reply.header()]
-        if reply.body:
-            parts.append(reply.body)
-        elif reply.data_len:
-            parts.append(out_mv[: reply.data_len])
-        try:
-            os.writev(fd, parts)
-        except OSError as e:
-            # ENOENT: the request was interrupted and its caller is gone.
-            if e.errno == errno.ENODEV:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    ctl = ControlConnection()
+    if control is not None:
+        poller.register(control.fileno(), select.POLLIN)
+    try:
+        while True:
+            ready = {f for f, _ in poller.poll()}
+            if control is not None and control.fileno() in ready:
+                data, fds = recv_with_fds(control)
+                if not data:
+                    poller.unregister(control.fileno())
+                    control = None
+                for line, mine in ctl.feed(data, fds):
+                    assert control is not None
+                    control.sendall(json.dumps(command(fs.tree, line, mine)).encode() + b"\n")
+            if fd in ready and not _one(fd, fs, mv, out_mv):
                 return
-            if e.errno != errno.ENOENT:
-                raise
+    finally:
+        ctl.close()
+
+
+def _one(fd: int, fs: FileSystem, mv: memoryview, out_mv: memoryview) -> bool:
+    """Read and answer one request; False once the file system is gone."""
+    try:
+        n = os.readv(fd, [mv])
+    except OSError as e:
+        if e.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
+            return True  # ENOENT: the request was interrupted before we read it
+        if e.errno == errno.ENODEV:
+            return False  # unmounted
+        raise
+    if n == 0:
+        return False
+    opcode = P.IN_HEADER.unpack_from(mv)[1] if n >= P.IN_HEADER.size else 0
+    if opcode == P.WRITE:
+        head, payload = bytes(mv[: min(n, P.WRITE_HEADER)]), [mv[P.WRITE_HEADER : n]]
+    else:
+        head, payload = bytes(mv[:n]), []
+    reply = answer(fs, head, payload, [out_mv])
+    if reply is None:
+        return True
+    parts: list[bytes | memoryview] = [reply.header()]
+    if reply.body:
+        parts.append(reply.body)
+    elif reply.data_len:
+        parts.append(out_mv[: reply.data_len])
+    try:
+        os.writev(fd, parts)
+    except OSError as e:
+        # ENOENT: the request was interrupted and its caller is gone.
+        if e.errno == errno.ENODEV:
+            return False
+        if e.errno != errno.ENOENT:
+            raise
+    return True
