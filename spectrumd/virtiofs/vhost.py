@@ -9,7 +9,7 @@ still checked (sizes, queue indexes, region bounds) before use.
 
 Offered: VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC (the kernel puts
 a 1 MiB request of 256 pages in one ring slot), and the protocol features
-MQ, REPLY_ACK and CONFIG. Not offered: EVENT_IDX, packed rings, dirty
+MQ and REPLY_ACK (GET_CONFIG is answered too, see PROTOCOL_FEATURES). Not offered: EVENT_IDX, packed rings, dirty
 logging (no migration), in-band notifications, inflight tracking.
 """
 
@@ -38,7 +38,10 @@ F_INDIRECT_DESC = 1 << 28
 F_PROTOCOL_FEATURES = 1 << 30
 FEATURES = F_VERSION_1 | F_INDIRECT_DESC | F_PROTOCOL_FEATURES
 PF_MQ, PF_REPLY_ACK, PF_CONFIG = 1 << 0, 1 << 3, 1 << 9
-PROTOCOL_FEATURES = PF_MQ | PF_REPLY_ACK | PF_CONFIG
+# CONFIG is not offered: QEMU 7.2's vhost-user-fs builds the config space
+# from its own tag= (and warns about a backend offering it); GET_CONFIG is
+# still answered for a VMM that asks.
+PROTOCOL_FEATURES = PF_MQ | PF_REPLY_ACK
 MAX_REGIONS = 8
 
 _U64 = struct.Struct("<Q")
