@@ -9,8 +9,9 @@ still checked (sizes, queue indexes, region bounds) before use.
 
 Offered: VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC (the kernel puts
 a 1 MiB request of 256 pages in one ring slot), and the protocol features
-MQ and REPLY_ACK (GET_CONFIG is answered too, see PROTOCOL_FEATURES). Not offered: EVENT_IDX, packed rings, dirty
-logging (no migration), in-band notifications, inflight tracking.
+MQ and REPLY_ACK (GET_CONFIG is answered too, see PROTOCOL_FEATURES).
+Not offered: EVENT_IDX, packed rings, dirty logging (no migration),
+in-band notifications, inflight tracking.
 """
 
 from __future__ import annotations
