@@ -8,7 +8,8 @@ same files on the host:
   spectrumd.virtiofs``, in Python) on ``vhost-user-fs-pci``, over a
   socketpair (``-chardev socket,fd=N``);
 * ``virtiofsd``: QEMU's C virtiofsd (``/usr/lib/qemu/virtiofsd -o
-  cache=none``) on the same device;
+  cache=none``) on the same device (``queue-size=1024`` for both: the
+  guest caps a request at queue size - 4 pages);
 * ``9p``: QEMU's built-in virtio-9p (``-virtfs local``, msize 512 KiB,
   ``cache=none``). Its kernel module (``9pnet_virtio``) is not in the
   embedded guest; it is fetched once from the guest's kernel package and
@@ -188,7 +189,7 @@ def bench_one(kind: str, guest: Path, initrd: Path, export: Path) -> dict[str, f
             )  # fmt: skip
             wait_socket(sock, procs[-1])
             args = ["-chardev", f"socket,id=fs,path={sock}",
-                    "-device", "vhost-user-fs-pci,chardev=fs,tag=spectrum"]  # fmt: skip
+                    "-device", "vhost-user-fs-pci,queue-size=1024,chardev=fs,tag=spectrum"]  # fmt: skip
             vm = Vm(guest, run, args)
             vm.start()
             mount = "D=/mnt/spectrum\n"

@@ -108,50 +108,62 @@ class Virtqueue:
     def _walk(self, mem: GuestMemory, head: int) -> Chain:
         assert self.desc is not None
         table: memoryview = self.desc
-        size = self.num
-        segs: list[tuple[int, int, int, bool]] = []  # region, offset, length, writable
+        entries: list[tuple[int, int, int, int]] | None = None  # an indirect table, copied
+        size = budget = self.num
+        indirect = seen_write = False
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        # The segment being merged: its region view, start, end, direction.
+        cur: memoryview | None = None
+        cur_start = cur_end = 0
+        cur_w = False
+        # The region the last descriptor was in (most are in the same one).
+        r_view: memoryview | None = None
+        r_gpa = r_size = 0
         i = head
-        budget = size
-        indirect = False
-        seen_write = False
         while True:
             if budget <= 0:
                 raise ChainError("descriptor chain loops or is longer than its table")
             budget -= 1
-            addr, length, flags, nxt = DESC.unpack_from(table, 16 * i)
+            if entries is None:
+                addr, length, flags, nxt = DESC.unpack_from(table, 16 * i)
+            else:
+                addr, length, flags, nxt = entries[i]
             if flags & F_INDIRECT:
                 if indirect or flags & F_NEXT:
                     raise ChainError("nested indirect table, or indirect with NEXT")
                 if length == 0 or length % 16 or length > 16 * MAX_QUEUE:
                     raise ChainError(f"indirect table of {length} bytes")
                 # One copy of the whole table: the guest cannot change it under us.
-                table = memoryview(bytes(mem.view(addr, length)))
+                entries = list(DESC.iter_unpack(bytes(mem.view(addr, length))))
                 size = budget = length // 16
                 indirect = True
                 i = 0
                 continue
-            writable = bool(flags & F_WRITE)
-            if not writable and seen_write:
+            w = bool(flags & F_WRITE)
+            if not w and seen_write:
                 raise ChainError("readable descriptor after a writable one")
-            seen_write = writable
+            seen_write = w
             if length:
-                region, off = mem.locate(addr, length)
-                if segs and segs[-1][0] == region and segs[-1][3] == writable:
-                    r, o, n, w = segs[-1]
-                    if o + n == off:
-                        segs[-1] = (r, o, n + length, w)
-                        length = 0
-                if length:
-                    segs.append((region, off, length, writable))
+                off = addr - r_gpa
+                if r_view is None or off < 0 or off + length > r_size:
+                    k, off = mem.locate(addr, length)
+                    reg = mem.regions[k]
+                    r_view, r_gpa, r_size = reg.view, reg.gpa, reg.size
+                if cur is r_view and cur_w == w and cur_end == off:
+                    cur_end += length
+                else:
+                    if cur is not None:
+                        (writable if cur_w else readable).append(cur[cur_start:cur_end])
+                    cur, cur_start, cur_end, cur_w = r_view, off, off + length, w
             if not flags & F_NEXT:
                 break
             if nxt >= size:
                 raise ChainError(f"next {nxt} beyond a table of {size}")
             i = nxt
-        regions = mem.regions
-        readable = [regions[r].view[o : o + n] for r, o, n, w in segs if not w]
-        writable_ = [regions[r].view[o : o + n] for r, o, n, w in segs if w]
-        return Chain(head, readable, writable_)
+        if cur is not None:
+            (writable if cur_w else readable).append(cur[cur_start:cur_end])
+        return Chain(head, readable, writable)
 
     def push(self, head: int, length: int) -> None:
         """Return chain *head* with *length* bytes written; signal with :meth:`notify`."""

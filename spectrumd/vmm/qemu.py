@@ -244,9 +244,11 @@ class QemuBackend:
             argv += net_args(net)
         if spec.fs_fd is not None:
             # QEMU 7.2 takes a connected socket for a client chardev (fd=N).
+            # The guest kernel caps a request at (queue size - 4) pages: 1024
+            # lets it send 1 MiB (its maximum) where the default 128 gives 496 KiB.
             argv += [
                 "-chardev", f"socket,id=fs,fd={spec.fs_fd}",
-                "-device", f"vhost-user-fs-pci,chardev=fs,tag={spec.fs_tag}",
+                "-device", f"vhost-user-fs-pci,queue-size=1024,chardev=fs,tag={spec.fs_tag}",
             ]  # fmt: skip
         if spec.root_image is not None:
             root = _checked_path("root image", spec.root_image)

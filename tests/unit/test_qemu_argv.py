@@ -201,7 +201,7 @@ def test_virtiofs_shared_memory_and_vhost_user_fs() -> None:
     assert argv[argv.index("-machine") + 1] == "q35,memory-backend=mem"
     assert "memory-backend-memfd,id=mem,size=256M,share=on" in argv
     assert "socket,id=fs,fd=9" in argv
-    assert "vhost-user-fs-pci,chardev=fs,tag=spectrum" in argv
+    assert "vhost-user-fs-pci,queue-size=1024,chardev=fs,tag=spectrum" in argv
     assert s.pass_fds == (9,)
 
 

@@ -153,5 +153,5 @@ class Vm:
 def virtiofs_args(fd: int, tag: str = "spectrum") -> list[str]:
     return [
         "-chardev", f"socket,id=fs,fd={fd}",
-        "-device", f"vhost-user-fs-pci,chardev=fs,tag={tag}",
+        "-device", f"vhost-user-fs-pci,queue-size=1024,chardev=fs,tag={tag}",
     ]  # fmt: skip
