@@ -55,6 +55,7 @@ N_DIRS, N_FILES = 20, 100
 N_CREATE = 500
 CACHE = Path("/var/cache/spectrumd/bench")
 KINDS = ["ours", "virtiofsd", "9p"]
+FS_DEVICE = "vhost-user-fs-pci,queue-size=1024,chardev=fs,tag=spectrum"  # as vmharness has it
 
 # Run in the guest with $D the directory holding the files. Each figure is one
 # "BENCH name start end [count]" line on the console.
@@ -188,8 +189,7 @@ def bench_one(kind: str, guest: Path, initrd: Path, export: Path) -> dict[str, f
                 )
             )  # fmt: skip
             wait_socket(sock, procs[-1])
-            args = ["-chardev", f"socket,id=fs,path={sock}",
-                    "-device", "vhost-user-fs-pci,queue-size=1024,chardev=fs,tag=spectrum"]  # fmt: skip
+            args = ["-chardev", f"socket,id=fs,path={sock}", "-device", FS_DEVICE]
             vm = Vm(guest, run, args)
             vm.start()
             mount = "D=/mnt/spectrum\n"
