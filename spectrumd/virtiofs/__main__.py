@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.error("vhost-user connection failed: %s", e)
             return 1
         logger.info("the VMM closed the vhost-user connection")
+        logger.debug("requests by opcode: %s", dict(backend.device.counts.most_common()))
         return 0
     finally:
         tree.close()

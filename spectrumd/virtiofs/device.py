@@ -11,6 +11,7 @@ write.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
@@ -81,6 +82,7 @@ class Device:
         self.fs = fs
         self.mem = GuestMemory()
         self.queues = [Virtqueue(i) for i in range(num_queues)]
+        self.counts: collections.Counter[int] = collections.Counter()  # requests by opcode
 
     def process(self, vq: Virtqueue) -> int:
         """Answer every available chain on *vq*; returns how many."""
@@ -109,6 +111,7 @@ class Device:
         if len(head) < P.IN_HEADER.size:
             return 0
         opcode = P.IN_HEADER.unpack_from(head)[1]
+        self.counts[opcode] += 1
         if opcode == P.WRITE:
             head = copy_out(readable, P.WRITE_HEADER)
             payload = skip(readable, P.WRITE_HEADER)

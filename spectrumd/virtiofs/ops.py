@@ -5,7 +5,9 @@ Caching, chosen so that revocation takes effect at once:
 * attribute timeouts are 0, and every file is opened with FOPEN_DIRECT_IO:
   the guest keeps no attributes and no page cache of file data, so every
   stat, open, read, write and readdir reaches us and is checked against
-  its export's revoked flag (EIO once removed);
+  its export's revoked flag (EIO once removed). The root directory's own
+  attributes are the one exception (cached 1 s): they are ours, not an
+  export's;
 * the root's entries (the exports) have an entry timeout of 0: a removed
   export's name is gone from the next path walk (ENOENT) and a new one is
   found at once;
@@ -48,6 +50,9 @@ from .tree import Inode, Tree, fail
 
 ROOT_ENTRY_VALID = 0
 ATTR_VALID = 0
+# The synthetic root's own attributes (a read-only directory of ours) may be
+# cached: they say nothing about any export. Saves a GETATTR per path walk.
+ROOT_ATTR_VALID = 1
 DEFAULT_ENTRY_TIMEOUT = 1.0
 MAX_PAGES = 256  # 1 MiB requests, the kernel's limit (FUSE_MAX_MAX_PAGES)
 MAX_WRITE = MAX_PAGES * 4096
@@ -56,6 +61,9 @@ MAX_WRITE = MAX_PAGES * 4096
 # off with cache=none too). READDIRPLUS itself is still answered.
 _WANT = P.ASYNC_READ | P.BIG_WRITES | P.MAX_PAGES | P.PARALLEL_DIROPS
 _OPEN_KEEP = os.O_ACCMODE | os.O_APPEND
+# No FLUSH on close: it would do nothing here (no locks, no write-back), and
+# it is one round trip per close. Kernels before 7.35 ignore the flag.
+_FILE_OPEN = P.FOPEN_DIRECT_IO | P.FOPEN_NOFLUSH
 _SUID = stat.S_ISUID | stat.S_ISGID
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -206,7 +214,9 @@ class FileSystem:
 
     def _getattr(self, req: P.Request) -> bytes:
         ino = self.tree.inode(req.nodeid)
-        return P.encode_attr_out(self._stat(ino), ATTR_VALID)
+        return P.encode_attr_out(
+            self._stat(ino), ROOT_ATTR_VALID if ino.nodeid == 1 else ATTR_VALID
+        )
 
     def _setattr(self, req: P.Request) -> bytes:
         a: P.SetattrIn = req.args
@@ -268,7 +278,7 @@ class FileSystem:
         if flags & os.O_ACCMODE != os.O_RDONLY or req.args & os.O_TRUNC:
             ino.export.check_writable()
         fd = self._reopen(ino, flags | (req.args & os.O_TRUNC), stat.S_IFREG)
-        return P.encode_open(self.tree.open_handle(fd, ino), P.FOPEN_DIRECT_IO)
+        return P.encode_open(self.tree.open_handle(fd, ino), _FILE_OPEN)
 
     def _opendir(self, req: P.Request) -> bytes:
         ino = self.tree.inode(req.nodeid)
@@ -308,7 +318,7 @@ class FileSystem:
         except BaseException:
             self.tree.forget(ino.nodeid, 1)
             raise
-        return self._entry(ino) + P.encode_open(fh, P.FOPEN_DIRECT_IO)
+        return self._entry(ino) + P.encode_open(fh, _FILE_OPEN)
 
     def _mkdir(self, req: P.Request) -> bytes:
         a: P.CreateIn = req.args

@@ -47,6 +47,7 @@ FATTR_ATIME_NOW, FATTR_MTIME_NOW, FATTR_LOCKOWNER, FATTR_CTIME = 128, 256, 512, 
 FATTR_KILL_SUIDGID = 2048
 
 FOPEN_DIRECT_IO = 1
+FOPEN_NOFLUSH = 1 << 5  # 7.35: close() sends no FLUSH
 
 IN_HEADER = struct.Struct("<IIQQIIIHH")  # len opcode unique nodeid uid gid pid extlen pad
 OUT_HEADER = struct.Struct("<IiQ")  # len error unique
