@@ -45,6 +45,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import protocol as P
+from .listing import Entry, RootStat, encode_readdir, encode_readdirplus, snapshot
 from .resolve import check_name, open_beneath, reopen
 from .tree import Inode, Tree, fail
 
@@ -140,7 +141,7 @@ class FileSystem:
 
     def _stat(self, ino: Inode) -> Any:
         if ino.export is None:
-            return _RootStat(len(self.tree.exports))
+            return RootStat(len(self.tree.exports))
         return os.fstat(ino.fd)
 
     def _child(self, parent: Inode, name: bytes) -> Inode:
@@ -379,82 +380,25 @@ class FileSystem:
 
     # -- directories --
 
-    def _listing(self, req: P.Request) -> tuple[Inode, list[tuple[bytes, int, int]], int]:
+    def _listing(self, req: P.Request) -> tuple[Inode, list[Entry], int]:
         a: P.ReadIn = req.args
         h = self.tree.handle(a.fh)
         if h.entries is None or a.offset == 0:
-            if h.inode.export is None:
-                names = sorted(self.tree.exports)
-                exports = self.tree.exports
-                h.entries = [(n, os.fstat(exports[n].fd).st_ino, _DT_DIR) for n in names]
-            else:
-                with os.scandir(h.fd) as it:
-                    h.entries = [(os.fsencode(e.name), e.inode(), _dtype(e)) for e in it]
+            h.entries = snapshot(self.tree, h)
         return h.inode, h.entries, min(a.size, MAX_WRITE)
 
     def _readdir(self, req: P.Request) -> bytes:
         _, entries, size = self._listing(req)
-        out: list[bytes] = []
-        used = 0
-        for i in range(req.args.offset, len(entries)):
-            name, ino, dtype = entries[i]
-            used += P.dirent_size(name, False)
-            if used > size:
-                break
-            out.append(P.encode_dirent(ino, i + 1, dtype, name))
-        return b"".join(out)
+        return encode_readdir(entries, req.args.offset, size)
 
     def _readdirplus(self, req: P.Request) -> bytes:
         parent, entries, size = self._listing(req)
-        out: list[bytes] = []
-        used = 0
-        for i in range(req.args.offset, len(entries)):
-            name, ino, dtype = entries[i]
-            used += P.dirent_size(name, True)
-            if used > size:
-                break
-            try:
-                child = self._child(parent, name)
-                head = self._entry(child)
-            except OSError:
-                # Gone since the listing, or refused: an entry without a
-                # node (nodeid 0), which the kernel does not count.
-                head = bytes(P.ENTRY_HEAD.size + P.ATTR.size)
-            out.append(head + P.encode_dirent(ino, i + 1, dtype, name))
-        return b"".join(out)
-
-
-_DT_DIR = stat.S_IFDIR >> 12
+        return encode_readdirplus(
+            entries, req.args.offset, size, lambda n: self._entry(self._child(parent, n))
+        )
 
 
 def _check(name: bytes) -> None:
     bad = check_name(name)
     if bad is not None:
         raise fail(bad)
-
-
-def _dtype(e: os.DirEntry[str]) -> int:
-    if e.is_symlink():
-        return stat.S_IFLNK >> 12
-    if e.is_dir(follow_symlinks=False):
-        return stat.S_IFDIR >> 12
-    if e.is_file(follow_symlinks=False):
-        return stat.S_IFREG >> 12
-    return stat.S_IFMT(e.stat(follow_symlinks=False).st_mode) >> 12
-
-
-class _RootStat:
-    """The synthetic root's attributes: a read-only directory owned by us."""
-
-    def __init__(self, n: int) -> None:
-        self.st_ino = 1
-        self.st_size = 0
-        self.st_blocks = 0
-        self.st_atime = self.st_mtime = self.st_ctime = 0
-        self.st_atime_ns = self.st_mtime_ns = self.st_ctime_ns = 0
-        self.st_mode = stat.S_IFDIR | 0o555
-        self.st_nlink = 2 + n
-        self.st_uid = os.geteuid()
-        self.st_gid = os.getegid()
-        self.st_rdev = 0
-        self.st_blksize = 4096
