@@ -53,6 +53,8 @@ def copy_out(bufs: list[memoryview], n: int) -> bytes:
 
 def skip(bufs: list[memoryview], n: int) -> list[memoryview]:
     """*bufs* past their first *n* bytes."""
+    if bufs and len(bufs[0]) == n:
+        return bufs[1:]  # the usual layout: the header in a buffer of its own
     out = []
     for b in bufs:
         if n >= len(b):
@@ -132,9 +134,10 @@ class Device:
             reply = Reply(unique, errno.EIO) if unique is not None else None
         if reply is None:
             return 0
-        if sum(len(b) for b in writable) < OUT_H + len(reply.body) + reply.data_len:
+        room = sum(map(len, writable))
+        if room < OUT_H + len(reply.body) + reply.data_len:
             reply = Reply(reply.unique, errno.EINVAL) if len(reply.body) else reply
-            if reply.error and sum(len(b) for b in writable) < OUT_H:
+            if reply.error and room < OUT_H:
                 return 0
         hdr = reply.header()
         if reply.data_len:

@@ -22,7 +22,9 @@ logger = logging.getLogger(__name__)
 
 
 def trim(bufs: Sequence[Any], size: int) -> list[Any]:
-    """The first *size* bytes of *bufs*, as a list of memoryviews."""
+    """The first *size* bytes of *bufs* (buffers of one byte per item)."""
+    if total(bufs) <= size:
+        return list(bufs)  # the common case, with no loop in Python
     out = []
     for b in bufs:
         if size <= 0:
@@ -36,7 +38,7 @@ def trim(bufs: Sequence[Any], size: int) -> list[Any]:
 
 
 def total(bufs: Sequence[Any]) -> int:
-    return sum(len(memoryview(b)) for b in bufs)
+    return sum(map(len, bufs))
 
 
 class Reply:

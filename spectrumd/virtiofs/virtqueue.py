@@ -135,7 +135,12 @@ class Virtqueue:
                 if length == 0 or length % 16 or length > 16 * MAX_QUEUE:
                     raise ChainError(f"indirect table of {length} bytes")
                 # One copy of the whole table: the guest cannot change it under us.
-                entries = list(DESC.iter_unpack(bytes(mem.view(addr, length))))
+                raw = bytes(mem.view(addr, length))
+                if i == head and not readable and not writable and cur is None:
+                    fast = _sequential_table(mem, head, raw)
+                    if fast is not None:
+                        return fast
+                entries = list(DESC.iter_unpack(raw))
                 size = budget = length // 16
                 indirect = True
                 i = 0
@@ -188,3 +193,38 @@ class Virtqueue:
         """Take the used index from the ring (after SET_VRING_BASE and ADDR)."""
         if self.used is not None:
             self.used_idx = _U16.unpack_from(self.used, 2)[0]
+
+
+_LINKED = {F_NEXT, F_NEXT | F_WRITE}
+
+
+def _sequential_table(mem: GuestMemory, head: int, raw: bytes) -> Chain | None:
+    """The chain of an indirect table as Linux lays it out, parsed a column at a time.
+
+    Linux's driver fills an indirect table in order (entry i's next is i + 1),
+    readable entries first, all in one memory region. For such a table the
+    checks and the views are built with list operations instead of a loop
+    per descriptor (a 1 MiB request has 258). Anything else returns None and
+    takes the general walk.
+    """
+    q = memoryview(raw).cast("Q")
+    addrs = q[0::2].tolist()
+    meta = q[1::2].tolist()
+    n = len(addrs)
+    flags = [(m >> 32) & 0xFFFF for m in meta]
+    if [m >> 48 for m in meta[:-1]] != list(range(1, n)):
+        return None
+    if flags[-1] & (F_NEXT | F_INDIRECT) or not set(flags[:-1]) <= _LINKED:
+        return None
+    w = [f & F_WRITE for f in flags]
+    k = w.index(F_WRITE) if F_WRITE in w else n
+    if 0 in w[k:]:
+        return None  # a readable entry after a writable one: the general walk says why
+    ends = [a + (m & 0xFFFFFFFF) for a, m in zip(addrs, meta, strict=True)]
+    lo = min(addrs)
+    for r in mem.regions:
+        if r.gpa <= lo and max(ends) <= r.gpa + r.size:
+            g, v = r.gpa, r.view
+            views = [v[a - g : e - g] for a, e in zip(addrs, ends, strict=True)]
+            return Chain(head, views[:k], views[k:])
+    return None

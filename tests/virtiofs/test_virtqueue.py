@@ -219,3 +219,29 @@ def test_fuzz_fuse_requests(data: bytes, opcode: int) -> None:
         if reply is not None:
             assert reply.error >= 0 and len(reply.header()) == 16
     fs.tree.close()
+
+
+BAD_TABLES = {
+    "readable after writable": [(0, 16, F_NEXT | F_WRITE, 1), (1, 40, 0, 0)],
+    "nested indirect": [(0, 40, F_NEXT, 1), (1, 32, F_INDIRECT, 0)],
+    "outside memory": [(0, 40, F_NEXT, 1), (None, 16, F_WRITE, 0)],
+    "loop": [(0, 40, F_NEXT, 1), (1, 16, F_NEXT | F_WRITE, 0)],
+    "next beyond": [(0, 40, F_NEXT, 7)],
+}
+
+
+@pytest.mark.parametrize("what", list(BAD_TABLES))
+def test_hostile_indirect_tables(guest: FakeGuest, what: str) -> None:
+    g = guest
+    req = request(P.GETATTR, 1, bytes(16))
+    bufs = [g.alloc(req), g.alloc(16)]
+    rows = []
+    for which, length, flags, nxt in BAD_TABLES[what]:
+        addr = BASE + SIZE + 4096 if which is None else bufs[which]
+        rows.append(struct.pack("<QIHH", addr, length, flags, nxt))
+    table = b"".join(rows)
+    g.desc(30, g.alloc(table), len(table), F_INDIRECT)
+    g.offer(30)
+    g.device.process(g.vq)
+    assert g.used()[-1] == (30, 0)
+    assert lookup(g, 1, b"e") > 1
