@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-inodes", type=int, default=1 << 16)
     ap.add_argument("--max-handles", type=int, default=1 << 12)
     ap.add_argument("--entry-timeout", type=float, default=DEFAULT_ENTRY_TIMEOUT, metavar="SECONDS")
+    # Pages per READ/WRITE: at most 256 (1 MiB), the kernel's limit.
+    ap.add_argument("--max-pages", type=int, default=256)
     ap.add_argument("--user", metavar="UID:GID")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, ValueError, OSError) as e:
         logger.error("cannot start: %s", e)
         return 1
-    fs = FileSystem(tree, args.entry_timeout)
+    fs = FileSystem(tree, args.entry_timeout, args.max_pages)
     control = None
     if args.control_fd is not None:
         control = socket.socket(fileno=args.control_fd)
@@ -187,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.debug("requests by opcode: %s", dict(backend.device.counts.most_common()))
         return 0
     finally:
+        # A SIGTERM from here on just ends the process (no SystemExit mid-teardown).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         tree.close()
 
 
