@@ -123,10 +123,22 @@ def _json_line(obj: object) -> bytes:
 
 
 def drop_privileges(spec: str) -> None:
-    uid, _, gid = spec.partition(":")
+    """Become UID:GID for good (groups first: setgid is refused once uid is not 0).
+
+    Raises ValueError or OSError.
+    """
+    uid_s, _, gid_s = spec.partition(":")
+    uid, gid = int(uid_s), int(gid_s or uid_s)
     os.setgroups([])
-    os.setgid(int(gid or uid))
-    os.setuid(int(uid))
+    os.setgid(gid)
+    os.setuid(uid)
+    if uid != 0:
+        try:
+            os.setuid(0)
+        except PermissionError:
+            pass
+        else:  # pragma: no cover - would mean the drop did not stick
+            raise OSError("privileges could be regained after dropping them")
 
 
 def main(argv: list[str] | None = None) -> int:

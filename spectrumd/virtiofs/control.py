@@ -84,6 +84,8 @@ def command(tree: Tree, line: bytes, fds: list[int]) -> dict[str, Any]:
                 tree.add_export(name, fds.pop(), writable)
             except ExportError as e:
                 return {"ok": False, "error": str(e)}
+            except OSError as e:  # e.g. out of fds: refused, the server goes on
+                return {"ok": False, "error": f"add_export {name!r}: {e.strerror}"}
             return {"ok": True}
         if op == "remove_export":
             if not tree.remove_export(name):

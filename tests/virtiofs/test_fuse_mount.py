@@ -31,7 +31,7 @@ pytestmark = [
 
 
 class Mounted:
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, user: str | None = None) -> None:
         self.base = base
         self.mnt = base / "mnt"
         self.mnt.mkdir()
@@ -47,6 +47,8 @@ class Mounted:
         argv = [sys.executable, "-m", "spectrumd.virtiofs", "--fuse-fd", str(self.fuse_fd),
                 "--export", f"rw={rw}:rw", "--export", f"ro={ro}:ro",
                 "--control-fd", str(theirs.fileno())]  # fmt: skip
+        if user:
+            argv += ["--user", user]
         self.proc = subprocess.Popen(
             argv, cwd=ROOT, pass_fds=(self.fuse_fd, rw, ro, theirs.fileno()),
             env=dict(os.environ, PYTHONPATH=str(ROOT)),
@@ -133,3 +135,18 @@ def test_live_export_changes_through_the_control_fd(fs: Mounted) -> None:
             os.close(f)
     assert sorted(os.listdir(m)) == ["ro", "rw"]
     assert not (m / "late").exists()
+
+
+def test_user_drop_makes_the_server_act_as_that_user(tmp_path: Path) -> None:
+    m = Mounted(tmp_path, user="65534:65534")
+    try:
+        (tmp_path / "rw").chmod(0o755)  # root's: nobody may not write here
+        os.mkdir(tmp_path / "rw" / "open", 0o777)
+        os.chmod(tmp_path / "rw" / "open", 0o777)
+        (m.mnt / "rw" / "open" / "f").write_text("x")
+        assert (tmp_path / "rw" / "open" / "f").stat().st_uid == 65534
+        with pytest.raises(PermissionError):
+            (m.mnt / "rw" / "g").write_text("x")  # the host said no to uid 65534
+        assert not (tmp_path / "rw" / "g").exists()
+    finally:
+        m.close()
