@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-inodes", type=int, default=1 << 16)
     ap.add_argument("--max-handles", type=int, default=1 << 12)
     ap.add_argument("--entry-timeout", type=float, default=DEFAULT_ENTRY_TIMEOUT, metavar="SECONDS")
+    # Above 0, a removed export's name answers EIO instead of ENOENT for that
+    # long, and a re-added one is unreachable for that long (its old dentry).
+    ap.add_argument("--root-entry-timeout", type=float, default=0.0, metavar="SECONDS")
     # Pages per READ/WRITE: at most 256 (1 MiB), the kernel's limit.
     ap.add_argument("--max-pages", type=int, default=256)
     ap.add_argument("--user", metavar="UID:GID")
@@ -179,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, ValueError, OSError) as e:
         logger.error("cannot start: %s", e)
         return 1
-    fs = FileSystem(tree, args.entry_timeout, args.max_pages)
+    fs = FileSystem(tree, args.entry_timeout, args.max_pages, args.root_entry_timeout)
     control = None
     if args.control_fd is not None:
         control = socket.socket(fileno=args.control_fd)

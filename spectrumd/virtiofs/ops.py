@@ -91,7 +91,10 @@ class FileSystem:
         tree: Tree | None = None,
         entry_timeout: float = DEFAULT_ENTRY_TIMEOUT,
         max_pages: int = MAX_PAGES,
+        root_entry_timeout: float = ROOT_ENTRY_VALID,
     ) -> None:
+        ns = max(0, int(root_entry_timeout * 1e9))
+        self._root_entry_valid = (ns // 10**9, ns % 10**9)
         self.tree = tree if tree is not None else Tree()
         self.max_pages = max(1, min(max_pages, MAX_PAGES))
         ns = max(0, int(entry_timeout * 1e9))
@@ -144,7 +147,7 @@ class FileSystem:
         if ino.export is not None and ino.key[2] != ino.export.root_ino:
             sec, nsec = self._entry_valid
         else:
-            sec, nsec = ROOT_ENTRY_VALID, 0
+            sec, nsec = self._root_entry_valid
         return P.encode_entry(ino.nodeid, self._stat(ino), sec, nsec, ATTR_VALID)
 
     def _stat(self, ino: Inode) -> Any:

@@ -42,6 +42,7 @@ def spawn_ours(
 ) -> subprocess.Popen[bytes]:
     """``python -m spectrumd.virtiofs`` on *vhost_fd* with directory-fd exports."""
     argv = [sys.executable, "-m", "spectrumd.virtiofs", "--vhost-fd", str(vhost_fd)]
+    argv += os.environ.get("SPECTRUMD_VIRTIOFS_ARGS", "").split()  # tuning runs of fs_bench
     if os.environ.get("SPECTRUMD_VIRTIOFS_CPROFILE"):  # a profile of the backend, for tuning
         argv[1:1] = ["-m", "cProfile", "-o", os.environ["SPECTRUMD_VIRTIOFS_CPROFILE"]]
     fds = [vhost_fd]
