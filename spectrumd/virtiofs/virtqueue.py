@@ -224,7 +224,15 @@ def _sequential_table(mem: GuestMemory, head: int, raw: bytes) -> Chain | None:
     lo = min(addrs)
     for r in mem.regions:
         if r.gpa <= lo and max(ends) <= r.gpa + r.size:
+            # Merge runs that are contiguous in guest memory (a guest's pages
+            # mostly are: 1 MiB is typically some 26 runs, not 256 pages).
+            cuts = [i for i in range(1, n) if addrs[i] != ends[i - 1] or i == k]
+            firsts = [0, *cuts]
+            lasts = [c - 1 for c in cuts] + [n - 1]
             g, v = r.gpa, r.view
-            views = [v[a - g : e - g] for a, e in zip(addrs, ends, strict=True)]
-            return Chain(head, views[:k], views[k:])
+            readable: list[memoryview] = []
+            writable: list[memoryview] = []
+            for f, la in zip(firsts, lasts, strict=True):
+                (writable if f >= k else readable).append(v[addrs[f] - g : ends[la] - g])
+            return Chain(head, readable, writable)
     return None

@@ -245,3 +245,29 @@ def test_hostile_indirect_tables(guest: FakeGuest, what: str) -> None:
     g.device.process(g.vq)
     assert g.used()[-1] == (30, 0)
     assert lookup(g, 1, b"e") > 1
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "scattered", "mixed"])
+def test_read_through_an_indirect_table_of_pages(guest: FakeGuest, layout: str) -> None:
+    """Linux's layout (sequential table, header buffers, then pages): data lands right."""
+    g = guest
+    e = lookup(g, 1, b"e")
+    data = lookup(g, e, b"data")
+    _ln, outs = run(g, [request(P.OPEN, data, struct.pack("<II", 0, 0))], [16, 16])
+    fh = struct.unpack("<Q", g.read(outs[1], 8))[0]
+    req = request(P.READ, 0, read_body(fh, 0, 16384))
+    a_req, a_hdr = g.alloc(req), g.alloc(16)
+    base = g.alloc(8 * 4096)
+    order = {"contiguous": [0, 1, 2, 3], "scattered": [6, 0, 4, 2], "mixed": [0, 1, 5, 6]}[layout]
+    pages = [base + 4096 * i for i in order]
+    rows = [struct.pack("<QIHH", a_req, len(req), F_NEXT, 1),
+            struct.pack("<QIHH", a_hdr, 16, F_NEXT | F_WRITE, 2)]  # fmt: skip
+    for i, p in enumerate(pages):
+        rows.append(struct.pack("<QIHH", p, 4096, F_WRITE | (F_NEXT if i < 3 else 0), i + 3))
+    table = b"".join(rows)
+    g.desc(33, g.alloc(table), len(table), F_INDIRECT)
+    g.offer(33)
+    g.device.process(g.vq)
+    assert g.used()[-1] == (33, 16 + 16384) and reply_error(g, a_hdr) == 0
+    got = b"".join(g.read(p, 4096) for p in pages)
+    assert got == bytes(range(256)) * 64
