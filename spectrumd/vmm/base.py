@@ -82,11 +82,18 @@ class VmSpec:
     listen_fds: tuple[tuple[str, int], ...] = ()
     # The uid (== gid) the VMM runs as; None: the daemon's own.
     vmm_uid: int | None = None
+    # A virtio-fs device served by spectrumd.virtiofs over vhost-user: QEMU
+    # gets fs_fd, one end of a connected socketpair (-chardev socket,fd=N);
+    # crosvm connects to fs_vhost_socket, which the daemon listens on. Guest
+    # RAM is then shared memory (the backend maps it).
+    fs_fd: int | None = None
+    fs_tag: str = "spectrum"
 
     @property
     def pass_fds(self) -> tuple[int, ...]:
         """Descriptors the VMM must inherit."""
-        return tuple(n.tap_fd for n in self.nets) + tuple(fd for _, fd in self.listen_fds)
+        fds = tuple(n.tap_fd for n in self.nets) + tuple(fd for _, fd in self.listen_fds)
+        return fds if self.fs_fd is None else (*fds, self.fs_fd)
 
     def listen_fd(self, path: Path) -> int | None:
         """The inherited listening socket for ``path`` (in run_dir), if the daemon made one."""
@@ -96,6 +103,12 @@ class VmSpec:
     def sockets(self) -> tuple[Path, ...]:
         """Every socket of the VMM's control, console and ports, in run_dir."""
         return (self.control_socket, self.console_socket, *map(self.port_socket, self.ports))
+
+    @property
+    def fs_vhost_socket(self) -> Path:
+        """Where crosvm connects for the virtio-fs backend (``--vhost-user fs``), in the
+        directory it owns (as for its serial sockets)."""
+        return self.run_dir / VMM_DIR / "fs-vhost.sock"
 
     @property
     def console_socket(self) -> Path:

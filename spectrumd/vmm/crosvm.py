@@ -173,6 +173,9 @@ class CrosvmBackend:
             argv += ["--net", f"tap-fd={net.tap_fd},mac={net.mac}"]
         for wl in spec.wayland_sockets:
             argv += ["--wayland-sock", _path("wayland", wl, sock=True)]
+        if spec.fs_fd is not None:
+            sock = _path("virtio-fs socket", spec.fs_vhost_socket, sock=True)
+            argv += ["--vhost-user", f"fs,socket={sock}"]
         if spec.hotplug_slots:
             # For `crosvm virtio-net add` (crosvm built with pci-hotplug).
             argv += ["--pci-hotplug-slots", str(spec.hotplug_slots)]

@@ -200,6 +200,11 @@ class QemuBackend:
         machine = arch.machine
         if spec.accel is Accel.kvm and arch.kvm_machine:
             machine += "," + arch.kvm_machine
+        if spec.fs_fd is not None:
+            if spec.fs_fd < 0 or not 0 < len(spec.fs_tag.encode()) <= 36 or "," in spec.fs_tag:
+                raise ValueError(f"bad virtio-fs device: fd {spec.fs_fd}, tag {spec.fs_tag!r}")
+            # vhost-user needs guest RAM the backend can map: a shared memfd.
+            machine += ",memory-backend=mem"
         cpu = "host" if spec.accel is Accel.kvm else arch.tcg_cpu
         memory = f"{spec.memory_mib}M"
         if pmem:
@@ -222,6 +227,8 @@ class QemuBackend:
         if cpu is not None:
             argv += ["-cpu", cpu]
         argv += ["-m", memory, "-smp", str(spec.vcpus)]
+        if spec.fs_fd is not None:
+            argv += ["-object", f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on"]
         if arch.firmware is not None:
             argv += ["-bios", arch.firmware]
         argv += ["-kernel", kernel]
@@ -254,6 +261,14 @@ class QemuBackend:
             ]
         for net in spec.nets:
             argv += net_args(net)
+        if spec.fs_fd is not None:
+            # QEMU 7.2 takes a connected socket for a client chardev (fd=N).
+            # The guest kernel caps a request at (queue size - 4) pages: 1024
+            # lets it send 1 MiB (its maximum) where the default 128 gives 496 KiB.
+            argv += [
+                "-chardev", f"socket,id=fs,fd={spec.fs_fd}",
+                "-device", f"vhost-user-fs-pci,queue-size=1024,chardev=fs,tag={spec.fs_tag}",
+            ]  # fmt: skip
         if spec.root_image is not None:
             root = _checked_path("root image", spec.root_image)
             if pmem:

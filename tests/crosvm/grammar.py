@@ -92,6 +92,9 @@ KEYVALUE: dict[str, tuple[Callable[[str], object] | None, dict[str, object]]] = 
         },
     ),
     "--wayland-sock": (_abs, {"name": _any}),
+    # `--vhost-user TYPE,socket=PATH` (cmdline.rs VhostUserOption); the
+    # positional is the device type, kept under "path" like the others.
+    "--vhost-user": (_one_of("fs", "block", "net", "vsock", "gpu", "snd"), {"socket": _abs}),
     "--serial": (
         None,
         {

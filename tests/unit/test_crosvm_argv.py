@@ -182,3 +182,8 @@ def test_exit_reasons() -> None:
     assert backend.exit_reason(0) == (True, "the guest powered off")
     assert backend.exit_reason(34) == (False, "the guest panicked")
     assert backend.exit_reason(1) is None
+
+
+def test_virtiofs_vhost_user_fs() -> None:
+    opts = check("virtiofs", backend.argv(spec(fs_fd=9)))
+    assert opts["--vhost-user"] == [{"path": "fs", "socket": str(RUN / "vmm" / "fs-vhost.sock")}]

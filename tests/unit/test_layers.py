@@ -14,7 +14,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "spectrumd"
 
 BASE = {"model", "errors"}
-LOW = {"lifecycle", "vmm", "host", "fileserver"}
+LOW = {"lifecycle", "vmm", "host", "fileserver", "virtiofs"}
 # Which parts each part may import (besides itself).
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
@@ -23,6 +23,7 @@ ALLOWED: dict[str, set[str]] = {
     "vmm": BASE,
     "host": BASE,
     "fileserver": BASE,
+    "virtiofs": BASE,
     "supervisor": LOW | BASE,
     "bus": {"supervisor", "lifecycle"} | BASE,
     # Clients of the D-Bus API: its names and the bus-daemon helper, nothing of the daemon.

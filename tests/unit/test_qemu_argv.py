@@ -210,3 +210,29 @@ def test_sockets_the_daemon_made_are_inherited() -> None:
     assert argv[argv.index("-sandbox") + 1] == (
         "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
     )
+
+
+def test_virtiofs_shared_memory_and_vhost_user_fs() -> None:
+    s = spec(fs_fd=9, nets=())
+    argv = backend.argv(s)
+    check_golden("virtiofs", argv)
+    assert argv[argv.index("-machine") + 1] == "q35,memory-backend=mem"
+    assert "memory-backend-memfd,id=mem,size=256M,share=on" in argv
+    assert "socket,id=fs,fd=9" in argv
+    assert "vhost-user-fs-pci,queue-size=1024,chardev=fs,tag=spectrum" in argv
+    assert s.pass_fds == (9,)
+
+
+def test_virtiofs_with_shared_root_keeps_its_memory_slot() -> None:
+    argv = backend.argv(
+        spec(fs_fd=3, root_image=Path("/srv/r.img"), root_image_size=2 << 20, share_root=True)
+    )
+    assert argv[argv.index("-m") + 1] == "256M,slots=1,maxmem=258M"
+    assert argv[argv.index("-machine") + 1] == "q35,memory-backend=mem"
+
+
+@pytest.mark.parametrize("changes", [{"fs_fd": -1}, {"fs_fd": 3, "fs_tag": ""},
+                                     {"fs_fd": 3, "fs_tag": "a,b"}, {"fs_fd": 3, "fs_tag": "x" * 37}])  # fmt: skip
+def test_virtiofs_rejected(changes: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match="virtio-fs"):
+        backend.argv(spec(**changes))

@@ -1,0 +1,213 @@
+"""``python -m spectrumd.virtiofs --vhost-fd N [--control-fd N] [--export NAME=FD[:rw]]...``
+
+One process per instance. It is given descriptors only and opens no path
+(except /proc/self/fd, through which checked inodes are reopened):
+
+* ``--vhost-fd``: a connected stream socket whose other end is the VMM's
+  vhost-user chardev (``-chardev socket,id=fs,fd=N``);
+* ``--fuse-fd``: instead, a /dev/fuse fd already mounted (tests);
+* ``--control-fd``: a connected stream socket for live export changes
+  (control.py);
+* ``--export NAME=FD[:rw]``: an initial export, a directory fd (read-only
+  unless ``:rw``);
+* ``--user UID:GID``: drop to that uid/gid (supplementary groups cleared
+  first) once every fd is in hand.
+
+Everything runs in one thread around poll(2): vhost-user messages,
+control commands and queue kicks are handled in turn, so an export
+change never races a request. The process exits when the VMM closes its
+end of the vhost-user socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import resource
+import select
+import signal
+import socket
+import struct
+import sys
+
+from .control import ControlConnection, command, recv_with_fds
+from .device import Device, drain_kick, fs_config
+from .ops import DEFAULT_ENTRY_TIMEOUT, FileSystem
+from .tree import ExportError, Tree
+from .vhost import HEADER, MAX_PAYLOAD, Backend, VhostError
+
+logger = logging.getLogger("spectrumd.virtiofs")
+
+
+def recv_message(sock: socket.socket) -> tuple[int, int, bytes, list[int]] | None:
+    """One vhost-user message, or None at EOF. Raises VhostError or OSError."""
+    data, fds = recv_with_fds(sock, HEADER.size)
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return None
+    try:
+        while len(data) < HEADER.size:
+            more = sock.recv(HEADER.size - len(data))
+            if not more:
+                raise VhostError("EOF inside a message header")
+            data += more
+        request, flags, size = HEADER.unpack(data)
+        if size > MAX_PAYLOAD:
+            raise VhostError(f"payload of {size} bytes")
+        payload = b""
+        while len(payload) < size:
+            more = sock.recv(size - len(payload))
+            if not more:
+                raise VhostError("EOF inside a message payload")
+            payload += more
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return request, flags, payload, fds
+
+
+def serve_vhost(backend: Backend, sock: socket.socket, control: socket.socket | None) -> None:
+    """Run until the VMM hangs up. Raises VhostError on a message we cannot use."""
+    device = backend.device
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    ctl = ControlConnection()
+    if control is not None:
+        poller.register(control.fileno(), select.POLLIN)
+    kicks: dict[int, int] = {}  # kick fd → queue index
+
+    def refresh_kicks() -> None:
+        want = {vq.kick_fd: vq.index for vq in device.queues if vq.kick_fd >= 0}
+        for fd in set(kicks) - set(want):
+            poller.unregister(fd)
+        for fd in set(want) - set(kicks):
+            poller.register(fd, select.POLLIN)
+        kicks.clear()
+        kicks.update(want)
+
+    try:
+        while True:
+            for fd, _ev in poller.poll():
+                if fd == sock.fileno():
+                    msg = recv_message(sock)
+                    if msg is None:
+                        return
+                    reply = backend.handle(*msg)
+                    if reply is not None:
+                        sock.sendall(reply)
+                    refresh_kicks()
+                elif control is not None and fd == control.fileno():
+                    data, fds = recv_with_fds(control)
+                    if not data:
+                        ctl.close()
+                        poller.unregister(fd)
+                        control = None
+                        continue
+                    for line, mine in ctl.feed(data, fds):
+                        control.sendall(_json_line(command(device.fs.tree, line, mine)))
+                elif fd in kicks:
+                    vq = device.queues[kicks[fd]]
+                    drain_kick(fd)
+                    device.process(vq)
+    finally:
+        ctl.close()
+
+
+def _json_line(obj: object) -> bytes:
+    import json
+
+    return json.dumps(obj).encode() + b"\n"
+
+
+def drop_privileges(spec: str) -> None:
+    """Become UID:GID for good (groups first: setgid is refused once uid is not 0).
+
+    Raises ValueError or OSError.
+    """
+    uid_s, _, gid_s = spec.partition(":")
+    uid, gid = int(uid_s), int(gid_s or uid_s)
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+    if uid != 0:
+        try:
+            os.setuid(0)
+        except PermissionError:
+            pass
+        else:  # pragma: no cover - would mean the drop did not stick
+            raise OSError("privileges could be regained after dropping them")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m spectrumd.virtiofs")
+    where = ap.add_mutually_exclusive_group(required=True)
+    where.add_argument("--vhost-fd", type=int, metavar="FD")
+    where.add_argument("--fuse-fd", type=int, metavar="FD")
+    ap.add_argument("--control-fd", type=int, metavar="FD")
+    ap.add_argument("--export", action="append", default=[], metavar="NAME=FD[:rw]")
+    ap.add_argument("--tag", default="spectrum")
+    ap.add_argument("--request-queues", type=int, default=1)
+    ap.add_argument("--max-inodes", type=int, default=1 << 16)
+    ap.add_argument("--max-handles", type=int, default=1 << 12)
+    ap.add_argument("--entry-timeout", type=float, default=DEFAULT_ENTRY_TIMEOUT, metavar="SECONDS")
+    # Above 0, a removed export's name answers EIO instead of ENOENT for that
+    # long, and a re-added one is unreachable for that long (its old dentry).
+    ap.add_argument("--root-entry-timeout", type=float, default=0.0, metavar="SECONDS")
+    # Pages per READ/WRITE: at most 256 (1 MiB), the kernel's limit.
+    ap.add_argument("--max-pages", type=int, default=256)
+    ap.add_argument("--user", metavar="UID:GID")
+    ap.add_argument("--log-level", default="INFO")
+    args = ap.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(name)s %(levelname)s %(message)s", stream=sys.stderr
+    )
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    # SIGTERM unwinds like an exit (finally blocks run, profiles are written).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    os.umask(0)  # the guest's mode bits (the kernel applied its umask) are kept as given
+    tree = Tree(max_inodes=args.max_inodes, max_handles=args.max_handles)
+    try:
+        for spec in args.export:
+            name, _, rest = spec.partition("=")
+            fd, _, mode = rest.partition(":")
+            if mode not in ("", "ro", "rw"):
+                ap.error(f"--export {spec}: mode must be ro or rw")
+            tree.add_export(name, int(fd), mode == "rw")
+        if args.user:
+            drop_privileges(args.user)
+    except (ExportError, ValueError, OSError) as e:
+        logger.error("cannot start: %s", e)
+        return 1
+    fs = FileSystem(tree, args.entry_timeout, args.max_pages, args.root_entry_timeout)
+    control = None
+    if args.control_fd is not None:
+        control = socket.socket(fileno=args.control_fd)
+    try:
+        if args.fuse_fd is not None:
+            from .fusedev import serve_fd
+
+            serve_fd(args.fuse_fd, fs, control)
+            return 0
+        sock = socket.socket(fileno=args.vhost_fd)
+        config = fs_config(args.tag, args.request_queues)
+        backend = Backend(Device(fs, 1 + args.request_queues), config)
+        try:
+            serve_vhost(backend, sock, control)
+        except (VhostError, OSError, struct.error) as e:
+            logger.error("vhost-user connection failed: %s", e)
+            return 1
+        logger.info("the VMM closed the vhost-user connection")
+        logger.debug("requests by opcode: %s", dict(backend.device.counts.most_common()))
+        return 0
+    finally:
+        # A SIGTERM from here on just ends the process (no SystemExit mid-teardown).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        tree.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
