@@ -223,7 +223,7 @@ class Run:
                 os.chown(vmm_dir, self.ids.vmm, self.ids.vmm)
         for driver in self.env.drivers:
             await driver.prepare(ctx)
-        spec = build_spec(ctx, self.env.guest_dir)
+        spec = self._open_disks(build_spec(ctx, self.env.guest_dir))
         self.spec = spec
         name = spec.binary or backend.default_binary(spec.arch)
         binary = shutil.which(name)
@@ -251,6 +251,28 @@ class Run:
                          self.started_at_us, self.token)  # fmt: skip
         except OSError as e:
             self.log.error("cannot record the run (it will not be re-adopted): %s", e)
+
+    def _open_disks(self, spec: VmSpec) -> VmSpec:
+        """Open the disk images for the VMM (the parent opens, the child inherits): the
+        VMM's own uid need not be able to open them. Raises Failed naming the file."""
+        if self.backend.kind is not VmmKind.qemu:
+            return spec  # crosvm opens its --block paths itself
+        wanted = [(d.path, d.writable) for d in spec.disks]
+        if spec.root_image is not None and not spec.share_root:
+            wanted.insert(0, (spec.root_image, False))
+        fds: list[tuple[Path, tuple[int, ...]]] = []
+        for path, writable in wanted:
+            opened = []
+            for mode in (os.O_RDONLY, os.O_RDWR) if writable else (os.O_RDONLY,):
+                try:
+                    fd = os.open(path, mode | os.O_CLOEXEC)
+                except OSError as e:
+                    why = e.strerror or e
+                    raise Failed(f"cannot start {self.name}: cannot open {path}: {why}") from None
+                self.stack.callback(os.close, fd)
+                opened.append(fd)
+            fds.append((path, tuple(opened)))
+        return attrs.evolve(spec, disk_fds=tuple(fds))
 
     def _allocate_ids(self) -> InstanceIds | None:
         """This run's own uids (VMM, file server), released when the run has ended."""

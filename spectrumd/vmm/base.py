@@ -82,6 +82,11 @@ class VmSpec:
     listen_fds: tuple[tuple[str, int], ...] = ()
     # The uid (== gid) the VMM runs as; None: the daemon's own.
     vmm_uid: int | None = None
+    # Disk images (and a root image on a disk) the daemon opened, by path: a
+    # VMM of its own uid could not open them itself (QEMU: an fd set). Each has
+    # a read-only descriptor, and a read-write one if the disk is writable
+    # (QEMU opens a writable disk read-only too, to probe it).
+    disk_fds: tuple[tuple[Path, tuple[int, ...]], ...] = ()
     # A virtio-fs device served by spectrumd.virtiofs over vhost-user: QEMU
     # gets fs_fd, one end of a connected socketpair (-chardev socket,fd=N);
     # crosvm connects to fs_vhost_socket, which the daemon listens on. Guest
@@ -93,7 +98,12 @@ class VmSpec:
     def pass_fds(self) -> tuple[int, ...]:
         """Descriptors the VMM must inherit."""
         fds = tuple(n.tap_fd for n in self.nets) + tuple(fd for _, fd in self.listen_fds)
+        fds += tuple(fd for _, both in self.disk_fds for fd in both)
         return fds if self.fs_fd is None else (*fds, self.fs_fd)
+
+    def disk_fd(self, path: Path | None) -> tuple[int, ...]:
+        """The descriptors the daemon opened for the disk image at ``path`` (or none)."""
+        return dict(self.disk_fds).get(path, ()) if path is not None else ()
 
     def listen_fd(self, path: Path) -> int | None:
         """The inherited listening socket for ``path`` (in run_dir), if the daemon made one."""

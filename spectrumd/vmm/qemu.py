@@ -133,9 +133,17 @@ def _arch(name: str) -> _Arch:
         ) from None
 
 
-def _drive_args(drive_id: str, path: str, writable: bool) -> list[str]:
+def _drive_args(drive_id: str, path: str, writable: bool, fds: tuple[int, ...] = ()) -> list[str]:
+    """A virtio-blk disk; on ``fds`` (the daemon opened the file) through an fd set."""
     ro = "" if writable else ",readonly=on"
+    argv = []
+    if fds:
+        # The set's number is its first descriptor's: unique, and read back in logs.
+        for fd in fds:
+            argv += ["-add-fd", f"fd={fd},set={fds[0]},opaque={drive_id}"]
+        path = f"/dev/fdset/{fds[0]}"
     return [
+        *argv,
         "-drive", f"file={opt_escape(path)},if=none,id={drive_id},format=raw{ro}",
         "-device", f"virtio-blk-pci,drive={drive_id},id={drive_id}-dev",
     ]  # fmt: skip
@@ -281,9 +289,10 @@ class QemuBackend:
                     "-device", "virtio-pmem-pci,memdev=rootmem,id=root",
                 ]  # fmt: skip
             else:
-                argv += _drive_args("root", root, writable=False)
+                argv += _drive_args("root", root, False, spec.disk_fd(spec.root_image))
         for i, disk in enumerate(spec.disks):
-            argv += _drive_args(f"disk{i}", _checked_path("disk", disk.path), disk.writable)
+            path = _checked_path("disk", disk.path)
+            argv += _drive_args(f"disk{i}", path, disk.writable, spec.disk_fd(disk.path))
         if arch.root_ports:
             for i in range(spec.hotplug_slots):
                 argv += ["-device", f"pcie-root-port,id=hp{i},chassis={i + 1}"]

@@ -44,13 +44,18 @@ def app_config(command: str, **instances: dict[str, Any]) -> dict[str, Any]:
 
 
 def vmms(state_dir: Path) -> dict[str, int]:
-    """The live VMMs that the daemon of ``state_dir`` started: instance name → pid.
+    """The live VMMs that the daemon of ``state_dir`` started: instance name → pid."""
+    return dict(vmm_list(state_dir))
+
+
+def vmm_list(state_dir: Path) -> list[tuple[str, int]]:
+    """(instance name, pid) of every live VMM the daemon of ``state_dir`` started.
 
     Found by the environment spectrumd gives every VMM (``SPECTRUM_STATE_DIR``,
     ``SPECTRUM_INSTANCE``); zombies (exited, not reaped by PID 1 here) are gone.
     """
     mark = f"SPECTRUM_STATE_DIR={state_dir.absolute()}".encode()
-    found: dict[str, int] = {}
+    found: list[tuple[str, int]] = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -63,7 +68,7 @@ def vmms(state_dir: Path) -> dict[str, int]:
             continue
         for var in environ:
             if var.startswith(b"SPECTRUM_INSTANCE="):
-                found[var.split(b"=", 1)[1].decode()] = int(entry)
+                found.append((var.split(b"=", 1)[1].decode(), int(entry)))
     return found
 
 

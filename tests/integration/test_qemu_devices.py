@@ -75,6 +75,7 @@ def netns() -> Any:
         subprocess.run(["ip", "netns", "delete", name], check=False)
 
 
+@contextlib.asynccontextmanager
 async def start_qemu(spec: VmSpec) -> AsyncIterator[QemuControl]:
     backend = QemuBackend()
     proc = await process.spawn(backend.argv(spec), (), spec.run_dir / "vmm.log", None, {})
@@ -110,7 +111,7 @@ async def test_net_hot_add_real_tap(short_tmp: Path, guest_dir: Path, netns: str
     tap = open_tap_in_netns(netns, "sptap0")
     try:
         spec = base_spec(run_dir, guest_dir, hotplug_slots=1)
-        async for control in start_qemu(spec):
+        async with start_qemu(spec) as control:
             net = NetDev(id="net0", tap_fd=tap, tap_name="sptap0", mac="02:00:00:00:00:07")
             await control.add_net(net)
             info = await control.execute("human-monitor-command", {"command-line": "info network"})
@@ -128,7 +129,6 @@ async def test_net_hot_add_real_tap(short_tmp: Path, guest_dir: Path, netns: str
             # A guest held at -S cannot release the device: bounded, and said so.
             with pytest.raises(VmmError, match="did not release"):
                 await control.remove_net("net0", timeout=1.0)
-            break
     finally:
         os.close(tap)
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -150,13 +150,12 @@ async def test_root_image_pmem_and_disks_real_qemu(short_tmp: Path, guest_dir: P
             share_root=True,
             disks=(Disk(ro), Disk(rw, writable=True)),
         )
-        async for control in start_qemu(spec):
+        async with start_qemu(spec) as control:
             mem = await control.execute("query-memory-devices")
             assert [(m["type"], m["data"]["size"]) for m in mem] == [("virtio-pmem", 64 << 20)]
             blocks = {b["device"]: b for b in await control.execute("query-block")}
             assert blocks["disk0"]["inserted"]["ro"] is True
             assert blocks["disk1"]["inserted"]["ro"] is False
-            break
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 

@@ -31,7 +31,7 @@ from spectrumd.bus.names import INSTANCE_IFACE, instance_path
 from spectrumd.cli.client import CallError, Client, connect
 from spectrumd.host import names
 from tests.conftest import Daemon
-from tests.integration.helpers import props, short, vmms, wait_for
+from tests.integration.helpers import props, short, vmm_list, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -90,9 +90,9 @@ def proc_state(pid: int) -> str:
     return stat.rsplit(")", 1)[1].split()[0]
 
 
-def qemus_of(state_dir: Path) -> dict[int, bytes]:
-    """Every VMM on the host that the daemon of ``state_dir`` started: pid → command line."""
-    return {pid: cmdline(pid) for pid in vmms(state_dir).values()}
+def qemus_of(state_dir: Path) -> dict[int, str]:
+    """Every VMM on the host that the daemon of ``state_dir`` started: pid → instance."""
+    return {pid: name for name, pid in vmm_list(state_dir)}
 
 
 def children_of(pid: int) -> set[int]:
@@ -117,10 +117,6 @@ def taps(ns: str) -> set[str]:
         if link["ifname"].startswith(names.TAP_PREFIX)
         and names.OWNED_NAME.fullmatch(link["ifname"])
     }
-
-
-def run_marker(d: Daemon, name: str) -> bytes:
-    return os.fsencode(f"{d.state_dir.absolute()}/run/{name}/")
 
 
 # -- the callers -----------------------------------------------------------------
@@ -195,11 +191,7 @@ async def monitor(d: Daemon, deadline: float, seen: list[str]) -> int:
     Returns the number of samples taken."""
     samples = 0
     while time.monotonic() < deadline:
-        per_instance = collections.Counter(
-            m.group(1).decode()
-            for line in qemus_of(d.state_dir.absolute()).values()
-            if (m := re.search(rb"/run/(s\d\d)/", line)) is not None
-        )
+        per_instance = collections.Counter(qemus_of(d.state_dir.absolute()).values())
         seen.extend(f"{n}: {k} QEMUs at once" for n, k in per_instance.items() if k > 1)
         samples += 1
         await asyncio.sleep(0.25)
@@ -220,7 +212,7 @@ def check_consistent(d: Daemon, snap: dict[str, dict[str, Any]], ns: str) -> lis
     live_taps = taps(ns)
     for name, p in snap.items():
         state, pid = p["State"], p["MainPID"]
-        mine = [q for q, line in qemus.items() if run_marker(d, name) in line]
+        mine = [q for q, owner in qemus.items() if owner == name]
         tap = names.tap_name(name, "lan")
         has_lan = int(name[1:]) % 2 == 0
         if state in ("running", "paused", "stopping"):
@@ -228,7 +220,7 @@ def check_consistent(d: Daemon, snap: dict[str, dict[str, Any]], ns: str) -> lis
                 problems.append(f"{name} is {state} with MainPID 0")
             elif proc_state(pid) in ("", "Z"):
                 problems.append(f"{name} is {state} but its MainPID {pid} is not alive")
-            elif run_marker(d, name) not in cmdline(pid):
+            elif qemus.get(pid) != name:
                 problems.append(f"{name}: MainPID {pid} is not a VMM of this instance")
             if mine != [pid]:
                 problems.append(f"{name} is {state} with MainPID {pid} but QEMUs {mine}")

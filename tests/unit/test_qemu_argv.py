@@ -236,3 +236,20 @@ def test_virtiofs_with_shared_root_keeps_its_memory_slot() -> None:
 def test_virtiofs_rejected(changes: dict[str, object]) -> None:
     with pytest.raises(ValueError, match="virtio-fs"):
         backend.argv(spec(**changes))
+
+
+def test_disks_the_daemon_opened_are_fd_sets() -> None:
+    # A VMM of its own uid cannot open a root-owned disk: the daemon opens it.
+    disk = Disk(Path("/srv/data.img"), writable=True)
+    s = spec(
+        disks=(disk,),
+        root_image=Path("/srv/root.img"),
+        disk_fds=((Path("/srv/root.img"), (11,)), (disk.path, (12, 13))),
+    )
+    argv = backend.argv(s)
+    assert "fd=11,set=11,opaque=root" in argv and "fd=12,set=12,opaque=disk0" in argv
+    assert "fd=13,set=12,opaque=disk0" in argv  # read-write beside read-only, one set
+    assert "file=/dev/fdset/11,if=none,id=root,format=raw,readonly=on" in argv
+    assert "file=/dev/fdset/12,if=none,id=disk0,format=raw" in argv
+    assert not [a for a in argv if "/srv/" in a]
+    assert {11, 12, 13} <= set(s.pass_fds)
