@@ -20,6 +20,7 @@ import array
 import asyncio
 import errno
 import json
+import os
 import socket
 import time
 from collections.abc import Mapping, Sequence
@@ -118,18 +119,13 @@ class FileServerClient:
         await self._call({"op": "drop", "instance": instance})
 
     async def _call(self, command: dict[str, Any], fds: Sequence[int] = ()) -> None:
-        async with self._lock:
-            sock = self._sock
-            if sock is None:
-                raise FileServerError("not connected to the file server")
-            try:
-                async with asyncio.timeout(self.timeout):
-                    await self._send(sock, json.dumps(command).encode() + b"\n", fds)
-                    line = await self._readline(sock)
-            except (OSError, TimeoutError) as e:
-                # The stream may hold half a command or a late reply now.
-                self.close()
-                raise FileServerError(f"file server control connection failed: {e!r}") from e
+        # A command and its reply are one exchange that a cancelled caller (a
+        # Kill during a start) must not cut in two: the next command would read
+        # this one's reply. It runs on, shielded, with copies of the fds (the
+        # caller may close its own as it unwinds).
+        copies = [os.dup(fd) for fd in fds]
+        exchange = asyncio.ensure_future(self._exchange(command, copies))
+        line = await asyncio.shield(exchange)
         try:
             reply = json.loads(line)
         except ValueError:
@@ -137,6 +133,24 @@ class FileServerClient:
         if not isinstance(reply, dict) or reply.get("ok") is not True:
             error = reply.get("error") if isinstance(reply, dict) else None
             raise FileServerError(f"{command['op']}: {error or 'refused'}")
+
+    async def _exchange(self, command: dict[str, Any], fds: list[int]) -> bytes:
+        try:
+            async with self._lock:
+                sock = self._sock
+                if sock is None:
+                    raise FileServerError("not connected to the file server")
+                try:
+                    async with asyncio.timeout(self.timeout):
+                        await self._send(sock, json.dumps(command).encode() + b"\n", fds)
+                        return await self._readline(sock)
+                except (OSError, TimeoutError) as e:
+                    # The stream may hold half a command or a late reply now.
+                    self.close()
+                    raise FileServerError(f"file server control connection failed: {e!r}") from e
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     @staticmethod
     async def _send(sock: socket.socket, data: bytes, fds: Sequence[int]) -> None:

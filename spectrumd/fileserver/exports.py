@@ -21,7 +21,7 @@ import os
 import threading
 from dataclasses import dataclass
 
-from .resolve import check_name
+from spectrumd.virtiofs.resolve import check_name
 
 
 class ExportError(Exception):

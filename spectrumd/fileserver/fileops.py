@@ -25,6 +25,8 @@ import os
 import stat
 import time
 
+from spectrumd.virtiofs.resolve import check_name, open_beneath, reopen
+
 from .messages import (
     AT_REMOVEDIR,
     SETATTR_ATIME,
@@ -39,7 +41,6 @@ from .messages import (
     Tsetattr,
 )
 from .nodes import DirCursor, Fid, FsError, qid_of
-from .resolve import check_name, open_beneath, reopen
 
 _WRITE_FLAGS = os.O_TRUNC  # besides a write access mode, what makes an open a change
 _MODE_MASK = 0o777

@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from spectrumd.virtiofs.resolve import check_name, open_beneath
+
 from . import fileops
 from .exports import Export, ExportTable, RevokedError
 from .messages import (
@@ -83,7 +85,6 @@ from .messages import (
     Txattrwalk,
 )
 from .nodes import Fid, FsError, getattr_reply, qid_of, root_listing, root_qid
-from .resolve import check_name, open_beneath
 
 logger = logging.getLogger(__name__)
 

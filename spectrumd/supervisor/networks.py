@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from spectrumd.errors import Failed, InvalidArgument, NoSuchResource
+from spectrumd.errors import Failed, InvalidArgument, NoSuchResource, Timeout
 from spectrumd.host.network import HostNetworks, Tap, host_address
 from spectrumd.model.types import NetworkResource, Resource
 from spectrumd.supervisor.instance import Instance
 from spectrumd.supervisor.resources import RunContext
-from spectrumd.vmm.base import NetDev, VmmControl, VmmError, VmSpec
+from spectrumd.vmm.base import GuestTimeout, NetDev, VmmControl, VmmError, VmSpec
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,9 @@ class NetworkService:
                 raise InvalidArgument(f"{inst.name} is not on network {name}")
             try:
                 await control.remove_net(tap.name)
+            except GuestTimeout as e:
+                # The guest's to answer (a paused one cannot): a named refusal.
+                raise Timeout(f"cannot remove network {name} from {inst.name}: {e}") from None
             except VmmError as e:
                 raise Failed(f"cannot remove network {name} from {inst.name}: {e}") from None
             await self.host.detach(inst.name, name)

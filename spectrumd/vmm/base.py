@@ -140,6 +140,10 @@ class VmmError(Exception):
     """The VMM's control channel failed or refused a command."""
 
 
+class GuestTimeout(VmmError):
+    """The guest did not do its part of a command in time (release a device)."""
+
+
 class VmmControl(Protocol):
     """A connected control channel to one running VMM."""
 

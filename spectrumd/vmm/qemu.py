@@ -25,7 +25,7 @@ from typing import Any
 import attrs
 
 from spectrumd.model.types import Accel, VmmKind
-from spectrumd.vmm.base import EventHandler, NetDev, VmmError, VmSpec
+from spectrumd.vmm.base import EventHandler, GuestTimeout, NetDev, VmmError, VmSpec
 from spectrumd.vmm.qmp import QmpClient, QmpError
 from spectrumd.vmm.relay import listen_unix
 
@@ -493,7 +493,7 @@ class QemuControl:
             try:
                 await asyncio.wait_for(asyncio.shield(deleted), timeout)
             except TimeoutError:
-                raise VmmError(f"{late} within {timeout:g}s") from None
+                raise GuestTimeout(f"{late} within {timeout:g}s") from None
         finally:
             deleted.cancel()
 

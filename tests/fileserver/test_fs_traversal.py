@@ -22,8 +22,8 @@ from fs9p_helpers import (
     session_client,
 )
 
-from spectrumd.fileserver import resolve
 from spectrumd.fileserver.messages import QTSYMLINK, Tmkdir, Trenameat, Tunlinkat
+from spectrumd.virtiofs import resolve
 
 
 @pytest.fixture(params=["openat2", "fallback"])

@@ -22,7 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "lifecycle": set(),
     "vmm": BASE,
     "host": BASE,
-    "fileserver": BASE,
+    "fileserver": BASE | {"virtiofs"},  # its one-name-beneath opener (resolve)
     "virtiofs": BASE,
     "supervisor": LOW | BASE,
     "bus": {"supervisor", "lifecycle"} | BASE,
