@@ -21,7 +21,7 @@ import base64
 import logging
 from collections.abc import Callable
 
-from spectrumd.supervisor.lines import MAX_LINE, SEND_TIMEOUT, LineSplitter, WriteBound
+from spectrumd.supervisor.lines import SEND_TIMEOUT, WriteBound, guest_lines
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class GuestChannel:
         self._on_exited = on_exited
         self._log = logger
         self._bound = WriteBound(writer, logger, "control")
+        self._warned_discard = False
         self._send_timeout = send_timeout
 
     @property
@@ -68,21 +69,15 @@ class GuestChannel:
 
     async def run(self) -> None:
         """Dispatch the guest's lines until the port closes."""
-        lines = LineSplitter(MAX_LINE)
-        while not self._bound.closed:
-            try:
-                chunk = await self._reader.read(4096)
-            except ConnectionError:
-                break
-            if not chunk:
-                break
-            before = lines.discarded
-            for untrusted_line in lines.feed(chunk):
-                self._dispatch(untrusted_line)
-            if lines.discarded > before:
-                # Once at WARNING: a guest must not be able to flood the journal.
-                level = logging.WARNING if before == 0 else logging.DEBUG
-                self._log.log(level, "control: discarded an over-long line (%d)", lines.discarded)
+
+        def discarded(total: int) -> None:
+            # Once at WARNING: a guest must not be able to flood the journal.
+            level = logging.WARNING if self._warned_discard is False else logging.DEBUG
+            self._warned_discard = True
+            self._log.log(level, "control: discarded an over-long line (%d)", total)
+
+        async for untrusted_line in guest_lines(self._reader, self._bound, discarded):
+            self._dispatch(untrusted_line)
 
     def _dispatch(self, untrusted_line: bytes) -> None:
         try:

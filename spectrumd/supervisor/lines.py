@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator, Callable
 
 MAX_LINE = 4096
 # What the daemon queues towards one guest channel beyond the kernel's socket
@@ -120,3 +121,31 @@ class WriteBound:
             self.overflow(f"it read nothing for {timeout:g} s")
         except ConnectionError:
             pass
+
+
+async def guest_lines(
+    reader: asyncio.StreamReader,
+    bound: WriteBound,
+    on_discard: Callable[[int], None],
+    max_line: int = MAX_LINE,
+) -> AsyncIterator[bytes]:
+    """The guest's lines on ``reader`` until the port closes or ``bound`` is broken.
+
+    Over-long lines are dropped whole; ``on_discard(total so far)`` is called
+    after each chunk that dropped one (callers warn once, then quietly).
+    """
+    lines = LineSplitter(max_line)
+    while not bound.closed:
+        try:
+            chunk = await reader.read(4096)
+        except ConnectionError:
+            return
+        if not chunk:
+            return
+        before = lines.discarded
+        for untrusted_line in lines.feed(chunk):
+            if bound.closed:
+                return
+            yield untrusted_line
+        if lines.discarded > before:
+            on_discard(lines.discarded)

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 
 from spectrumd.errors import SpectrumError
-from spectrumd.supervisor.lines import MAX_LINE, LineSplitter, WriteBound
+from spectrumd.supervisor.lines import MAX_LINE, WriteBound, guest_lines
 from spectrumd.supervisor.requests import ENDED, GRANTED, Request, RequestBroker
 from spectrumd.supervisor.resources import RunContext
 from spectrumd.vmm.base import PORT_PORTAL, VmSpec
@@ -146,26 +146,17 @@ class PortalChannel:
 
     async def serve(self) -> None:
         """Handle the guest's lines until the port closes or a bound is broken."""
-        lines = LineSplitter(MAX_LINE)
         waiting: set[asyncio.Task[None]] = set()
+
+        def discarded(total: int) -> None:
+            self._warn_once("discarded an over-long line (over %d bytes)", MAX_LINE)
+
         try:
-            while not self.bound.closed:
-                try:
-                    chunk = await self._reader.read(4096)
-                except ConnectionError:
-                    break
-                if not chunk:
-                    break
-                before = lines.discarded
-                for untrusted_line in lines.feed(chunk):
-                    task = self._handle(untrusted_line)
-                    if task is not None:
-                        waiting.add(task)
-                        task.add_done_callback(waiting.discard)
-                    if self.bound.closed:
-                        break
-                if lines.discarded > before:
-                    self._warn_once("discarded an over-long line (over %d bytes)", MAX_LINE)
+            async for untrusted_line in guest_lines(self._reader, self.bound, discarded):
+                task = self._handle(untrusted_line)
+                if task is not None:
+                    waiting.add(task)
+                    task.add_done_callback(waiting.discard)
         finally:
             for task in waiting:
                 task.cancel()
