@@ -53,6 +53,11 @@ class QmpClient:
         self._qmp = client
         self._on_event = on_event
         self._events = asyncio.ensure_future(self._pump_events())
+        self._ended: asyncio.Task[None] | None = None
+        # However the connection ends (QEMU's exit, close(), even a close
+        # cancelled before it ran), the library's disconnect runs to its end:
+        # cut short, it leaves its tasks pending and their errors unread.
+        self._lifetime = asyncio.ensure_future(self._end_with_connection())
 
     @classmethod
     async def connect(
@@ -128,11 +133,21 @@ class QmpClient:
                 log.exception("QMP event handler failed")
 
     async def close(self) -> None:
-        """Close the connection; pending commands fail with VmmError."""
-        self._events.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._events
-        await _quietly_disconnect(self._qmp)
+        """Close the connection; pending commands fail with VmmError.
+
+        A cancelled caller stops waiting; the close itself runs to its end.
+        """
+        await asyncio.shield(self._end())
+
+    def _end(self) -> asyncio.Task[None]:
+        if self._ended is None:
+            self._events.cancel()
+            self._ended = _disconnect_task(self._qmp)
+        return self._ended
+
+    async def _end_with_connection(self) -> None:
+        await self.wait_closed()
+        await self._end()
 
     async def wait_closed(self) -> None:
         """Return when the connection has ended (QEMU exited, or close())."""
@@ -172,7 +187,24 @@ async def _connect_unix(where: str, deadline: float, timeout: float) -> socket.s
         delay = min(delay * 2, 0.1)
 
 
+# Disconnects under way whose callers were cancelled: a task needs a reference.
+_disconnecting: set[asyncio.Task[None]] = set()
+
+
+def _disconnect_task(qmp: QMPClient) -> asyncio.Task[None]:
+    """The library's disconnect in a task of its own, held until it is done."""
+    task = asyncio.ensure_future(_disconnect(qmp))
+    _disconnecting.add(task)
+    task.add_done_callback(_disconnecting.discard)
+    return task
+
+
 async def _quietly_disconnect(qmp: QMPClient) -> None:
+    """Disconnect; a cancelled caller stops waiting, the disconnect runs to its end."""
+    await asyncio.shield(_disconnect_task(qmp))
+
+
+async def _disconnect(qmp: QMPClient) -> None:
     # disconnect() re-raises whatever broke the connection; it is closed either way.
     with contextlib.suppress(Exception):
         await qmp.disconnect()

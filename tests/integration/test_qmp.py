@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import shutil
 import signal
 import tempfile
@@ -215,3 +216,34 @@ async def test_bad_kernel_exits_before_qmp() -> None:
         # The socket file is left behind but nobody listens.
         with pytest.raises(VmmError):
             await backend.attach(vm.spec, vm.on_event, timeout=0.3)
+
+
+async def test_cancelled_close_still_ends_the_connection_quietly() -> None:
+    # A close cut short (a Kill cancelling a teardown, a deadline) still ends
+    # the connection; nothing is left pending or with an error nobody reads.
+    loop = asyncio.get_running_loop()
+    reports: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: reports.append(context))
+    try:
+        for steps in range(4):
+            async with spawned() as vm:
+                control = await backend.attach(vm.spec, vm.on_event, timeout=10)
+                closing = asyncio.create_task(control.close())
+                for _ in range(steps):
+                    await asyncio.sleep(0)
+                closing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await closing
+                vm.proc.kill()
+                await vm.proc.wait()
+                await asyncio.sleep(0.1)
+                assert control.closed
+            del control, closing
+            gc.collect()
+            await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(previous)
+    assert [r["message"] for r in reports] == [], [
+        (r["message"], repr(r.get("future") or r.get("task"))) for r in reports
+    ]
