@@ -46,7 +46,7 @@ from typing import Any
 
 from . import protocol as P
 from .listing import Entry, RootStat, encode_readdir, encode_readdirplus, snapshot
-from .resolve import check_name, open_beneath, reopen
+from .resolve import check_name, chmod_fd, open_beneath, reopen, truncate_fd, utime_fd
 from .tree import Inode, Tree, fail
 
 ROOT_ENTRY_VALID = 0
@@ -77,10 +77,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 def _renameat2(olddir: int, old: bytes, newdir: int, new: bytes, flags: int) -> None:
     if _libc.renameat2(olddir, old, newdir, new, ctypes.c_uint(flags)) != 0:
         raise fail(ctypes.get_errno())
-
-
-def _proc(fd: int) -> str:
-    return f"/proc/self/fd/{fd}"
 
 
 class FileSystem:
@@ -248,7 +244,7 @@ class FileSystem:
         if v & P.FATTR_MODE:
             if a.mode & _SUID:
                 raise fail(errno.EPERM)
-            os.chmod(_proc(ino.fd), stat.S_IMODE(a.mode))
+            chmod_fd(ino.fd, stat.S_IMODE(a.mode))
         if v & P.FATTR_SIZE:
             if not stat.S_ISREG(ino.mode):
                 raise fail(errno.EISDIR)
@@ -256,7 +252,7 @@ class FileSystem:
             if h is not None and h.inode is ino and h.fd >= 0:
                 os.ftruncate(h.fd, a.size)
             else:
-                os.truncate(_proc(ino.fd), a.size)
+                truncate_fd(ino.fd, a.size)
         if v & (P.FATTR_ATIME | P.FATTR_MTIME | P.FATTR_ATIME_NOW | P.FATTR_MTIME_NOW):
             now = time.time_ns()
             at = st.st_atime_ns
@@ -265,7 +261,7 @@ class FileSystem:
                 at = now if v & P.FATTR_ATIME_NOW else a.atime * 10**9 + a.atimensec
             if v & P.FATTR_MTIME:
                 mt = now if v & P.FATTR_MTIME_NOW else a.mtime * 10**9 + a.mtimensec
-            os.utime(_proc(ino.fd), ns=(at, mt))
+            utime_fd(ino.fd, (at, mt))
         return P.encode_attr_out(os.fstat(ino.fd), ATTR_VALID)
 
     def _readlink(self, req: P.Request) -> bytes:
@@ -323,7 +319,7 @@ class FileSystem:
                 raise
         else:
             try:
-                path_fd = os.open(_proc(fd), os.O_PATH | os.O_CLOEXEC)
+                path_fd = reopen(fd, os.O_PATH)
                 ino = self.tree.remember(parent.export, path_fd, os.fstat(fd))  # type: ignore[arg-type]
             except BaseException:
                 os.close(fd)

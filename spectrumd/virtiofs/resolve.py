@@ -146,6 +146,40 @@ def use_openat2(enabled: bool) -> bool:
     return old
 
 
+# /proc/self/fd as a directory fd: every reopen goes through it, so the
+# server names no path. Opened on first use; jail.enter installs one from a
+# procfs of its own before the file system disappears.
+_proc_fd = -1
+
+
+def proc_fd() -> int:
+    """The directory fd of /proc/self/fd (opened on first use). Raises OSError."""
+    global _proc_fd
+    if _proc_fd < 0:
+        _proc_fd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    return _proc_fd
+
+
+def use_proc_fd(fd: int) -> None:
+    """Reopen through *fd* (a /proc/self/fd directory, owned here) from now on."""
+    global _proc_fd
+    old, _proc_fd = _proc_fd, fd
+    if old >= 0:
+        os.close(old)
+
+
+def _forget_proc_fd() -> None:
+    # A forked child inherits its parent's /proc/PID/fd: reopening through it
+    # would reach the parent's descriptors. The child opens its own.
+    global _proc_fd
+    if _proc_fd >= 0:
+        os.close(_proc_fd)
+    _proc_fd = -1
+
+
+os.register_at_fork(after_in_child=_forget_proc_fd)
+
+
 def reopen(path_fd: int, flags: int) -> int:
     """A new open file description for the inode behind the O_PATH *path_fd*.
 
@@ -156,4 +190,26 @@ def reopen(path_fd: int, flags: int) -> int:
     through the /proc/self/fd magic link because openat2 has no
     AT_EMPTY_PATH; that is the one magic link this server follows.
     """
-    return os.open(f"/proc/self/fd/{path_fd}", flags | os.O_CLOEXEC | os.O_NOCTTY)
+    return os.open(str(path_fd), flags | os.O_CLOEXEC | os.O_NOCTTY, dir_fd=proc_fd())
+
+
+def chmod_fd(path_fd: int, mode: int) -> None:
+    """chmod the inode behind the O_PATH *path_fd* (fchmod refuses O_PATH fds)."""
+    os.chmod(str(path_fd), mode, dir_fd=proc_fd())
+
+
+def utime_fd(path_fd: int, ns: tuple[int, int]) -> None:
+    """Set the atime and mtime (nanoseconds) of the inode behind *path_fd*."""
+    os.utime(str(path_fd), ns=ns, dir_fd=proc_fd())
+
+
+def truncate_fd(path_fd: int, size: int) -> None:
+    """Truncate the regular file behind *path_fd* (truncate(2) has no dirfd form).
+
+    Opening it for writing needs the same permission truncate(2) does.
+    """
+    fd = reopen(path_fd, os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)

@@ -23,7 +23,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from .resolve import check_name
+from .resolve import check_name, reopen
 
 DEFAULT_MAX_INODES = 1 << 16
 DEFAULT_MAX_HANDLES = 1 << 12
@@ -111,7 +111,7 @@ class Tree:
             if not stat.S_ISDIR(st.st_mode):
                 raise ExportError(f"export {name!r}: fd is not a directory")
             # Our own O_PATH copy: its flags and offset are ours alone.
-            path_fd = os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            path_fd = reopen(fd, os.O_PATH | os.O_DIRECTORY)
         except BaseException:
             os.close(fd)
             raise
