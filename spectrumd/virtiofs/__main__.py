@@ -1,13 +1,27 @@
-"""``python -m spectrumd.virtiofs --vhost-fd N [--control-fd N] [--export NAME=FD[:rw]]...``
+"""``python -m spectrumd.virtiofs``: the virtio-fs backend of one instance.
+
+::
+
+    python -m spectrumd.virtiofs (--vhost-fd FD | --vhost-listen-fd FD | --fuse-fd FD)
+        [--control-fd FD | --control-listen-fd FD] [--export NAME=FD[:rw|:ro]]...
+        [--user UID:GID] [--tag TAG] [--request-queues N] [--max-inodes N]
+        [--max-handles N] [--entry-timeout S] [--root-entry-timeout S]
+        [--max-pages N] [--log-level LEVEL]
 
 One process per instance. It is given descriptors only and opens no path
-(except /proc/self/fd, through which checked inodes are reopened):
+(but /proc/self/fd, through which checked inodes are reopened):
 
 * ``--vhost-fd``: a connected stream socket whose other end is the VMM's
   vhost-user chardev (``-chardev socket,id=fs,fd=N``);
+* ``--vhost-listen-fd``: instead, a listening stream socket (the VMM
+  connects to a path the daemon bound, as crosvm does): exactly one
+  connection is accepted, then the listener is closed;
 * ``--fuse-fd``: instead, a /dev/fuse fd already mounted (tests);
 * ``--control-fd``: a connected stream socket for live export changes
-  (control.py);
+  (control.py), served until EOF;
+* ``--control-listen-fd``: instead, a listening stream socket: the daemon
+  connects, and connects again after its own restart (a new connection
+  replaces the open one); the guest is served throughout;
 * ``--export NAME=FD[:rw]``: an initial export, a directory fd (read-only
   unless ``:rw``);
 * ``--user UID:GID``: drop to that uid/gid (supplementary groups cleared
@@ -16,7 +30,7 @@ One process per instance. It is given descriptors only and opens no path
 Everything runs in one thread around poll(2): vhost-user messages,
 control commands and queue kicks are handled in turn, so an export
 change never races a request. The process exits when the VMM closes its
-end of the vhost-user socket.
+end of the vhost-user socket (or the FUSE file system is unmounted).
 """
 
 from __future__ import annotations
@@ -31,8 +45,9 @@ import socket
 import struct
 import sys
 
-from .control import ControlConnection, command, recv_with_fds
+from .control import ControlServer, recv_with_fds
 from .device import Device, drain_kick, fs_config
+from .fusedev import serve_fd
 from .ops import DEFAULT_ENTRY_TIMEOUT, FileSystem
 from .tree import ExportError, Tree
 from .vhost import HEADER, MAX_PAYLOAD, Backend, VhostError
@@ -69,15 +84,30 @@ def recv_message(sock: socket.socket) -> tuple[int, int, bytes, list[int]] | Non
     return request, flags, payload, fds
 
 
-def serve_vhost(backend: Backend, sock: socket.socket, control: socket.socket | None) -> None:
-    """Run until the VMM hangs up. Raises VhostError on a message we cannot use."""
+def serve_vhost(
+    backend: Backend,
+    sock: socket.socket | None,
+    control: socket.socket | None = None,
+    *,
+    listener: socket.socket | None = None,
+    control_listener: socket.socket | None = None,
+) -> None:
+    """Run until the VMM hangs up. Raises VhostError on a message we cannot use.
+
+    Without *sock*, the VMM's one connection is accepted on *listener*
+    first; control commands are served while it has not come yet.
+    """
     device = backend.device
     poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN)
-    ctl = ControlConnection()
-    if control is not None:
-        poller.register(control.fileno(), select.POLLIN)
+    if sock is not None:
+        poller.register(sock.fileno(), select.POLLIN)
+    elif listener is not None:
+        poller.register(listener.fileno(), select.POLLIN)
+    else:
+        raise ValueError("serve_vhost needs a socket or a listener")
+    ctl = ControlServer(device.fs.tree, poller, listener=control_listener, conn=control)
     kicks: dict[int, int] = {}  # kick fd → queue index
+    accepted: socket.socket | None = None  # ours to close, unlike a given *sock*
 
     def refresh_kicks() -> None:
         want = {vq.kick_fd: vq.index for vq in device.queues if vq.kick_fd >= 0}
@@ -91,7 +121,7 @@ def serve_vhost(backend: Backend, sock: socket.socket, control: socket.socket | 
     try:
         while True:
             for fd, _ev in poller.poll():
-                if fd == sock.fileno():
+                if sock is not None and fd == sock.fileno():
                     msg = recv_message(sock)
                     if msg is None:
                         return
@@ -99,27 +129,29 @@ def serve_vhost(backend: Backend, sock: socket.socket, control: socket.socket | 
                     if reply is not None:
                         sock.sendall(reply)
                     refresh_kicks()
-                elif control is not None and fd == control.fileno():
-                    data, fds = recv_with_fds(control)
-                    if not data:
-                        ctl.close()
-                        poller.unregister(fd)
-                        control = None
-                        continue
-                    for line, mine in ctl.feed(data, fds):
-                        control.sendall(_json_line(command(device.fs.tree, line, mine)))
+                elif listener is not None and fd == listener.fileno():
+                    sock = accepted = _accept_one(listener)
+                    poller.unregister(fd)
+                    listener.close()
+                    listener = None
+                    poller.register(sock.fileno(), select.POLLIN)
                 elif fd in kicks:
                     vq = device.queues[kicks[fd]]
                     drain_kick(fd)
                     device.process(vq)
+                else:
+                    ctl.handle(fd)
     finally:
         ctl.close()
+        if accepted is not None:
+            accepted.close()
 
 
-def _json_line(obj: object) -> bytes:
-    import json
-
-    return json.dumps(obj).encode() + b"\n"
+def _accept_one(listener: socket.socket) -> socket.socket:
+    """The VMM's connection, ready to use (blocking, like an inherited --vhost-fd)."""
+    sock, _ = listener.accept()
+    sock.setblocking(True)
+    return sock
 
 
 def drop_privileges(spec: str) -> None:
@@ -145,8 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m spectrumd.virtiofs")
     where = ap.add_mutually_exclusive_group(required=True)
     where.add_argument("--vhost-fd", type=int, metavar="FD")
+    where.add_argument("--vhost-listen-fd", type=int, metavar="FD")
     where.add_argument("--fuse-fd", type=int, metavar="FD")
-    ap.add_argument("--control-fd", type=int, metavar="FD")
+    ctl_where = ap.add_mutually_exclusive_group()
+    ctl_where.add_argument("--control-fd", type=int, metavar="FD")
+    ctl_where.add_argument("--control-listen-fd", type=int, metavar="FD")
     ap.add_argument("--export", action="append", default=[], metavar="NAME=FD[:rw]")
     ap.add_argument("--tag", default="spectrum")
     ap.add_argument("--request-queues", type=int, default=1)
@@ -183,20 +218,25 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("cannot start: %s", e)
         return 1
     fs = FileSystem(tree, args.entry_timeout, args.max_pages, args.root_entry_timeout)
-    control = None
+    control = control_listener = None
     if args.control_fd is not None:
         control = socket.socket(fileno=args.control_fd)
+    if args.control_listen_fd is not None:
+        control_listener = socket.socket(fileno=args.control_listen_fd)
     try:
         if args.fuse_fd is not None:
-            from .fusedev import serve_fd
-
-            serve_fd(args.fuse_fd, fs, control)
+            serve_fd(args.fuse_fd, fs, control, control_listener=control_listener)
             return 0
-        sock = socket.socket(fileno=args.vhost_fd)
         config = fs_config(args.tag, args.request_queues)
         backend = Backend(Device(fs, 1 + args.request_queues), config)
         try:
-            serve_vhost(backend, sock, control)
+            if args.vhost_fd is not None:
+                serve_vhost(backend, socket.socket(fileno=args.vhost_fd), control,
+                            control_listener=control_listener)  # fmt: skip
+            else:
+                listener = socket.socket(fileno=args.vhost_listen_fd)
+                serve_vhost(backend, None, control, listener=listener,
+                            control_listener=control_listener)  # fmt: skip
         except (VhostError, OSError, struct.error) as e:
             logger.error("vhost-user connection failed: %s", e)
             return 1

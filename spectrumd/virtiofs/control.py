@@ -11,14 +11,18 @@ arrived with; unclaimed ones are closed.
 * ``{"op": "list_exports"}``: ``{"ok": true, "exports": [NAME, ...]}``.
 
 :class:`ControlConnection` is the byte-level state (lines and their fds);
-:func:`command` acts on one line. Both are free of I/O.
+:func:`command` acts on one line. Both are free of I/O. :class:`ControlServer`
+is their thin driver inside the server's poll loop: a listening socket the
+daemon connects to again after its own restart, or one connected socket.
 """
 
 from __future__ import annotations
 
 import array
 import json
+import logging
 import os
+import select
 import socket
 from typing import Any
 
@@ -26,6 +30,11 @@ from .tree import ExportError, Tree
 
 MAX_LINE = 1 << 16
 MAX_FDS = 8
+# A reply the daemon does not take within this long drops the connection
+# (the server goes on; the daemon connects again).
+SEND_TIMEOUT = 5.0
+
+logger = logging.getLogger(__name__)
 
 
 class ControlConnection:
@@ -49,6 +58,9 @@ class ControlConnection:
             self.pending = [(pos, group) for pos, group in self.pending if pos >= end]
             lines.append((line, mine))
         if len(self.buf) > MAX_LINE:
+            for _, mine in lines:
+                for fd in mine:
+                    os.close(fd)
             raise ValueError(f"control line over {MAX_LINE} bytes")
         return lines
 
@@ -95,6 +107,90 @@ def command(tree: Tree, line: bytes, fds: list[int]) -> dict[str, Any]:
     finally:
         for fd in fds:
             os.close(fd)
+
+
+class ControlServer:
+    """The control socket of one server's poll loop; registers its fds with *poller*.
+
+    With *listener* (``--control-listen-fd``) a connection is accepted
+    whenever the daemon makes one: a new one replaces the one open (the
+    daemon restarted and holds the old one no more), and after EOF the next
+    is accepted. With *conn* alone (``--control-fd``) that connection is
+    served until EOF. Whatever goes wrong on a connection (EOF, a reply not
+    taken, a line too long) ends that connection, never the server: the
+    guest is served throughout.
+    """
+
+    def __init__(
+        self,
+        tree: Tree,
+        poller: select.poll,
+        *,
+        listener: socket.socket | None = None,
+        conn: socket.socket | None = None,
+    ) -> None:
+        self.tree = tree
+        self.poller = poller
+        self.listener = listener
+        self.conn: socket.socket | None = None
+        self.state = ControlConnection()
+        if listener is not None:
+            # Poll said readable, but the client may be gone by the accept.
+            listener.setblocking(False)
+            poller.register(listener.fileno(), select.POLLIN)
+        if conn is not None:
+            self._take(conn)
+
+    def handle(self, fd: int) -> bool:
+        """Serve *fd*, which poll reported, if it is ours; returns whether it was."""
+        if self.listener is not None and fd == self.listener.fileno():
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, ConnectionAbortedError):
+                return True
+            if self.conn is not None:
+                logger.info("a new control connection replaces the open one")
+            self._drop()
+            self._take(conn)
+            return True
+        if self.conn is None or fd != self.conn.fileno():
+            return False
+        try:
+            data, fds = recv_with_fds(self.conn)
+            if not data:
+                for extra in fds:
+                    os.close(extra)
+                self._drop()
+                return True
+            lines = self.state.feed(data, fds)
+            self.conn.sendall(b"".join(_json_line(command(self.tree, *line)) for line in lines))
+        except (OSError, ValueError) as e:
+            logger.warning("control connection dropped: %s", e)
+            self._drop()
+        return True
+
+    def _take(self, conn: socket.socket) -> None:
+        conn.settimeout(SEND_TIMEOUT)
+        self.conn = conn
+        self.state = ControlConnection()
+        self.poller.register(conn.fileno(), select.POLLIN)
+
+    def _drop(self) -> None:
+        if self.conn is not None:
+            self.poller.unregister(self.conn.fileno())
+            self.conn.close()
+            self.conn = None
+        self.state.close()
+
+    def close(self) -> None:
+        self._drop()
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+
+
+def _json_line(obj: object) -> bytes:
+    return json.dumps(obj).encode() + b"\n"
 
 
 def recv_with_fds(sock: socket.socket, size: int = 65536) -> tuple[bytes, list[int]]:

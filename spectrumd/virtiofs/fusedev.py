@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import json
 import os
 import select
 import socket
 from pathlib import Path
 
 from . import protocol as P
-from .control import ControlConnection, command, recv_with_fds
+from .control import ControlServer
 from .ops import MAX_WRITE, FileSystem
 from .serve import answer
 
@@ -59,10 +58,17 @@ def umount(where: Path) -> None:
         raise OSError(err, f"umount {where}: {os.strerror(err)}")
 
 
-def serve_fd(fd: int, fs: FileSystem, control: socket.socket | None = None) -> None:
+def serve_fd(
+    fd: int,
+    fs: FileSystem,
+    control: socket.socket | None = None,
+    *,
+    control_listener: socket.socket | None = None,
+) -> None:
     """Answer requests on the /dev/fuse *fd* until the file system is unmounted.
 
-    Commands on *control* (control.py) are handled between requests.
+    Commands on *control*, or on connections accepted on *control_listener*
+    (control.py), are handled between requests.
     """
     buf = bytearray(_BUF)
     mv = memoryview(buf)
@@ -70,20 +76,12 @@ def serve_fd(fd: int, fs: FileSystem, control: socket.socket | None = None) -> N
     out_mv = memoryview(out)
     poller = select.poll()
     poller.register(fd, select.POLLIN)
-    ctl = ControlConnection()
-    if control is not None:
-        poller.register(control.fileno(), select.POLLIN)
+    ctl = ControlServer(fs.tree, poller, listener=control_listener, conn=control)
     try:
         while True:
             ready = {f for f, _ in poller.poll()}
-            if control is not None and control.fileno() in ready:
-                data, fds = recv_with_fds(control)
-                if not data:
-                    poller.unregister(control.fileno())
-                    control = None
-                for line, mine in ctl.feed(data, fds):
-                    assert control is not None
-                    control.sendall(json.dumps(command(fs.tree, line, mine)).encode() + b"\n")
+            for f in ready - {fd}:
+                ctl.handle(f)
             if fd in ready and not _one(fd, fs, mv, out_mv):
                 return
     finally:
