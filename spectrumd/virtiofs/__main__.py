@@ -4,7 +4,7 @@
 
     python -m spectrumd.virtiofs (--vhost-fd FD | --vhost-listen-fd FD | --fuse-fd FD)
         [--control-fd FD | --control-listen-fd FD] [--export NAME=FD[:rw|:ro]]...
-        [--user UID:GID] [--tag TAG] [--request-queues N] [--max-inodes N]
+        [--confine UID:GID] [--tag TAG] [--request-queues N] [--max-inodes N]
         [--max-handles N] [--entry-timeout S] [--root-entry-timeout S]
         [--max-pages N] [--log-level LEVEL]
 
@@ -24,8 +24,13 @@ One process per instance. It is given descriptors only and opens no path
   replaces the open one); the guest is served throughout;
 * ``--export NAME=FD[:rw]``: an initial export, a directory fd (read-only
   unless ``:rw``);
-* ``--user UID:GID``: drop to that uid/gid (supplementary groups cleared
-  first) once every fd is in hand.
+* ``--confine UID:GID``: once every initial fd is in hand, and before any
+  request is served, confine the process for good (jail.py): its own
+  mount, network and IPC namespaces with an empty root, that uid and gid
+  with no groups, no new privileges, a seccomp filter. The initial exports
+  are first turned into detached mounts (jail.detach); exports added later
+  must come that way from the daemon. A confinement that fails logs
+  ``cannot confine: REASON`` and exits 1 before serving.
 
 Everything runs in one thread around poll(2): vhost-user messages,
 control commands and queue kicks are handled in turn, so an export
@@ -45,6 +50,7 @@ import socket
 import struct
 import sys
 
+from . import jail
 from .control import ControlServer, recv_with_fds
 from .device import Device, drain_kick, fs_config
 from .fusedev import serve_fd
@@ -154,23 +160,11 @@ def _accept_one(listener: socket.socket) -> socket.socket:
     return sock
 
 
-def drop_privileges(spec: str) -> None:
-    """Become UID:GID for good (groups first: setgid is refused once uid is not 0).
-
-    Raises ValueError or OSError.
-    """
-    uid_s, _, gid_s = spec.partition(":")
-    uid, gid = int(uid_s), int(gid_s or uid_s)
-    os.setgroups([])
-    os.setgid(gid)
-    os.setuid(uid)
-    if uid != 0:
-        try:
-            os.setuid(0)
-        except PermissionError:
-            pass
-        else:  # pragma: no cover - would mean the drop did not stick
-            raise OSError("privileges could be regained after dropping them")
+def _ids(spec: str) -> tuple[int, int]:
+    uid, sep, gid = spec.partition(":")
+    if not sep or not uid.isdigit() or not gid.isdigit():
+        raise argparse.ArgumentTypeError(f"{spec!r} is not UID:GID (two numbers)")
+    return int(uid), int(gid)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root-entry-timeout", type=float, default=0.0, metavar="SECONDS")
     # Pages per READ/WRITE: at most 256 (1 MiB), the kernel's limit.
     ap.add_argument("--max-pages", type=int, default=256)
-    ap.add_argument("--user", metavar="UID:GID")
+    ap.add_argument("--confine", type=_ids, metavar="UID:GID")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
     logging.basicConfig(
@@ -205,18 +199,27 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     os.umask(0)  # the guest's mode bits (the kernel applied its umask) are kept as given
     tree = Tree(max_inodes=args.max_inodes, max_handles=args.max_handles)
+    tree.sealed = args.confine is not None
     try:
         for spec in args.export:
             name, _, rest = spec.partition("=")
-            fd, _, mode = rest.partition(":")
+            fd_s, _, mode = rest.partition(":")
             if mode not in ("", "ro", "rw"):
                 ap.error(f"--export {spec}: mode must be ro or rw")
-            tree.add_export(name, int(fd), mode == "rw")
-        if args.user:
-            drop_privileges(args.user)
+            fd = int(fd_s)
+            if args.confine is not None:
+                fd = _detached(fd, mode == "rw")
+            tree.add_export(name, fd, mode == "rw")
     except (ExportError, ValueError, OSError) as e:
         logger.error("cannot start: %s", e)
         return 1
+    if args.confine is not None:
+        try:
+            jail.enter(*args.confine)
+        except OSError as e:  # each names its step in strerror
+            logger.error("cannot confine: %s", e.strerror or e)
+            return 1
+        logger.debug("confined to %d:%d", *args.confine)
     fs = FileSystem(tree, args.entry_timeout, args.max_pages, args.root_entry_timeout)
     control = control_listener = None
     if args.control_fd is not None:
@@ -247,6 +250,14 @@ def main(argv: list[str] | None = None) -> int:
         # A SIGTERM from here on just ends the process (no SystemExit mid-teardown).
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         tree.close()
+
+
+def _detached(fd: int, writable: bool) -> int:
+    """A detached mount of the directory *fd* in its place (the original is closed)."""
+    try:
+        return jail.detach(fd, writable)
+    finally:
+        os.close(fd)
 
 
 if __name__ == "__main__":

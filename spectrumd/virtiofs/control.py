@@ -6,7 +6,11 @@ SCM_RIGHTS with the command's bytes and are matched to the line they
 arrived with; unclaimed ones are closed.
 
 * ``{"op": "add_export", "name": NAME, "writable": BOOL}`` + one directory
-  fd (opened by the daemon; we never see a path): a new root entry, at once;
+  fd (opened by the daemon; we never see a path): a new root entry, at once.
+  A confined server (``--confine``) takes only the root of a detached mount,
+  read-only at the mount for a read-only export: the daemon passes
+  ``jail.detach(fd, writable)``, not the directory fd itself (tree.py says
+  why);
 * ``{"op": "remove_export", "name": NAME}``: unreachable at once (see tree.py);
 * ``{"op": "list_exports"}``: ``{"ok": true, "exports": [NAME, ...]}``.
 

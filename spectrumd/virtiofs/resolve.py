@@ -213,3 +213,19 @@ def truncate_fd(path_fd: int, size: int) -> None:
         os.ftruncate(fd, size)
     finally:
         os.close(fd)
+
+
+def no_way_up(dirfd: int) -> bool:
+    """Whether ``..`` of the directory *dirfd* is the directory itself. Raises OSError.
+
+    True for the root of a detached mount (jail.detach) and for a root
+    directory: whoever holds such an fd reaches nothing above it. For any
+    other directory fd, ``openat(fd, "../..")`` walks up into the rest of
+    its file system.
+    """
+    up = os.open("..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dirfd)
+    try:
+        here, there = os.fstat(dirfd), os.fstat(up)
+    finally:
+        os.close(up)
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)

@@ -12,6 +12,13 @@ reference to its export and :meth:`Tree.inode` / :meth:`Tree.handle` check
 it on every use, so a node looked up before the removal answers EIO from
 then on, and the root no longer lists the name.
 
+Sealed exports: once the server is confined (``sealed``), an export's fd
+must be the root of a detached mount (jail.detach), read-only at the mount
+for a read-only export. An attacker who takes the process over holds every
+export fd; with a plain directory fd, ``openat(fd, "../..")`` would lead
+out of the export into the rest of its file system, whatever our own code
+checks. The check refuses an fd that does not keep to that.
+
 Bounds: at most ``max_inodes`` nodes (ENFILE beyond) and ``max_handles``
 open handles (EMFILE beyond), so a guest cannot exhaust our fds.
 """
@@ -23,7 +30,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from .resolve import check_name, reopen
+from .resolve import check_name, no_way_up, reopen
 
 DEFAULT_MAX_INODES = 1 << 16
 DEFAULT_MAX_HANDLES = 1 << 12
@@ -83,6 +90,8 @@ class Tree:
     inodes: dict[int, Inode] = field(default_factory=dict)
     by_key: dict[tuple[int, int, int], Inode] = field(default_factory=dict)
     handles: dict[int, Handle] = field(default_factory=dict)
+    # Set when confined: every export must be sealed (see above).
+    sealed: bool = False
     _next_node: int = 2
     _next_fh: int = 1
     _serial: int = 0
@@ -110,6 +119,8 @@ class Tree:
                 raise ExportError(f"export {name!r}: bad fd: {e.strerror}") from None
             if not stat.S_ISDIR(st.st_mode):
                 raise ExportError(f"export {name!r}: fd is not a directory")
+            if self.sealed:
+                _check_sealed(name, fd, writable)
             # Our own O_PATH copy: its flags and offset are ours alone.
             path_fd = reopen(fd, os.O_PATH | os.O_DIRECTORY)
         except BaseException:
@@ -216,3 +227,19 @@ class Tree:
         self.reset()
         for name in list(self.exports):
             self.remove_export(name.decode())
+
+
+def _check_sealed(name: str, fd: int, writable: bool) -> None:
+    """Refuse an export fd that leads out of itself, or a writable mount for a read-only one."""
+    try:
+        closed = no_way_up(fd)
+        mount_rdonly = bool(os.fstatvfs(fd).f_flag & os.ST_RDONLY)
+    except OSError as e:
+        raise ExportError(f"export {name!r}: cannot check its fd: {e.strerror}") from None
+    if not closed:
+        raise ExportError(
+            f"export {name!r}: '..' leads out of the directory; "
+            "a confined server takes only the root of a detached mount (jail.detach)"
+        )
+    if not writable and not mount_rdonly:
+        raise ExportError(f"export {name!r}: read-only, but its mount is writable (jail.detach)")

@@ -31,7 +31,15 @@ pytestmark = [
 
 
 class Mounted:
-    def __init__(self, base: Path, user: str | None = None) -> None:
+    """Exports rw and ro (and a symlink out of rw) served by the backend on a FUSE mount.
+
+    *control* ``fd`` passes a connected socket (``self.ctl``); ``listen``
+    passes a listening one, which :meth:`connect` reaches. With *confine*
+    the backend runs ``--confine UID:GID``. Its stderr goes to ``self.log``.
+    """
+
+    def __init__(self, base: Path, confine: tuple[int, int] | None = None,
+                 control: str = "fd") -> None:  # fmt: skip
         self.base = base
         self.mnt = base / "mnt"
         self.mnt.mkdir()
@@ -43,20 +51,38 @@ class Mounted:
         self.fuse_fd = mount(self.mnt)
         rw = os.open(base / "rw", os.O_PATH | os.O_DIRECTORY)
         ro = os.open(base / "ro", os.O_PATH | os.O_DIRECTORY)
-        self.ctl, theirs = socket.socketpair()
+        theirs = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if control == "listen":
+            theirs.bind("")  # an abstract name of the kernel's choosing
+            theirs.listen()
+            self.address = theirs.getsockname()
+            option = "--control-listen-fd"
+        else:
+            theirs.close()
+            self.ctl, theirs = socket.socketpair()
+            self.ctl.settimeout(10)
+            option = "--control-fd"
         argv = [sys.executable, "-m", "spectrumd.virtiofs", "--fuse-fd", str(self.fuse_fd),
                 "--export", f"rw={rw}:rw", "--export", f"ro={ro}:ro",
-                "--control-fd", str(theirs.fileno())]  # fmt: skip
-        if user:
-            argv += ["--user", user]
-        self.proc = subprocess.Popen(
-            argv, cwd=ROOT, pass_fds=(self.fuse_fd, rw, ro, theirs.fileno()),
-            env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        )  # fmt: skip
+                option, str(theirs.fileno())]  # fmt: skip
+        if confine:
+            argv += ["--confine", f"{confine[0]}:{confine[1]}"]
+        self.log = base / "backend.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                argv, cwd=ROOT, pass_fds=(self.fuse_fd, rw, ro, theirs.fileno()),
+                env=dict(os.environ, PYTHONPATH=str(ROOT)), stderr=log,
+            )  # fmt: skip
         for fd in (rw, ro):
             os.close(fd)
         theirs.close()
-        self.ctl.settimeout(10)
+
+    def connect(self) -> socket.socket:
+        """A new control connection (``control="listen"``)."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(self.address)
+        return s
 
     def close(self) -> None:
         try:
@@ -68,7 +94,8 @@ class Mounted:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-            self.ctl.close()
+            if hasattr(self, "ctl"):
+                self.ctl.close()
 
 
 @pytest.fixture
@@ -137,8 +164,8 @@ def test_live_export_changes_through_the_control_fd(fs: Mounted) -> None:
     assert not (m / "late").exists()
 
 
-def test_user_drop_makes_the_server_act_as_that_user(tmp_path: Path) -> None:
-    m = Mounted(tmp_path, user="65534:65534")
+def test_a_confined_server_acts_as_its_uid(tmp_path: Path) -> None:
+    m = Mounted(tmp_path, confine=(65534, 65534))
     try:
         (tmp_path / "rw").chmod(0o755)  # root's: nobody may not write here
         os.mkdir(tmp_path / "rw" / "open", 0o777)
@@ -150,3 +177,4 @@ def test_user_drop_makes_the_server_act_as_that_user(tmp_path: Path) -> None:
         assert not (tmp_path / "rw" / "g").exists()
     finally:
         m.close()
+    assert m.proc.returncode == 0, m.log.read_text()
