@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from spectrumd.virtiofs import jail
 from spectrumd.virtiofs.control import send_command
 
-from .vmharness import Vm, spawn_ours, virtiofs_args
+from .test_jail import UID, status
+from .vmharness import Vm, listen, spawn_ours, virtiofs_args
 
 GUEST = Path(os.environ.get("SPECTRUMD_GUEST_DIR", "/var/cache/spectrumd/guest"))
 pytestmark = [
@@ -54,23 +56,43 @@ echo MARK-END
 
 
 class Booted:
-    def __init__(self, run: Path, exports: dict[str, tuple[Path, bool]]) -> None:
-        ours, theirs = socket.socketpair()
-        self.ctl, ctl_theirs = socket.socketpair()
-        self.ctl.settimeout(10)
+    """The guest and our backend.
+
+    With *confine*, the backend runs as the daemon starts it: confined to
+    that uid and gid, and given listening sockets; QEMU connects to the
+    vhost-user one by path, the test to the control one. Without, it gets
+    connected sockets and runs unconfined.
+    """
+
+    def __init__(self, run: Path, exports: dict[str, tuple[Path, bool]],
+                 confine: tuple[int, int] | None = None) -> None:  # fmt: skip
         fds = [(n, os.open(p, os.O_PATH | os.O_DIRECTORY), rw) for n, (p, rw) in exports.items()]
+        theirs: socket.socket | None = None
         try:
-            self.backend = spawn_ours(ours.fileno(), fds, ctl_theirs.fileno())
+            if confine is not None:
+                vhost, control = listen(run / "vhost.sock"), listen(run / "control-fs.sock")
+                fs_args = virtiofs_args(path=run / "vhost.sock")
+            else:
+                vhost, theirs = socket.socketpair()
+                self.ctl, control = socket.socketpair()
+                fs_args = virtiofs_args(theirs.fileno())
+            with vhost, control:
+                self.backend = spawn_ours(vhost.fileno(), fds, control.fileno(),
+                                          listening=confine is not None, confine=confine)  # fmt: skip
         finally:
             for _, fd, _ in fds:
                 os.close(fd)
-            ours.close()
-            ctl_theirs.close()
-        self.vm = Vm(GUEST, run, virtiofs_args(theirs.fileno()), pass_fds=(theirs.fileno(),))
+        if confine is not None:
+            self.ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.ctl.connect(str(run / "control-fs.sock"))
+        self.ctl.settimeout(10)
+        pass_fds = () if theirs is None else (theirs.fileno(),)
+        self.vm = Vm(GUEST, run, fs_args, pass_fds=pass_fds)
         try:
             self.vm.start()
         finally:
-            theirs.close()
+            if theirs is not None:
+                theirs.close()
 
     def close(self) -> None:
         self.vm.close()
@@ -97,7 +119,8 @@ def test_guest_reads_writes_lists_renames_deletes_and_sees_live_exports(run_dir:
     (late / "f").write_text("late export\n")
     (outside / "secret").write_text("secret\n")
     os.symlink("../outside", rw / "escape")
-    b = Booted(run_dir, {"rw": (rw, True), "ro": (ro, False)})
+    os.chown(rw, UID, UID)
+    b = Booted(run_dir, {"rw": (rw, True), "ro": (ro, False)}, confine=(UID, UID))
     try:
         text = b.vm.run_script(SCRIPT, "MARK-STEP1", timeout=200)
         for mark in ("MARK-MOUNTED", "MARK-ROOT ro rw", "MARK-READ hello from the host",
@@ -106,8 +129,14 @@ def test_guest_reads_writes_lists_renames_deletes_and_sees_live_exports(run_dir:
             assert mark in text, text[-3000:]
         assert (rw / "dir" / "moved").read_text() == "from-guest\n"
         assert not (rw / "doomed").exists() and not (ro / "nope").exists()
-        assert (rw / "dir" / "moved").stat().st_uid == os.geteuid()
-        fd = os.open(late, os.O_PATH | os.O_DIRECTORY)
+        assert (rw / "dir" / "moved").stat().st_uid == UID  # the confined backend's
+        st = status(b.backend.pid)
+        assert st["Uid"].split() == [str(UID)] * 4 and st["Seccomp"] == "2", st
+        plain = os.open(late, os.O_PATH | os.O_DIRECTORY)
+        try:
+            fd = jail.detach(plain, False)  # what a confined backend takes
+        finally:
+            os.close(plain)
         try:
             reply = send_command(b.ctl, {"op": "add_export", "name": "late"}, (fd,))
         finally:

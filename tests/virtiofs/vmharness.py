@@ -38,10 +38,21 @@ def connect(path: str, deadline: float) -> socket.socket:
 
 
 def spawn_ours(
-    vhost_fd: int, exports: list[tuple[str, int, bool]], control_fd: int | None = None
+    vhost_fd: int,
+    exports: list[tuple[str, int, bool]],
+    control_fd: int | None = None,
+    *,
+    listening: bool = False,
+    confine: tuple[int, int] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """``python -m spectrumd.virtiofs`` on *vhost_fd* with directory-fd exports."""
-    argv = [sys.executable, "-m", "spectrumd.virtiofs", "--vhost-fd", str(vhost_fd)]
+    """``python -m spectrumd.virtiofs`` on *vhost_fd* with directory-fd exports.
+
+    With *listening*, *vhost_fd* and *control_fd* are listening sockets
+    (``--vhost-listen-fd``, ``--control-listen-fd``), as the daemon passes
+    them; with *confine* the backend runs ``--confine UID:GID``.
+    """
+    kind = "listen-fd" if listening else "fd"
+    argv = [sys.executable, "-m", "spectrumd.virtiofs", f"--vhost-{kind}", str(vhost_fd)]
     argv += os.environ.get("SPECTRUMD_VIRTIOFS_ARGS", "").split()  # tuning runs of fs_bench
     if os.environ.get("SPECTRUMD_VIRTIOFS_CPROFILE"):  # a profile of the backend, for tuning
         argv[1:1] = ["-m", "cProfile", "-o", os.environ["SPECTRUMD_VIRTIOFS_CPROFILE"]]
@@ -50,8 +61,10 @@ def spawn_ours(
         argv += ["--export", f"{name}={fd}:{'rw' if rw else 'ro'}"]
         fds.append(fd)
     if control_fd is not None:
-        argv += ["--control-fd", str(control_fd)]
+        argv += [f"--control-{kind}", str(control_fd)]
         fds.append(control_fd)
+    if confine is not None:
+        argv += ["--confine", f"{confine[0]}:{confine[1]}"]
     return subprocess.Popen(
         argv,
         cwd=ROOT,
@@ -59,6 +72,14 @@ def spawn_ours(
         pass_fds=fds,
         stdin=subprocess.DEVNULL,
     )
+
+
+def listen(path: Path) -> socket.socket:
+    """A unix stream socket listening on *path*, as the daemon makes one for a VMM."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(path))
+    s.listen()
+    return s
 
 
 class Vm:
@@ -151,8 +172,12 @@ class Vm:
             s.close()
 
 
-def virtiofs_args(fd: int, tag: str = "spectrum") -> list[str]:
+def virtiofs_args(
+    fd: int | None = None, tag: str = "spectrum", *, path: Path | None = None
+) -> list[str]:
+    """QEMU's vhost-user-fs device on the connected socket *fd*, or connecting to *path*."""
+    where = f"fd={fd}" if path is None else f"path={path}"
     return [
-        "-chardev", f"socket,id=fs,fd={fd}",
+        "-chardev", f"socket,id=fs,{where}",
         "-device", f"vhost-user-fs-pci,queue-size=1024,chardev=fs,tag={tag}",
     ]  # fmt: skip
