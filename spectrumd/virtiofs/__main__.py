@@ -136,7 +136,9 @@ def serve_vhost(
                         sock.sendall(reply)
                     refresh_kicks()
                 elif listener is not None and fd == listener.fileno():
-                    sock = accepted = _accept_one(listener)
+                    sock, _ = listener.accept()
+                    sock.setblocking(True)  # as an inherited --vhost-fd is
+                    accepted = sock
                     poller.unregister(fd)
                     listener.close()
                     listener = None
@@ -151,13 +153,6 @@ def serve_vhost(
         ctl.close()
         if accepted is not None:
             accepted.close()
-
-
-def _accept_one(listener: socket.socket) -> socket.socket:
-    """The VMM's connection, ready to use (blocking, like an inherited --vhost-fd)."""
-    sock, _ = listener.accept()
-    sock.setblocking(True)
-    return sock
 
 
 def _ids(spec: str) -> tuple[int, int]:
@@ -232,14 +227,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         config = fs_config(args.tag, args.request_queues)
         backend = Backend(Device(fs, 1 + args.request_queues), config)
+        sock = listener = None
+        if args.vhost_fd is not None:
+            sock = socket.socket(fileno=args.vhost_fd)
+        else:
+            listener = socket.socket(fileno=args.vhost_listen_fd)
         try:
-            if args.vhost_fd is not None:
-                serve_vhost(backend, socket.socket(fileno=args.vhost_fd), control,
-                            control_listener=control_listener)  # fmt: skip
-            else:
-                listener = socket.socket(fileno=args.vhost_listen_fd)
-                serve_vhost(backend, None, control, listener=listener,
-                            control_listener=control_listener)  # fmt: skip
+            serve_vhost(
+                backend, sock, control, listener=listener, control_listener=control_listener
+            )
         except (VhostError, OSError, struct.error) as e:
             logger.error("vhost-user connection failed: %s", e)
             return 1

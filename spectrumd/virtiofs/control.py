@@ -145,33 +145,32 @@ class ControlServer:
         if conn is not None:
             self._take(conn)
 
-    def handle(self, fd: int) -> bool:
-        """Serve *fd*, which poll reported, if it is ours; returns whether it was."""
+    def handle(self, fd: int) -> None:
+        """Serve *fd*, which poll reported ready, if it is one of ours."""
         if self.listener is not None and fd == self.listener.fileno():
             try:
                 conn, _ = self.listener.accept()
             except (BlockingIOError, ConnectionAbortedError):
-                return True
+                return
             if self.conn is not None:
                 logger.info("a new control connection replaces the open one")
             self._drop()
             self._take(conn)
-            return True
+            return
         if self.conn is None or fd != self.conn.fileno():
-            return False
+            return
         try:
             data, fds = recv_with_fds(self.conn)
             if not data:
                 for extra in fds:
                     os.close(extra)
                 self._drop()
-                return True
+                return
             lines = self.state.feed(data, fds)
             self.conn.sendall(b"".join(_json_line(command(self.tree, *line)) for line in lines))
         except (OSError, ValueError) as e:
             logger.warning("control connection dropped: %s", e)
             self._drop()
-        return True
 
     def _take(self, conn: socket.socket) -> None:
         conn.settimeout(SEND_TIMEOUT)

@@ -138,7 +138,7 @@ def enter(uid: int, gid: int) -> None:
     Call as root with one thread. Raises OSError naming the step that failed.
     """
     if not (0 < uid < 2**32 - 1 and 0 < gid < 2**32 - 1):
-        raise OSError(errno.EINVAL, f"uid {uid} gid {gid}: 0 would keep root's rights")
+        raise OSError(errno.EINVAL, f"uid {uid} gid {gid}: neither may be 0 (root) or 2**32-1")
     seccomp.check_machine()
     threads = _status().get("Threads")
     if threads != "1":

@@ -44,8 +44,8 @@ from collections.abc import Iterable
 
 # x86_64 system call numbers (arch/x86/entry/syscalls/syscall_64.tbl).
 SYSCALLS: dict[str, int] = {
-    "socket": 41, "connect": 42, "bind": 49, "listen": 50, "socketpair": 53,
-    "clone": 56, "fork": 57, "vfork": 58, "execve": 59, "ioctl": 16,
+    "ioctl": 16, "socket": 41, "connect": 42, "bind": 49, "listen": 50,
+    "socketpair": 53, "clone": 56, "fork": 57, "vfork": 58, "execve": 59,
     "ptrace": 101, "syslog": 103, "setuid": 105, "setgid": 106,
     "setreuid": 113, "setregid": 114, "setgroups": 116, "setresuid": 117,
     "setresgid": 119, "setfsuid": 122, "setfsgid": 123, "mknod": 133,

@@ -403,7 +403,7 @@ def test_a_confinement_that_fails_exits_before_serving(privileged: bool) -> None
         theirs.close()
         assert r.returncode == 1, r.stderr
         if privileged:
-            assert "cannot confine: uid 0 gid 0: 0 would keep root's rights" in r.stderr
+            assert "cannot confine: uid 0 gid 0: neither may be 0 (root)" in r.stderr
         else:  # the step that failed is named
             assert (
                 "cannot confine: unshare(CLONE_NEWNS|CLONE_NEWNET|CLONE_NEWIPC): "
