@@ -154,6 +154,9 @@ class FileSystem:
     def _child(self, parent: Inode, name: bytes) -> Inode:
         """Look *name* up below *parent*, counting one lookup."""
         tree = self.tree
+        bad = check_name(name)
+        if bad is not None:
+            raise fail(bad)
         if parent.export is None:
             export = tree.exports.get(name)
             if export is None:
@@ -162,9 +165,6 @@ class FileSystem:
             return tree.remember(export, fd, os.fstat(fd))
         if not stat.S_ISDIR(parent.mode):
             raise fail(errno.ENOTDIR)
-        bad = check_name(name)
-        if bad is not None:
-            raise fail(bad)
         # Fast path for a node we already hold: fstatat of one checked
         # component, not following a symlink, finds its (dev, ino). The
         # inode number cannot have been reused: our fd keeps it alive.
@@ -336,8 +336,7 @@ class FileSystem:
         parent = self._dir_for_change(req.nodeid)
         if a.mode & _SUID:
             raise fail(errno.EPERM)
-        if len(a.name) > P.NAME_MAX or b"/" in a.name or a.name in (b".", b".."):
-            raise fail(errno.EINVAL)
+        _check(a.name)
         os.mkdir(a.name, stat.S_IMODE(a.mode), dir_fd=parent.fd)
         return self._entry(self._child(parent, a.name))
 
