@@ -48,8 +48,16 @@ class GuestMemory:
                     raise ValueError(f"bad region size {size:#x}")
                 if offset < 0 or offset + size > os.fstat(fd).st_size:
                     raise ValueError(f"region {gpa:#x}+{size:#x} is beyond its file")
-                # mmap offsets must be page-aligned: map from 0 and slice.
-                m = mmap.mmap(fd, offset + size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                # mmap offsets must be page-aligned: map from 0 and slice. A
+                # region the VMM has read-only (a shared root image on
+                # virtio-pmem) comes as a read-only fd: mapped read-only, its
+                # views refuse writes, and no reply may go there (virtqueue).
+                try:
+                    m = mmap.mmap(
+                        fd, offset + size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+                    )
+                except PermissionError:
+                    m = mmap.mmap(fd, offset + size, mmap.MAP_SHARED, mmap.PROT_READ)
                 mem.regions.append(Region(gpa, size, uva, m, memoryview(m)[offset : offset + size]))
         except BaseException:
             mem.close()

@@ -155,6 +155,8 @@ class Virtqueue:
                     k, off = mem.locate(addr, length)
                     reg = mem.regions[k]
                     r_view, r_gpa, r_size = reg.view, reg.gpa, reg.size
+                if w and r_view.readonly:
+                    raise ChainError(f"a buffer to write at {addr:#x} is in read-only memory")
                 if cur is r_view and cur_w == w and cur_end == off:
                     cur_end += length
                 else:
@@ -224,6 +226,8 @@ def _sequential_table(mem: GuestMemory, head: int, raw: bytes) -> Chain | None:
     lo = min(addrs)
     for r in mem.regions:
         if r.gpa <= lo and max(ends) <= r.gpa + r.size:
+            if k < n and r.view.readonly:
+                return None  # buffers to write in read-only memory: the general walk says so
             # Merge runs that are contiguous in guest memory (a guest's pages
             # mostly are: 1 MiB is typically some 26 runs, not 256 pages).
             cuts = [i for i in range(1, n) if addrs[i] != ends[i - 1] or i == k]

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from spectrumd.virtiofs import protocol as P
 from spectrumd.virtiofs.device import Device
+from spectrumd.virtiofs.memory import GuestMemory
 from spectrumd.virtiofs.ops import FileSystem
 from spectrumd.virtiofs.serve import answer
 from spectrumd.virtiofs.tree import Tree
@@ -271,3 +272,36 @@ def test_read_through_an_indirect_table_of_pages(guest: FakeGuest, layout: str) 
     assert g.used()[-1] == (33, 16 + 16384) and reply_error(g, a_hdr) == 0
     got = b"".join(g.read(p, 4096) for p in pages)
     assert got == bytes(range(256)) * 64
+
+
+def test_replies_never_go_to_read_only_guest_memory(guest: FakeGuest) -> None:
+    # A region the VMM shares read-only (QEMU's virtio-pmem root image: a
+    # read-only fd in SET_MEM_TABLE) is mapped read-only; a chain that asks
+    # for a reply or READ data there is refused whole, and the queue goes on.
+    g = guest
+    ro_base, ro_size = BASE + SIZE + (1 << 20), 1 << 16
+    fd = os.memfd_create("pmem", os.MFD_CLOEXEC)
+    os.ftruncate(fd, ro_size)
+    os.pwrite(fd, b"image" * 100, 0)
+    ro_fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        ro = GuestMemory.mapped([(ro_base, ro_size, ro_base, 0, ro_fd)])
+        g.device.mem.regions += ro.regions
+        e = lookup(g, 1, b"e")
+        fh_reply = g.alloc(32)
+        for req, sizes in (
+            (request(P.GETATTR, 1, bytes(16)), [(ro_base, 16), (ro_base + 16, 104)]),
+            (request(P.READ, e, read_body(0, 0, 4096)), [(fh_reply, 16), (ro_base, 4096)]),
+        ):
+            a = g.alloc(req)
+            g.desc(20, a, len(req), F_NEXT, 21)
+            g.desc(21, sizes[0][0], sizes[0][1], F_WRITE | F_NEXT, 22)
+            g.desc(22, sizes[1][0], sizes[1][1], F_WRITE)
+            g.offer(20)
+            g.device.process(g.vq)
+            assert g.used()[-1] == (20, 0)
+        assert os.pread(fd, 500, 0) == b"image" * 100
+        assert lookup(g, 1, b"e") > 1
+    finally:
+        os.close(ro_fd)
+        os.close(fd)
