@@ -46,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.virtiofs.vmharness import Vm, spawn_ours, virtiofs_args  # noqa: E402
+from tests.virtiofs.vmharness import Vm, spawn_ours, unused_ids, virtiofs_args  # noqa: E402
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 MIB = 1 << 20
@@ -159,7 +159,7 @@ def wait_socket(path: Path, proc: subprocess.Popen[bytes]) -> None:
         time.sleep(0.02)
 
 
-def bench_one(kind: str, guest: Path, initrd: Path, export: Path) -> dict[str, float]:
+def bench_one(kind: str, guest: Path, initrd: Path, export: Path, uid: int) -> dict[str, float]:
     run = Path(tempfile.mkdtemp(prefix=f"fsb-{kind}.", dir="/tmp"))
     procs: list[subprocess.Popen[bytes]] = []
     for leftover in ("out", "c"):
@@ -197,7 +197,7 @@ def bench_one(kind: str, guest: Path, initrd: Path, export: Path) -> dict[str, f
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             efd = os.open(export, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                procs.append(spawn_ours(ours.fileno(), [("b", efd, True)]))
+                procs.append(spawn_ours(ours.fileno(), [("b", efd, True)], confine=(uid, uid)))
             finally:
                 os.close(efd)
                 ours.close()
@@ -254,11 +254,17 @@ def main() -> int:
     load = os.getloadavg()[0]
     try:
         export = make_files(work)
+        # Our backend runs confined, as the daemon runs it: as a uid of its own,
+        # which owns the tree here (the other two run as root).
+        (uid,) = unused_ids(1)
+        for d, dirs, files in os.walk(export):
+            for n in [d, *(os.path.join(d, f) for f in dirs + files)]:
+                os.chown(n, uid, uid)
         initrd = virtfs_initrd(guest, work)
         for _ in range(args.rounds):
             for kind in args.only or KINDS:
                 t = time.monotonic()
-                got = bench_one(kind, guest, initrd, export)
+                got = bench_one(kind, guest, initrd, export, uid)
                 print(f"{kind}: {got} in {time.monotonic() - t:.0f} s", file=sys.stderr)
                 best = results.setdefault(kind, got)
                 for k, v in got.items():

@@ -22,7 +22,7 @@ sources="$src/build.sh $src/init $src/spectrum-poweroff $src/spectrum-request"
 # machine has an xHCI controller (they are most of the initramfs's load time).
 # Names as modprobe knows them; dependencies are resolved below.
 core_modules="virtio_pci virtio_mmio virtio_console virtio_net virtio_blk
-  9p 9pnet_fd button evdev af_packet fuse virtiofs"
+  button evdev af_packet fuse virtiofs"
 usb_modules="xhci_pci usb_storage sd_mod"
 # The application's root image (erofs or ext4, on virtio-blk or virtio-pmem,
 # under a tmpfs overlay): loaded only when the kernel command line names one

@@ -2,7 +2,7 @@
 """Boot the embedded default guest under QEMU the way spectrumd does and
 check the guest contract (guest/README.md).
 
-Usage: guest/test_boot.py [--fs] [OUTDIR]   (OUTDIR made by guest/build.sh;
+Usage: guest/test_boot.py [OUTDIR]   (OUTDIR made by guest/build.sh;
 default: the directory of $SPECTRUM_GUEST_DIR or /tmp/spectrum-guest)
 
 Checks, one QEMU per check:
@@ -12,12 +12,7 @@ Checks, one QEMU per check:
   acpi      after a control reconnect, hello -> ready; QMP system_powerdown
             ends QEMU within 10 s while the app runs.
   poweroff  host "poweroff" ends QEMU, also when the app ignores SIGTERM.
-  fs        (with --fs, needs diod) the fs port is mounted at
-            /mnt/spectrum: the app reads a host file and writes one back.
-  fs-down   (with --fs) an fs port with no server: logged, the guest runs on.
-  fs-remount (with --fs) the host's file server is killed: the guest's reads
-            fail with an I/O error; a new server and the control line
-            "mount-fs" make them work again.
+(The file tree is tested with spectrumd: tests/virtiofs/test_guest.py.)
 Stdlib only.  Exit status 0 when every check passed.
 """
 
@@ -42,7 +37,7 @@ READY_TIMEOUT = 60.0
 EXIT_TIMEOUT = 10.0
 
 
-def qemu_argv(out: str, run: str, fs: bool) -> list[str]:
+def qemu_argv(out: str, run: str) -> list[str]:
     argv = [
         QEMU,
         "-nodefaults",
@@ -63,7 +58,7 @@ def qemu_argv(out: str, run: str, fs: bool) -> list[str]:
         "-initrd",
         f"{out}/initramfs.img",
         "-append",
-        "console=ttyS0 panic=-1 quiet" + (f" spectrum.fs_options=aname={run}/export" if fs else ""),
+        "console=ttyS0 panic=-1 quiet",
         "-qmp",
         f"unix:{run}/qmp.sock,server=on,wait=off",
         "-chardev",
@@ -77,13 +72,6 @@ def qemu_argv(out: str, run: str, fs: bool) -> list[str]:
         "-device",
         "virtserialport,bus=vser0.0,chardev=control,name=org.spectrum_os.control",
     ]
-    if fs:
-        argv += [
-            "-chardev",
-            f"socket,id=fs,path={run}/fs.sock,server=on,wait=off",
-            "-device",
-            "virtserialport,bus=vser0.0,chardev=fs,name=org.spectrum_os.fs",
-        ]
     return argv
 
 
@@ -103,24 +91,16 @@ def connect(path: str, deadline: float) -> socket.socket:
 class Guest:
     """One QEMU process with the host ends of its console, control and QMP."""
 
-    def __init__(self, out: str, fs: bool = False, file_server: bool = True) -> None:
+    def __init__(self, out: str) -> None:
         self.run = tempfile.mkdtemp(prefix="spectrum-guest-test.")
         self.console = bytearray()
         self.lines: queue.Queue[str] = queue.Queue()
-        self.fs = fs
-        self.extra: list[subprocess.Popen[bytes]] = []
         self.t0 = time.monotonic()
-        self.proc = subprocess.Popen(qemu_argv(out, self.run, fs), stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(qemu_argv(out, self.run), stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         self.qmp = connect(f"{self.run}/qmp.sock", deadline)
         self.con = connect(f"{self.run}/console.sock", deadline)
         self.ctl = connect(f"{self.run}/control.sock", deadline)
-        if fs:
-            os.mkdir(f"{self.run}/export")
-            with open(f"{self.run}/export/from-host", "w") as f:
-                f.write("host-data-42\n")
-        if fs and file_server:
-            self._start_file_server(connect(f"{self.run}/fs.sock", deadline))
         self.qmp_file = self.qmp.makefile("rwb", buffering=0)
         threading.Thread(target=self._read_console, daemon=True).start()
         threading.Thread(target=self._read_control, args=(self.ctl,), daemon=True).start()
@@ -128,34 +108,6 @@ class Guest:
         self.qmp_cmd("qmp_capabilities")
         self.qmp_cmd("cont")
         self.t_cont = time.monotonic()
-
-    def _start_file_server(self, sock: socket.socket) -> None:
-        """diod serves a temp dir over our end of QEMU's fs socket."""
-        export = f"{self.run}/export"
-        fd = sock.fileno()
-        self.extra.append(
-            subprocess.Popen(
-                [
-                    "diod",
-                    "-f",
-                    "-n",
-                    "-S",
-                    "-U",
-                    "root",
-                    "-e",
-                    export,
-                    "-r",
-                    str(fd),
-                    "-w",
-                    str(fd),
-                    "-L",
-                    f"{self.run}/diod.log",
-                ],
-                pass_fds=(fd,),
-                stdin=subprocess.DEVNULL,
-            )
-        )
-        sock.close()
 
     def _read_console(self) -> None:
         while data := self.con.recv(65536):
@@ -217,10 +169,6 @@ class Guest:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
-        for p in self.extra:
-            if p.poll() is None:
-                p.terminate()
-            p.wait()
         for s in (self.qmp, self.con, self.ctl):
             s.close()
         shutil.rmtree(self.run, ignore_errors=True)
@@ -275,82 +223,6 @@ def check_poweroff(g: Guest) -> str:
     return f"QEMU exited {took:.2f} s after 'poweroff' (app ignoring SIGTERM; reported {exited})"
 
 
-def check_fs(g: Guest) -> str:
-    g.expect("ready", READY_TIMEOUT)
-    g.send(
-        "run "
-        + b64(
-            "cat /mnt/spectrum/from-host && echo guest-data-7 > /mnt/spectrum/from-guest"
-            " && dd if=/dev/zero of=/mnt/spectrum/big bs=64k count=64 2>/dev/null"
-            " && sync && echo fs-done"
-        )
-    )
-    line = g.expect("exited", 30)
-    g.wait_exit(EXIT_TIMEOUT)
-    assert b"spectrum-guest: mounted" in g.console, "fs not mounted"
-    assert b"host-data-42" in g.console, "host file not read"
-    assert line == "exited 0", line
-    with open(f"{g.run}/export/from-guest") as f:
-        assert f.read() == "guest-data-7\n"
-    assert os.path.getsize(f"{g.run}/export/big") == 64 * 65536
-    return "read a host file, wrote two files (4 MiB) through 9P over the fs port"
-
-
-def check_fs_down(g: Guest) -> str:
-    g.expect("ready", READY_TIMEOUT)
-    g.send("run " + b64("echo still-runs"))
-    g.wait_console(b"still-runs", 10)
-    assert g.expect("exited", 10) == "exited 0"
-    g.wait_exit(EXIT_TIMEOUT)
-    assert b"mounting org.spectrum_os.fs at /mnt/spectrum failed" in g.console
-    return "with no file server on the fs port the mount fails, logged, and the guest runs on"
-
-
-def check_fs_remount(g: Guest) -> str:
-    g.expect("ready", READY_TIMEOUT)
-    g.send(
-        "run "
-        + b64(
-            "i=0; while :; do"
-            " if cat /mnt/spectrum/from-host >/dev/null 2>/tmp/err;"
-            ' then echo "rd-ok $i"; else echo "rd-fail $i $(cat /tmp/err)"; fi;'
-            " i=$((i+1)); sleep 0.2; done"
-        )
-    )
-    g.wait_console(b"rd-ok 2", 15)
-    server = g.extra.pop()
-    server.kill()
-    server.wait()
-    t = time.monotonic()
-    g.wait_console(b"rd-fail", 10)
-    failed_after = time.monotonic() - t
-    # The read in flight fails with ECONNRESET (the transport saw EOF); every
-    # later one with EIO (the client is disconnected).
-    first = g.console[g.console.index(b"rd-fail") :].split(b"\n")[0]
-    assert b"Connection reset by peer" in first or b"Input/output error" in first, first
-    mark = len(g.console)
-    deadline = time.monotonic() + 5
-    while b"Input/output error" not in g.console[mark:]:
-        if time.monotonic() > deadline:
-            raise AssertionError("reads did not fail with EIO after the server died")
-        time.sleep(0.05)
-    g._start_file_server(connect(f"{g.run}/fs.sock", time.monotonic() + 5))
-    g.send("mount-fs")
-    g.wait_console(b"spectrum-guest: remounted", 15)
-    mark = len(g.console)
-    deadline = time.monotonic() + 10
-    while b"rd-ok" not in g.console[mark:]:
-        if time.monotonic() > deadline:
-            raise AssertionError("no read succeeded after mount-fs")
-        time.sleep(0.05)
-    g.send("poweroff")
-    g.wait_exit(EXIT_TIMEOUT)
-    return (
-        f"reads failed with EIO {failed_after:.2f} s after the server died;"
-        " after a new server and mount-fs they work again"
-    )
-
-
 def iter_queue(q: queue.Queue[str]) -> Iterator[str]:
     while True:
         try:
@@ -361,22 +233,14 @@ def iter_queue(q: queue.Queue[str]) -> Iterator[str]:
 
 def main() -> int:
     args = sys.argv[1:]
-    fs = "--fs" in args
-    args = [a for a in args if a != "--fs"]
     out = args[0] if args else os.environ.get("SPECTRUM_GUEST_DIR", "/tmp/spectrum-guest")
     if not (os.path.exists(f"{out}/vmlinuz") and os.path.exists(f"{out}/initramfs.img")):
         print(f"no guest in {out}: run guest/build.sh {out} first", file=sys.stderr)
         return 2
     checks = [("run", check_run), ("acpi", check_acpi), ("poweroff", check_poweroff)]
-    if fs:
-        checks += [
-            ("fs", check_fs),
-            ("fs-down", check_fs_down),
-            ("fs-remount", check_fs_remount),
-        ]
     failed = 0
     for name, check in checks:
-        g = Guest(out, fs=name.startswith("fs"), file_server=(name != "fs-down"))
+        g = Guest(out)
         try:
             print(f"PASS {name}: {check(g)}")
         except AssertionError as e:

@@ -60,11 +60,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="where the embedded default guest (vmlinuz, initramfs.img) lives",
     )
     p.add_argument(
-        "--fs-user",
-        default="nobody" if os.geteuid() == 0 else "",
-        help="user the file server runs as (default: nobody when run as root; '' keeps ours)",
-    )
-    p.add_argument(
         "--no-machined",
         dest="machined",
         action="store_false",
@@ -136,7 +131,7 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace, stack: contextlib.AsyncExitStack) -> int:
-    files = FileService(user=args.fs_user or None)
+    files = FileService(args.state_dir.absolute(), args.control_timeout)
     host_networks = HostNetworks(netns=args.netns)
     network = NetworkService(host_networks)
     portal = PortalDriver()
@@ -183,11 +178,8 @@ async def _serve(args: argparse.Namespace, stack: contextlib.AsyncExitStack) -> 
     stack.push_async_callback(host_networks.close)
     try:
         await host_networks.start(adopt=live)
-        await files.start()
     except SpectrumError as e:
         raise StartupError(str(e)) from None
-    stack.push_async_callback(files.close)
-    files.on_restart.append(lambda name: _remount(sup, name))
 
     grants = GrantService(
         env.state_dir, sup.instances, lambda: sup.config.resources, files.set_exports, usb=usb
@@ -249,12 +241,6 @@ async def _serve(args: argparse.Namespace, stack: contextlib.AsyncExitStack) -> 
         log.error("lost the bus connection")
     stopped.cancel()
     return 0 if stop.is_set() else 1
-
-
-def _remount(sup: Supervisor, name: str) -> None:
-    inst = sup.instances.get(name)
-    if inst is not None:
-        inst.send_guest(b"mount-fs\n")
 
 
 def _reload(sup: Supervisor) -> None:

@@ -137,6 +137,8 @@ def is_up(state: State) -> bool:
 class ExitFacts:
     """What the supervisor knew when a VMM exited (all of it observed, none of it I/O here)."""
 
+    # A part the VM cannot run without failed, and the VM was ended for it.
+    failure: str | None = None
     # The reason of the stop step or kill that was under way, if one was.
     stop_reason: str | None = None
     # The status the guest reported with ``exited N``.
@@ -151,6 +153,8 @@ class ExitFacts:
 
 def exit_event(facts: ExitFacts) -> tuple[Event, str]:
     """Which event a VMM's exit is (``exited`` or ``crashed``), and its reason."""
+    if facts.failure is not None:
+        return E.crashed, facts.failure
     if facts.stop_reason is not None:
         return E.exited, facts.stop_reason
     if facts.guest_exit is not None:

@@ -1,172 +1,355 @@
-"""The file server as the daemon runs it: one process, one connection per instance.
+"""Files for a VM: one virtio-fs backend per running instance.
 
-The server (``spectrumd.fileserver``) runs as its own, unprivileged process
-and is handed, per running instance, the stream of the VMM's
-``org.spectrum_os.fs`` port and the instance's exports (its ``directory``
-resources, and later its grants). If the process dies, the guests see I/O
-errors; the daemon starts a new one, serves every running instance again,
-and asks each guest to mount anew (control line ``mount-fs``).
+Every instance's VM gets a virtio-fs device (tag ``spectrum``) served by a
+process of its own, ``python -m spectrumd.virtiofs``, so that directories
+granted at run time can appear without a new device. The backend holds only
+descriptors: the vhost-user connection to the VMM, a listening control
+socket, and one directory descriptor per export, which the daemon opens
+(with no symlink in any component) and passes; it opens no path itself. It
+confines itself (``--confine``: the run's own file-server uid, an empty
+mount namespace, no network, seccomp) before it reads a byte from the guest.
+
+- **Start**: ``prepare`` (before the VMM is spawned) starts the backend and
+  makes the VMM's end of the vhost-user connection ``spec.fs_fd`` (QEMU: one
+  end of a socketpair; crosvm connects to a socket the daemon listens on).
+  In ``started`` (before the guest runs) the backend's first answer on its
+  control socket says it is confined and serving; its record (pid, start
+  time, token) is written next to the run's, and the exports are sent.
+- **Exports** change live (:meth:`FileService.set_exports`, used by grants):
+  the difference is sent as ``add_export``/``remove_export``.
+- **Daemon restart**: the backend keeps serving the guest. The next daemon
+  adopts it like a VMM (pidfd, start time, executable, token) and connects
+  to its control socket again (``fs-control.sock``, in the root-only run
+  directory).
+- **Backend death**: QEMU cannot reconnect a vhost-user-fs device, so the
+  guest's file requests would hang for good. A backend that dies while its
+  VMM runs ends the VM (``RunContext.fail``): the instance is ``failed``
+  with a reason naming the file server, and restarts by its policy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
+import secrets
 import socket
 import sys
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 
-from spectrumd.errors import Failed
-from spectrumd.fileserver.client import FileServerClient, FileServerError
-from spectrumd.model.types import DirectoryResource, Resource
+import attrs
+
+from spectrumd.errors import Failed, SpectrumError
+from spectrumd.host.paths import open_directory
+from spectrumd.model.types import DirectoryResource, Resource, VmmKind
 from spectrumd.supervisor import process
 from spectrumd.supervisor.resources import RunContext
-from spectrumd.vmm.base import PORT_FS, VmSpec
+from spectrumd.supervisor.statefile import write_atomically
+from spectrumd.supervisor.vmrun import RUN_TOKEN
+from spectrumd.virtiofs import jail
+from spectrumd.virtiofs.client import ControlClient, ControlError
+from spectrumd.vmm.base import FS_VHOST_SOCKET, VMM_DIR, VmSpec
 
 log = logging.getLogger(__name__)
 
-RESTART_DELAY = 1.0
-MAX_RESTART_DELAY = 30.0
-Exports = dict[str, tuple[str, bool]]
+FS_LOG = "fs.log"
+FS_RECORD = "fs.json"
+FS_CONTROL = "fs-control.sock"
+# How long a backend has to end by itself once its VMM has gone.
+EXIT_WAIT = 2.0
+# In the backend's environment: whose file server it is (tests and ps find it).
+ENV_INSTANCE = "SPECTRUM_FILESERVER"
+
+
+@attrs.frozen
+class Export:
+    """One entry of an instance's tree: a host directory, and whether it is writable."""
+
+    path: str
+    writable: bool = False
+    # The directory as a grant holds it (an O_PATH fd, the holder's): given to
+    # the backend as it is, not resolved again. None: opened from ``path``.
+    held_fd: int | None = attrs.field(default=None, eq=False)
+
+
+# entry name → what it exports
+Exports = dict[str, Export]
 
 
 def exports_of(resources: tuple[Resource, ...]) -> Exports:
     return {
-        r.name: (str(r.path), r.writable) for r in resources if isinstance(r, DirectoryResource)
+        r.name: Export(str(r.path), r.writable)
+        for r in resources
+        if isinstance(r, DirectoryResource)
     }
 
 
+@attrs.define(eq=False)
+class _Backend:
+    """One instance's backend, as the daemon holds it."""
+
+    name: str
+    proc: process.VmmProcess
+    control: ControlClient
+    token: str = ""
+    # Runs confined (--confine): it takes only detached exports (jail.detach).
+    confined: bool = True
+    # What the backend serves now; None: a name found at re-adoption, as it was.
+    exports: dict[str, Export | None] = attrs.Factory(dict)
+    lock: asyncio.Lock = attrs.Factory(asyncio.Lock)
+
+
 class FileService:
-    """Supervises the file-server process; a ResourceDriver for directory resources."""
+    """A ResourceDriver for directory resources: one backend per running instance."""
 
-    def __init__(self, user: str | None = None) -> None:
-        self.user = user
-        self._client: FileServerClient | None = None
-        self._proc: asyncio.subprocess.Process | None = None
-        self._watch: asyncio.Task[None] | None = None
-        self._closing = False
-        # Per running instance: its fs port socket path and its exports.
-        self._live: dict[str, tuple[Path, Exports]] = {}
-        self.on_restart: list[Callable[[str], None]] = []
-        self.restarts = 0
+    def __init__(self, state_dir: os.PathLike[str] | str, control_timeout: float = 10.0) -> None:
+        self.state_dir = os.fspath(state_dir)
+        self.control_timeout = control_timeout
+        self._live: dict[str, _Backend] = {}
 
-    @property
-    def pid(self) -> int:
-        return self._proc.pid if self._proc is not None else 0
-
-    async def start(self) -> None:
-        """Start the server process. Raises Failed if it does not come up."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        argv = [sys.executable, "-m", "spectrumd.fileserver", "--control-fd", str(theirs.fileno())]
-        if self.user:
-            argv += ["--user", self.user]
-        try:
-            self._proc = await asyncio.create_subprocess_exec(
-                *argv, pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL
-            )
-        except OSError as e:
-            ours.close()
-            raise Failed(f"cannot start the file server: {e}") from None
-        finally:
-            theirs.close()
-        client = FileServerClient(timeout=10.0)
-        client.attach(ours)
-        self._client = client
-        self._watch = asyncio.ensure_future(self._watch_process(self._proc))
-        log.info("file server running (pid %d, user %s)", self._proc.pid, self.user or "root")
-
-    async def _watch_process(self, proc: asyncio.subprocess.Process) -> None:
-        rc = await proc.wait()
-        if self._closing:
-            return
-        log.error("%s; restarting it", process.describe_exit(rc, "file server"))
-        if self._client is not None:
-            self._client.close()
-        delay = RESTART_DELAY
-        while True:
-            await asyncio.sleep(delay)
-            try:
-                await self.start()
-                break
-            except Failed as e:
-                delay = min(delay * 2, MAX_RESTART_DELAY)
-                log.error("%s; trying again in %g s", e, delay)
-        self.restarts += 1
-        for name, (sock_path, exports) in list(self._live.items()):
-            try:
-                await self._serve(name, sock_path, exports)
-            except (Failed, OSError) as e:
-                log.error("%s: cannot serve files again: %s", name, e)
-                continue
-            for cb in self.on_restart:
-                cb(name)
-
-    async def _serve(self, name: str, sock_path: Path, exports: Exports) -> None:
-        client = self._client
-        if client is None:
-            raise Failed("the file server is not running")
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            conn.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(conn, str(sock_path))
-            await client.set_exports(name, exports)
-            await client.serve(name, conn)
-        except FileServerError as e:
-            raise Failed(f"file server: {e}") from None
-        finally:
-            conn.close()  # the server holds its own copy now
+    def pid_of(self, name: str) -> int | None:
+        """The pid of the instance's backend, if it has one."""
+        b = self._live.get(name)
+        return b.proc.pid if b is not None else None
 
     # -- ResourceDriver --------------------------------------------------------
 
     async def prepare(self, ctx: RunContext) -> None:
-        # Every guest gets the port, so directories granted at run time can appear.
-        ctx.ports.append(PORT_FS)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        theirs: list[socket.socket] = [listener]
+        try:
+            listener.bind(str(ctx.run_dir / FS_CONTROL))  # root's: 0700 run dir, 0600 socket
+            os.chmod(ctx.run_dir / FS_CONTROL, 0o600)
+            listener.listen(4)
+            if ctx.definition.vmm is VmmKind.crosvm:
+                # crosvm connects to a path in the directory it owns.
+                vhost = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+                theirs.append(vhost)
+                path = ctx.run_dir / VMM_DIR / FS_VHOST_SOCKET
+                vhost.bind(str(path))
+                if ctx.ids is not None:
+                    os.chown(path, ctx.ids.vmm, ctx.ids.vmm)
+                vhost.listen(1)
+                vhost_arg = ["--vhost-listen-fd", str(vhost.fileno())]
+                ctx.fs_fd = -1  # the device, without a descriptor: crosvm connects
+            else:
+                vmm_end, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                theirs.append(ours)
+                ctx.stack.callback(vmm_end.close)  # the VMM inherited its copy by then
+                vhost_arg = ["--vhost-fd", str(ours.fileno())]
+                ctx.fs_fd = vmm_end.fileno()
+        except OSError as e:
+            for s in theirs:
+                s.close()
+            why = f"cannot make the file server's sockets: {e}"
+            raise Failed(f"cannot start {ctx.name}: {why}") from None
+        argv = [sys.executable, "-m", "spectrumd.virtiofs", *vhost_arg]
+        argv += ["--control-listen-fd", str(listener.fileno())]
+        if ctx.ids is not None:
+            argv += ["--confine", f"{ctx.ids.fileserver}:{ctx.ids.fileserver}"]
+        token = secrets.token_hex(16)
+        try:
+            proc = await process.spawn(
+                argv,
+                tuple(s.fileno() for s in theirs),
+                ctx.run_dir / FS_LOG,
+                None,  # it confines itself once its modules are loaded
+                {RUN_TOKEN: token, ENV_INSTANCE: ctx.name, "SPECTRUM_STATE_DIR": self.state_dir},
+            )
+        except OSError as e:
+            raise Failed(f"cannot start {ctx.name}: cannot start its file server: {e}") from None
+        finally:
+            # Only the backend holds them now: if it dies, the VMM and we see it.
+            for s in theirs:
+                s.close()
+        ctx.stack.push_async_callback(self._end, ctx.name, proc)
+        # The VMM is spawned at once: QEMU waits for the backend's first
+        # answers itself, and the backend's start overlaps the VMM's.
+        self._live[ctx.name] = _Backend(
+            ctx.name,
+            proc,
+            ControlClient(timeout=self.control_timeout),
+            token=token,
+            confined=ctx.ids is not None,
+        )
 
     async def started(self, ctx: RunContext, spec: VmSpec) -> None:
-        exports = exports_of(ctx.resources)
-        sock_path = spec.port_socket(PORT_FS)
-        await self._serve(ctx.name, sock_path, exports)
-        self._live[ctx.name] = (sock_path, exports)
-        ctx.stack.push_async_callback(self._drop, ctx.name)
+        """Before the guest runs: the backend answers (it is confined and serving),
+        is recorded, and serves the instance's directories."""
+        backend = self._live[ctx.name]
+        await self._connect(ctx, backend, "start")
+        try:
+            write_atomically(ctx.run_dir / FS_RECORD, _record(backend.proc, backend.token))
+        except OSError as e:
+            ctx.log.error("cannot record the file server (it will not be re-adopted): %s", e)
+        await self._sync(backend, exports_of(ctx.resources), remove=True)
 
     async def adopt(self, ctx: RunContext, spec: VmSpec) -> None:
-        """Serve a re-adopted instance again; its guest's old mount died with the old
-        server, so it is told to mount anew."""
-        await self.started(ctx, spec)
-        for cb in self.on_restart:
-            cb(ctx.name)
+        """Take back the backend an earlier daemon left serving this VMM.
 
-    async def _drop(self, name: str) -> None:
-        self._live.pop(name, None)
-        if self._client is not None:
-            try:
-                await self._client.drop(name)
-            except FileServerError as e:
-                log.debug("%s: drop: %s", name, e)
+        Raises Failed if it is gone (the guest's files are: the VM is ended).
+        """
+        proc = _adopt_record(ctx)
+        if proc is None:
+            raise Failed(
+                f"cannot take {ctx.name} back: its file server is gone, and the guest "
+                "cannot reach its files without it"
+            )
+        ctx.stack.push_async_callback(self._end, ctx.name, proc)
+        backend = _Backend(
+            ctx.name,
+            proc,
+            ControlClient(timeout=self.control_timeout),
+            confined=ctx.ids is not None,
+        )
+        names = await self._connect(ctx, backend, "take back")
+        # Kept as they are; the grants' first sync (set_exports) settles the rest.
+        backend.exports = dict.fromkeys(names)
+        self._live[ctx.name] = backend
+        await self._sync(backend, exports_of(ctx.resources), remove=False)
 
-    async def set_exports(self, name: str, exports: Mapping[str, tuple[str, bool]]) -> None:
-        """Change a running instance's exports at once (runtime grants). Raises Failed."""
-        if name not in self._live or self._client is None:
-            raise Failed(f"{name} has no file-server connection")
-        sock_path, _ = self._live[name]
+    async def _connect(self, ctx: RunContext, backend: _Backend, what: str) -> list[str]:
+        """Connect to the backend's control socket; its exports. Raises Failed."""
+        ctx.conns.callback(backend.control.close)
+        watch = asyncio.ensure_future(self._watch(ctx, backend))
+        ctx.conns.callback(watch.cancel)
         try:
-            await self._client.set_exports(name, exports)
-        except FileServerError as e:
-            raise Failed(f"file server: {e}") from None
-        self._live[name] = (sock_path, dict(exports))
+            await backend.control.connect(ctx.run_dir / FS_CONTROL)
+            return await backend.control.list_exports()
+        except ControlError as e:
+            detail = await _exit_detail(ctx, backend.proc) or str(e)
+            raise Failed(f"cannot {what} {ctx.name}: {detail}") from None
 
-    async def close(self) -> None:
-        self._closing = True
-        if self._client is not None:
-            self._client.close()  # the server exits when its control socket closes
-        if self._proc is not None:
+    async def _watch(self, ctx: RunContext, backend: _Backend) -> None:
+        """A backend that ends while its VMM runs ends the VM (the guest would hang)."""
+        rc = await backend.proc.wait()
+        if rc == 0:
+            return  # it ends so when the VMM closed the connection: the VMM is going
+        if rc is None:
+            # Adopted: no status. If its VMM went first, the run is ending by then.
+            await asyncio.sleep(1.0)
+        what = process.describe_exit(rc, f"file server (pid {backend.proc.pid})")
+        tail = process.stderr_tail(ctx.run_dir / FS_LOG)
+        ctx.fail(
+            f"{what}{': ' + tail if tail and rc is not None and rc > 0 else ''}; "
+            "its guest cannot reach its files again (a virtio-fs device cannot reconnect)"
+        )
+
+    async def _end(self, name: str, proc: process.VmmProcess) -> None:
+        """After the VMM has ended: the backend ends by itself; else it is killed."""
+        b = self._live.get(name)
+        if b is not None and b.proc is proc:
+            del self._live[name]
+            b.control.close()
+        try:
+            await asyncio.wait_for(asyncio.shield(proc.wait()), EXIT_WAIT)
+        except TimeoutError:
+            log.warning("%s: the file server did not end with its VMM; killing it", name)
+        await proc.reap()
+
+    # -- live exports --------------------------------------------------------------
+
+    async def set_exports(self, name: str, exports: Mapping[str, Export]) -> None:
+        """Make the instance's exports ``exports`` at once (runtime grants).
+
+        Each directory is opened here, with no symlink in any component.
+        Raises Failed naming the export that could not be made; the others
+        are applied.
+        """
+        b = self._live.get(name)
+        if b is None:
+            raise Failed(f"{name} has no file server")
+        await self._sync(b, exports, remove=True)
+
+    async def _sync(self, b: _Backend, exports: Mapping[str, Export], *, remove: bool) -> None:
+        """Add what ``exports`` has and the backend has not; with ``remove``, also
+        remove (or replace) what differs. Raises Failed."""
+        errors: list[str] = []
+        async with b.lock:
+            for entry, now in list(b.exports.items()):
+                want = exports.get(entry)
+                if not remove or (want is not None and (now is None or now == want)):
+                    continue
+                try:
+                    await b.control.remove_export(entry)
+                except ControlError as e:
+                    errors.append(f"cannot remove {entry!r}: {e}")
+                    continue
+                del b.exports[entry]
+            for entry, want in exports.items():
+                if entry in b.exports:
+                    if b.exports[entry] is None:
+                        b.exports[entry] = want
+                    continue
+                try:
+                    fd = self._open_export(want, b.confined)
+                except SpectrumError as e:
+                    errors.append(f"export {entry!r}: {e.message}")
+                    continue
+                try:
+                    await b.control.add_export(entry, fd, want.writable)
+                except ControlError as e:
+                    errors.append(f"cannot add {entry!r}: {e}")
+                    continue
+                finally:
+                    os.close(fd)
+                b.exports[entry] = want
+        if errors:
+            raise Failed(f"{b.name}: file server: " + "; ".join(errors))
+
+    @staticmethod
+    def _open_export(export: Export, confined: bool) -> int:
+        """A descriptor of the export's directory for the backend: the one a grant
+        holds, or opened with no symlink in any component; for a confined backend,
+        on a private copy of its mount rooted there (``..`` of it leads nowhere;
+        read-only at the mount unless writable). Raises InvalidArgument, Failed."""
+        held = open_directory(export.path) if export.held_fd is None else None
+        fd = export.held_fd if held is None else held.fd
+        assert fd is not None
+        try:
+            if not confined:
+                return os.dup(fd)
             try:
-                await asyncio.wait_for(self._proc.wait(), 5)
-            except TimeoutError:
-                await process.reap_child(self._proc)
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+                return jail.detach(fd, export.writable)
+            except OSError as e:
+                why = e.strerror or e
+                raise Failed(f"cannot detach a mount for {export.path}: {why}") from None
+        finally:
+            if held is not None:
+                held.close()
+
+
+def _record(proc: process.VmmProcess, token: str) -> str:
+    return json.dumps(
+        {
+            "pid": proc.pid,
+            "start_time": proc.started,
+            "token": token,
+            "exe": process.executable(proc.pid),
+        }
+    )
+
+
+def _adopt_record(ctx: RunContext) -> process.VmmProcess | None:
+    """The backend of the record in the (root-only) run directory, if it is that very
+    process still."""
+    try:
+        raw = json.loads((ctx.run_dir / FS_RECORD).read_text())
+        pid, start, token, exe = (raw[k] for k in ("pid", "start_time", "token", "exe"))
+        if not (isinstance(pid, int) and isinstance(start, int)):
+            raise TypeError("pid and start_time must be numbers")
+        return process.adopt(pid, start, str(token), str(exe))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        ctx.log.error("cannot read the file server's record: %s", e)
+        return None
+
+
+async def _exit_detail(ctx: RunContext, proc: process.VmmProcess) -> str:
+    """How the backend ended, if it ends within a moment ("" if it still runs)."""
+    with contextlib.suppress(TimeoutError):
+        rc = await asyncio.wait_for(asyncio.shield(proc.wait()), 1.0)
+        tail = process.stderr_tail(ctx.run_dir / FS_LOG)
+        return process.describe_exit(rc, "its file server") + (f": {tail}" if tail else "")
+    return ""

@@ -51,7 +51,7 @@ from spectrumd.host.paths import HeldDirectory, open_directory
 from spectrumd.host.usb_ids import USB_GRANT_PREFIX, UsbMatch, parse_match
 from spectrumd.lifecycle import State, is_up
 from spectrumd.model.types import DirectoryResource, Resource
-from spectrumd.supervisor.files import Exports, exports_of
+from spectrumd.supervisor.files import Export, Exports, exports_of
 from spectrumd.supervisor.instance import Instance
 from spectrumd.supervisor.statefile import write_atomically
 from spectrumd.supervisor.usb import UsbService
@@ -422,11 +422,11 @@ class GrantService:
                 continue
             if g.resource.startswith("/"):
                 if g.held is not None:
-                    exports[g.entry] = (g.held.path, g.access == "rw")
+                    exports[g.entry] = Export(g.held.path, g.access == "rw", g.held.fd)
             else:
                 res = self._resources().get(g.resource)
                 if isinstance(res, DirectoryResource):
-                    exports[g.entry] = (str(res.path), g.access == "rw" and res.writable)
+                    exports[g.entry] = Export(str(res.path), g.access == "rw" and res.writable)
         return exports
 
     async def _apply(self, inst: Instance) -> None:
@@ -477,9 +477,10 @@ class GrantService:
             cb(g)
 
     async def instance_changed(self, inst: Instance) -> None:
-        """Start: apply permanent grants. Stop: end ``running``/``until`` grants."""
+        """Running (a start, a re-adoption): set the exports to what they should be and
+        apply permanent grants. Stop: end ``running``/``until`` grants."""
         mine = [g for g in self.grants.values() if g.instance == inst.name]
-        if inst.state == State.running and any(g.state == "waiting" for g in mine):
+        if inst.state == State.running:
             try:
                 await self._apply(inst)
             except Failed as e:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -38,10 +39,18 @@ class RunContext:
     resources: tuple[Resource, ...]
     run_dir: Path
     stack: contextlib.AsyncExitStack
+    # The daemon's connections to the run (closed also when the daemon exits
+    # and leaves the VM running): control sockets, watcher tasks.
+    conns: contextlib.AsyncExitStack
     log: logging.Logger
+    # End the VM now, as crashed with this reason: a part it cannot run
+    # without has failed (no-op once a stop is under way or the VMM ended).
+    fail: Callable[[str], None]
     # What the drivers ask of the VM (read when the VmSpec is built).
     ports: list[str] = attrs.Factory(list)
     nets: list[NetDev] = attrs.Factory(list)
+    # The VMM's end of the virtio-fs connection (VmSpec.fs_fd); -1: it connects.
+    fs_fd: int | None = None
     # The VMM's control channel, set once it answers (for hot-plugging in ``started``).
     control: VmmControl | None = None
     # The run's own uids (VMM, file server); None: the VMM is not confined.

@@ -106,6 +106,8 @@ class Run:
     guest: GuestChannel | None = None
     # Set before a stop step or a kill: the reason the exit will be reported with.
     stop_reason: str | None = None
+    # Set when a part the VM cannot run without failed (fail()): a crash's reason.
+    failure: str | None = None
     guest_exit: int | None = None
     command_sent: bool = False
     # QMP SHUTDOWN's reason: "guest-shutdown" (powered off), "guest-reset", "guest-panic".
@@ -179,6 +181,8 @@ class Run:
             self._scope = None
 
     def _start_error(self, e: BaseException) -> BaseException:
+        if self.failure is not None:
+            return Failed(f"cannot start {self.name}: {self.failure}")
         if self.stop_reason is not None:
             return Cancelled(f"start of {self.name} was cancelled: {self.stop_reason}")
         if isinstance(e, SpectrumError):
@@ -199,7 +203,10 @@ class Run:
             resources=self.resources,
             run_dir=spec_run_dir,
             stack=self.stack,
+            conns=self.conns,
             log=self.log,
+            fail=self.fail,
+            ids=self.ids,
         )
 
     async def _start(self) -> None:
@@ -481,6 +488,7 @@ class Run:
             described += f": {last}"
         said = None if returncode is None else self.backend.exit_reason(returncode)
         return ExitFacts(
+            failure=self.failure,
             stop_reason=self.stop_reason,
             guest_exit=self.guest_exit,
             shutdown_reason=self.shutdown_reason,
@@ -493,6 +501,21 @@ class Run:
     def kill(self) -> None:
         """SIGKILL the VMM now, and cancel a start or re-adoption under way."""
         self.stop_reason = "killed"
+        if self._scope is not None and not self._scope.done():
+            self._scope.cancel()
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+
+    def fail(self, reason: str) -> None:
+        """A part the VM cannot run without failed: end the VMM (and a start under
+        way) now; its exit is a crash with ``reason``. Ignored once a stop or a
+        kill is under way, or the VMM has ended."""
+        if self.stop_reason is not None or self.failure is not None or self.done.done():
+            return
+        if self.proc is not None and not self.proc.running:
+            return
+        self.failure = reason
+        self.log.error("%s; ending the VM", reason)
         if self._scope is not None and not self._scope.done():
             self._scope.cancel()
         if self.proc is not None:

@@ -75,6 +75,7 @@ def build_spec(ctx: RunContext, guest_dir: Path) -> VmSpec:
         hotplug_slots=QEMU_HOTPLUG_SLOTS if ctx.definition.vmm is VmmKind.qemu else 0,
         usb=usb_capable(ctx.definition.vmm, ctx.resources),
         vmm_uid=ctx.ids.vmm if ctx.ids is not None else None,
+        fs_fd=ctx.fs_fd,
     )
     sockets = [spec.control_socket, spec.console_socket, *map(spec.port_socket, spec.ports)]
     # crosvm's side of each serial socket is "vmm-" + the name (spectrumd.vmm.crosvm).

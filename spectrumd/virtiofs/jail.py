@@ -40,7 +40,9 @@ import errno
 import os
 import resource
 
-from . import resolve, seccomp
+from spectrumd.host import seccomp
+
+from . import resolve
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000

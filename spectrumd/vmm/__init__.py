@@ -5,7 +5,6 @@ import shutil
 from spectrumd.model.types import VmmKind
 from spectrumd.vmm.base import (
     PORT_CONTROL,
-    PORT_FS,
     PORT_PORTAL,
     VmmBackend,
     VmmControl,
@@ -29,7 +28,6 @@ def crosvm_available() -> bool:
 __all__ = [
     "BACKENDS",
     "PORT_CONTROL",
-    "PORT_FS",
     "PORT_PORTAL",
     "VmSpec",
     "VmmBackend",

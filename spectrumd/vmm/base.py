@@ -19,10 +19,11 @@ from spectrumd.model.types import Accel, Disk, VmmKind
 
 # Virtio-serial ports of the guest contract, by name → socket file name in run_dir.
 PORT_CONTROL = "org.spectrum_os.control"
-PORT_FS = "org.spectrum_os.fs"
 PORT_PORTAL = "org.spectrum_os.portal"
 # The directory of run_dir that a VMM which makes its own sockets (crosvm) owns.
 VMM_DIR = "vmm"
+# crosvm's virtio-fs connection, in VMM_DIR (the daemon listens there).
+FS_VHOST_SOCKET = "fs-vhost.sock"
 
 
 def port_socket_name(port: str) -> str:
@@ -89,8 +90,8 @@ class VmSpec:
     disk_fds: tuple[tuple[Path, tuple[int, ...]], ...] = ()
     # A virtio-fs device served by spectrumd.virtiofs over vhost-user: QEMU
     # gets fs_fd, one end of a connected socketpair (-chardev socket,fd=N);
-    # crosvm connects to fs_vhost_socket, which the daemon listens on. Guest
-    # RAM is then shared memory (the backend maps it).
+    # crosvm connects to fs_vhost_socket, which the daemon listens on (fs_fd
+    # is -1 then). Guest RAM is then shared memory (the backend maps it).
     fs_fd: int | None = None
     fs_tag: str = "spectrum"
 
@@ -99,7 +100,7 @@ class VmSpec:
         """Descriptors the VMM must inherit."""
         fds = tuple(n.tap_fd for n in self.nets) + tuple(fd for _, fd in self.listen_fds)
         fds += tuple(fd for _, both in self.disk_fds for fd in both)
-        return fds if self.fs_fd is None else (*fds, self.fs_fd)
+        return fds if self.fs_fd is None or self.fs_fd < 0 else (*fds, self.fs_fd)
 
     def disk_fd(self, path: Path | None) -> tuple[int, ...]:
         """The descriptors the daemon opened for the disk image at ``path`` (or none)."""
@@ -118,7 +119,7 @@ class VmSpec:
     def fs_vhost_socket(self) -> Path:
         """Where crosvm connects for the virtio-fs backend (``--vhost-user fs``), in the
         directory it owns (as for its serial sockets)."""
-        return self.run_dir / VMM_DIR / "fs-vhost.sock"
+        return self.run_dir / VMM_DIR / FS_VHOST_SOCKET
 
     @property
     def console_socket(self) -> Path:

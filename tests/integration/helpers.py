@@ -48,11 +48,17 @@ def vmms(state_dir: Path) -> dict[str, int]:
     return dict(vmm_list(state_dir))
 
 
-def vmm_list(state_dir: Path) -> list[tuple[str, int]]:
+def file_servers(state_dir: Path) -> dict[str, int]:
+    """The live file servers that the daemon of ``state_dir`` started: instance → pid."""
+    return dict(vmm_list(state_dir, b"SPECTRUM_FILESERVER="))
+
+
+def vmm_list(state_dir: Path, var: bytes = b"SPECTRUM_INSTANCE=") -> list[tuple[str, int]]:
     """(instance name, pid) of every live VMM the daemon of ``state_dir`` started.
 
     Found by the environment spectrumd gives every VMM (``SPECTRUM_STATE_DIR``,
-    ``SPECTRUM_INSTANCE``); zombies (exited, not reaped by PID 1 here) are gone.
+    ``SPECTRUM_INSTANCE``; a file server has ``SPECTRUM_FILESERVER``); zombies
+    (exited, not reaped by PID 1 here) are gone.
     """
     mark = f"SPECTRUM_STATE_DIR={state_dir.absolute()}".encode()
     found: list[tuple[str, int]] = []
@@ -66,9 +72,9 @@ def vmm_list(state_dir: Path) -> list[tuple[str, int]]:
             continue
         if mark not in environ or state in ("Z", "X"):
             continue
-        for var in environ:
-            if var.startswith(b"SPECTRUM_INSTANCE="):
-                found.append((var.split(b"=", 1)[1].decode(), int(entry)))
+        for item in environ:
+            if item.startswith(var):
+                found.append((item.split(b"=", 1)[1].decode(), int(entry)))
     return found
 
 

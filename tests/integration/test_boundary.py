@@ -1,12 +1,14 @@
 """The boundary between instances, and between a VMM and root.
 
-The attacker here is instance A's VMM as the kernel knows it: its uid, gid
-and groups, inside its network namespace. It tries to read or write B's
-VMM's memory and environment, signal B's VMM, the file server and a process
-of root's, connect to every socket of the state directory, and write or
-plant links anywhere in the state directory. Then the daemon is SIGKILLed and
-restarted, and both instances are stopped: every attempt failed, and the
-victim directory, file and process outside are untouched.
+The attackers here are instance A's VMM and A's file server as the kernel
+knows them: their uids, gids and groups, inside their namespaces (network;
+for the file server its empty mount namespace too). They try to read or
+write B's VMM's and file server's memory and environment, signal B's VMM,
+the file servers and a process of root's, connect to every socket of the
+state directory, write or plant links anywhere in the state directory, and
+(the file server) read B's exports and host files. Then the daemon is
+SIGKILLed and restarted, and both instances are stopped: every attempt
+failed, and the victim directory, file and process outside are untouched.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import json
 import os
 import signal
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,15 +24,25 @@ import pytest
 
 from spectrumd.host.uids import DEFAULT_RANGE
 from tests.conftest import Daemon
-from tests.integration.helpers import app_config, marked_dir, props, vmms, wait_for
+from tests.integration.helpers import app_config, file_servers, marked_dir, props, vmms, wait_for
 from tests.integration.test_restart import kill_daemon
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 ATTACKER = r"""
-import json, os, signal, socket, sys
+import ctypes, json, os, signal, socket, sys
 targets = json.loads(sys.argv[1])
 reached = []
+enter = targets.get("enter")
+if enter:
+    # Into a confined process's namespaces (as root), then its ids for good.
+    libc = ctypes.CDLL(None, use_errno=True)
+    for fd, kind in enter["ns"]:
+        if libc.setns(fd, kind) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {kind:#x}")
+    os.setgroups(enter["groups"])
+    os.setresgid(enter["gid"], enter["gid"], enter["gid"])
+    os.setresuid(enter["uid"], enter["uid"], enter["uid"])
 
 def attempt(what, fn):
     try:
@@ -40,10 +51,13 @@ def attempt(what, fn):
         return
     reached.append(what)
 
-for name in ("mem", "environ", "maps", "cmdline_write"):
-    path = f"/proc/{targets['victim_vmm']}/{name.replace('_write', '')}"
-    mode = "r+b" if name in ("mem", "cmdline_write") else "rb"
-    attempt(f"open {path} {mode}", lambda: open(path, mode).read(1))
+for victim in targets["victims"]:
+    for name in ("mem", "environ", "maps", "cmdline_write"):
+        path = f"/proc/{victim}/{name.replace('_write', '')}"
+        mode = "r+b" if name in ("mem", "cmdline_write") else "rb"
+        attempt(f"open {path} {mode}", lambda: open(path, mode).read(1))
+for path in targets.get("read", []):
+    attempt(f"read {path}", lambda: os.listdir(path) if os.path.isdir(path) else open(path, "rb").read(1))
 for pid in targets["signal"]:
     attempt(f"signal {pid}", lambda: os.kill(pid, 0))
 for path in targets["sockets"]:
@@ -76,10 +90,30 @@ def status_field(pid: int, key: str) -> str:
     raise AssertionError(f"no {key} in /proc/{pid}/status")
 
 
-def as_vmm(pid: int) -> tuple[int, int, list[int], int]:
-    """(uid, gid, groups, netns fd) of the VMM ``pid``: what an attacker in it holds."""
-    uid, gid, groups = credentials(pid)
-    return uid, gid, groups, os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+CLONE_NEWNET, CLONE_NEWNS = 0x40000000, 0x00020000
+
+
+def attack(
+    targets: dict[str, object], pid: int, kinds: list[int], uid: int, gid: int, groups: list[int]
+) -> dict[str, object]:
+    """Run ATTACKER inside ``pid``'s namespaces of ``kinds``, as uid/gid/groups."""
+    fds = [os.open(f"/proc/{pid}/ns/{'net' if k == CLONE_NEWNET else 'mnt'}", os.O_RDONLY)
+           for k in kinds]  # fmt: skip
+    enter = {"ns": list(zip(fds, kinds, strict=True)), "uid": uid, "gid": gid, "groups": groups}
+    try:
+        out = subprocess.run(
+            ["/usr/bin/python3", "-c", ATTACKER, json.dumps({**targets, "enter": enter})],
+            pass_fds=fds,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert out.returncode == 0, out.stderr
+    result: dict[str, object] = json.loads(out.stdout)
+    return result
 
 
 @pytest.fixture
@@ -97,13 +131,14 @@ async def test_a_hostile_vmm_reaches_nothing_outside(
     daemon: Daemon, victim: tuple[Path, subprocess.Popen[bytes]]
 ) -> None:
     victim_dir, victim_proc = victim
-    with marked_dir("docs.", "docs-ok") as docs:
+    with marked_dir("docs.", "docs-ok") as docs, marked_dir("secret.", "b-only") as secret:
         cfg = app_config(
             "sleep 3600",
             a={"application": "app", "resources": ["docs"]},
-            b={"application": "app", "resources": ["docs"]},
+            b={"application": "app", "resources": ["docs", "secret"]},
         )
         cfg["resources"]["docs"]["path"] = str(docs)
+        cfg["resources"]["secret"] = {"type": "directory", "path": str(secret)}
         c = await daemon.start(cfg)
         for n in "ab":
             await c.manager("StartInstance", "s", n)
@@ -126,54 +161,49 @@ async def test_a_hostile_vmm_reaches_nothing_outside(
             devs = Path(f"/proc/{pids[n]}/net/dev").read_text().splitlines()[2:]
             assert [d.split(":")[0].strip() for d in devs] == ["lo"]
 
+        # One file server each, as a uid of its own (neither VMM's), confined:
+        # seccomp, no network, and a mount namespace with nothing in it.
+        servers = file_servers(daemon.state_dir)
+        assert set(servers) == {"a", "b"}
+        fs_uids = {n: credentials(servers[n])[0] for n in "ab"}
+        assert len({uid_a, uid_b, *fs_uids.values()}) == 4
+        assert all(u in DEFAULT_RANGE for u in fs_uids.values())
+        for n in "ab":
+            assert credentials(servers[n])[1:] == (fs_uids[n], [])
+            assert status_field(servers[n], "Seccomp") == "2"
+            assert status_field(servers[n], "NoNewPrivs") == "1"
+            assert os.listdir(f"/proc/{servers[n]}/root") == []
+            devs = Path(f"/proc/{servers[n]}/net/dev").read_text().splitlines()[2:]
+            assert [d.split(":")[0].strip() for d in devs] == ["lo"]
+
         run = daemon.state_dir / "run"
         dirs = [str(p) for p in [daemon.state_dir, *daemon.state_dir.rglob("*")] if p.is_dir()]
         files = [str(p) for p in daemon.state_dir.rglob("*") if p.is_file()]
         sockets = [str(p) for p in run.rglob("*.sock")]
         assert len(sockets) >= 8  # QMP, console, control, fs, portal: for each
-        fileserver = [
-            int(p)
-            for p in os.listdir("/proc")
-            if p.isdigit() and b"spectrumd.fileserver" in Path(f"/proc/{p}/cmdline").read_bytes()
-        ]
         targets = {
-            "victim_vmm": pids["b"],
-            "signal": [pids["b"], victim_proc.pid, *fileserver],
+            "victims": [pids["b"], servers["b"]],
+            "signal": [pids["b"], victim_proc.pid, *servers.values()],
             "sockets": sockets,
             "dirs": dirs,
             "files": files,
             "victim_dir": str(victim_dir),
         }
-        uid, gid, groups, netns = as_vmm(pids["a"])
-
-        def become_a() -> None:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.setns(netns, 0x40000000) != 0:  # CLONE_NEWNET
-                raise OSError(ctypes.get_errno(), "setns")
-            os.setgroups(groups)
-            os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)
-
-        with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-            f.write(ATTACKER)
-        os.chmod(f.name, 0o644)
-        try:
-            out = subprocess.run(
-                ["/usr/bin/python3", f.name, json.dumps(targets)],
-                preexec_fn=become_a,
-                pass_fds=(netns,),
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-        finally:
-            os.unlink(f.name)
-            os.close(netns)
-        assert out.returncode == 0, out.stderr
-        result = json.loads(out.stdout)
+        # As A's VMM: its ids in its network namespace.
+        uid, gid, groups = credentials(pids["a"])
+        result = attack(targets, pids["a"], [CLONE_NEWNET], uid, gid, groups)
         assert (result["uid"], result["gid"]) == (uid_a, gid_a)
+        assert result["reached"] == []
+        # As A's file server: its ids in its network and (empty) mount namespace.
+        # B's exports and any host path are out of its reach (it holds its own
+        # exports as descriptors, which this attacker does not have).
+        uid, gid, groups = credentials(servers["a"])
+        fs_targets = {**targets, "read": [str(secret), str(secret / "marker"), "/etc/passwd"]}
+        fs_targets["victims"] = [*targets["victims"], pids["a"]]
+        # (Every process but itself: A's file server is the attacker here.)
+        fs_targets["signal"] = [pids["b"], victim_proc.pid, servers["b"], pids["a"]]
+        result = attack(fs_targets, servers["a"], [CLONE_NEWNET, CLONE_NEWNS], uid, gid, groups)
+        assert (result["uid"], result["gid"]) == (fs_uids["a"], fs_uids["a"])
         assert result["reached"] == []
 
         # The daemon dies and comes back; both instances stop as asked.

@@ -21,7 +21,7 @@ import pytest
 
 from spectrumd.model.types import Accel
 from spectrumd.supervisor import process
-from spectrumd.vmm.base import PORT_CONTROL, PORT_FS, NetDev, VmSpec
+from spectrumd.vmm.base import PORT_CONTROL, PORT_PORTAL, NetDev, VmSpec
 from spectrumd.vmm.crosvm import CrosvmBackend
 from tests.conftest import Daemon
 from tests.crosvm.grammar import parse_run
@@ -91,7 +91,7 @@ async def test_start_pause_resume_stop(daemon: Daemon) -> None:
     opts = parse_run(record["argv"][2:])
     assert opts["--wayland-sock"] == [{"path": "/run/user/1000/wayland-0"}]
     names = {s["name"] for s in opts["--serial"] if "name" in s}  # type: ignore[index, operator]
-    assert {PORT_CONTROL, PORT_FS} <= names, names
+    assert {PORT_CONTROL, PORT_PORTAL} <= names, names
 
     await c.instance_call("one", "Pause")
     assert (await props(c, "one"))["State"] == "paused"

@@ -115,7 +115,7 @@ async def test_concurrent_starts_make_one_vmm(daemon: Daemon) -> None:
     assert {short(e.name) for e in errors} == {"InvalidState"}  # type: ignore[attr-defined]
     assert "running" in str(errors[0])
     pid = (await props(c, "one"))["MainPID"]
-    # Exactly one QEMU is our daemon's child (the other child is the file server).
+    # Exactly one QEMU is our daemon's child (the other is the instance's file server).
     children = Path(f"/proc/{daemon.proc.pid}/task/{daemon.proc.pid}/children").read_text()  # type: ignore[union-attr]
     qemus = [c for c in children.split() if Path(f"/proc/{c}/comm").read_text().startswith("qemu")]
     assert qemus == [str(pid)]

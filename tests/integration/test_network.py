@@ -36,7 +36,7 @@ from spectrumd.model.types import (
 )
 from spectrumd.supervisor.networks import NetworkService
 from spectrumd.supervisor.resources import RunContext
-from tests.conftest import Daemon, kill_leftover_vmms
+from tests.conftest import Daemon, kill_leftover_vmms, unexpected_failure
 from tests.integration.helpers import error_of, props, short, wait_for, wait_log
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -120,6 +120,8 @@ def run_context(
         resources=tuple(resources),
         run_dir=Path("/nonexistent"),
         stack=stack,
+        conns=contextlib.AsyncExitStack(),
+        fail=unexpected_failure,
         log=logging.getLogger(name),
     )
 

@@ -24,7 +24,7 @@ import attrs
 import pytest
 
 from spectrumd.model.types import Accel
-from spectrumd.vmm.base import PORT_CONTROL, PORT_FS, VmmError, VmSpec
+from spectrumd.vmm.base import PORT_CONTROL, PORT_PORTAL, VmmError, VmSpec
 from spectrumd.vmm.qemu import QemuBackend, QemuControl
 from spectrumd.vmm.qmp import QmpError
 
@@ -83,7 +83,7 @@ async def spawned(argv_filter: Any = without_kernel, **changes: Any) -> AsyncIte
         initrd=None,
         cmdline="console=ttyS0",
         run_dir=run_dir,
-        ports=(PORT_CONTROL, PORT_FS),
+        ports=(PORT_CONTROL, PORT_PORTAL),
     )
     spec = attrs.evolve(spec, **changes)
     stderr = run_dir / "stderr"
@@ -130,7 +130,7 @@ async def test_run_states() -> None:
         results = await asyncio.gather(*(control.query_status() for _ in range(20)))
         assert results == ["running"] * 20
         # Every socket of the argv exists, also under a directory with a comma.
-        for sock in ("vmm.sock", "console.sock", "control.sock", "fs.sock"):
+        for sock in ("vmm.sock", "console.sock", "control.sock", "portal.sock"):
             assert (vm.spec.run_dir / sock).is_socket()
 
 

@@ -8,8 +8,17 @@ from pathlib import Path
 
 import pytest
 
+from spectrumd.bus.grants import GRANT_IFACE
 from tests.conftest import Daemon
-from tests.integration.helpers import app_config, marked_dir, props, vmms, wait_for, wait_log
+from tests.integration.helpers import (
+    app_config,
+    file_servers,
+    marked_dir,
+    props,
+    vmms,
+    wait_for,
+    wait_log,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -60,9 +69,12 @@ async def test_crash_and_restart_keep_instances_running(
     (grant,) = await c.manager("Grant", "ssa{sv}", "a", str(extra), {})
     await wait_log(log, "granted-ok")
 
+    servers = file_servers(daemon.state_dir)
+    assert sorted(servers) == sorted(names)
     await kill_daemon(daemon)
     await asyncio.sleep(1)
     assert vmms(daemon.state_dir) == before, "the VMMs kept running without their daemon"
+    assert file_servers(daemon.state_dir) == servers, "so did their file servers"
 
     c = await daemon.start()
     for n in names:
@@ -71,7 +83,8 @@ async def test_crash_and_restart_keep_instances_running(
         assert p["StateReason"] == "re-adopted after a daemon restart"
     (rows,) = await c.manager("ListInstances")
     assert sorted((r[0], r[2]) for r in rows) == [(n, "running") for n in names]
-    # The console log goes on, and the file mount works again (the guest remounted).
+    # The console log goes on, and the same file servers still serve the guests.
+    assert file_servers(daemon.state_dir) == servers
     size = log.stat().st_size
     await asyncio.sleep(3)
     fresh = log.read_bytes()[size:].decode(errors="replace")
@@ -80,6 +93,14 @@ async def test_crash_and_restart_keep_instances_running(
     (rows,) = await c.manager("ListGrants")
     assert [r[5] for r in rows] == [grant]
     assert "granted-ok" in fresh, fresh[-800:]
+    # The new daemon changes the adopted file server's exports at once.
+    await c.call(grant, GRANT_IFACE, "Revoke")
+    size = log.stat().st_size
+    await asyncio.sleep(2)
+    # Past the tick that may have been printed as the revocation came.
+    fresh = log.read_bytes()[size:].decode(errors="replace").split("\n", 2)[-1]
+    assert "tick" in fresh and "granted-ok" not in fresh, fresh[-800:]
+    assert "marker-ok" in fresh, fresh[-800:]
 
     # The adopted VMMs are controlled as before: pause, a graceful stop, a kill.
     await c.instance_call("a", "Pause")
@@ -101,12 +122,15 @@ async def test_crash_and_restart_keep_instances_running(
 
 
 async def test_vmm_that_died_while_the_daemon_was_down(daemon: Daemon, docs: Path) -> None:
-    c = await daemon.start(config(docs, ("a", "b")))
-    await c.manager("StartInstance", "s", "a")
-    await c.manager("StartInstance", "s", "b")
+    c = await daemon.start(config(docs, ("a", "b", "c")))
+    for n in ("a", "b", "c"):
+        await c.manager("StartInstance", "s", n)
     pid = (await props(c, "a"))["MainPID"]
+    c_vmm = (await props(c, "c"))["MainPID"]
     await kill_daemon(daemon)
     os.kill(pid, signal.SIGKILL)
+    # c's file server dies too: c's guest can never reach its files again.
+    os.kill(file_servers(daemon.state_dir)["c"], signal.SIGKILL)
     await asyncio.sleep(0.5)
     # A garbage record must not stop the daemon either.
     (daemon.state_dir / "run" / "zz").mkdir()
@@ -121,10 +145,15 @@ async def test_vmm_that_died_while_the_daemon_was_down(daemon: Daemon, docs: Pat
     assert not (daemon.state_dir / "run" / "a").exists()
     assert (await props(c, "b"))["State"] == "running"
     assert "cannot read a run record" in daemon.stderr_path.read_text()
+    p = await props(c, "c")
+    assert (p["State"], p["MainPID"]) == ("failed", 0), p
+    assert "file server is gone" in p["StateReason"], p
+    assert "c" not in vmms(daemon.state_dir) and c_vmm not in vmms(daemon.state_dir).values()
     # A failed instance starts again.
     await c.manager("StartInstance", "s", "a")
     await c.instance_call("a", "Kill")
     await c.instance_call("b", "Kill")
+    assert file_servers(daemon.state_dir) == {}
 
 
 @pytest.mark.parametrize("during", ["start", "stop"])

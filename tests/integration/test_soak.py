@@ -31,7 +31,7 @@ from spectrumd.bus.names import INSTANCE_IFACE, instance_path
 from spectrumd.cli.client import CallError, Client, connect
 from spectrumd.host import names
 from tests.conftest import Daemon
-from tests.integration.helpers import props, short, vmm_list, wait_for
+from tests.integration.helpers import file_servers, props, short, vmm_list, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -246,13 +246,13 @@ def check_consistent(d: Daemon, snap: dict[str, dict[str, Any]], ns: str) -> lis
 
 
 def stray_children(d: Daemon, vmms: set[int] | frozenset[int] = frozenset()) -> list[str]:
-    """Children of the daemon other than the file server and the VMMs in ``vmms``."""
+    """Children of the daemon other than the processes in ``vmms`` (VMMs, file servers)."""
     assert d.proc is not None
     out = []
     for pid in sorted(children_of(d.proc.pid)):
         line = cmdline(pid).replace(b"\0", b" ").decode(errors="replace")
         alive = proc_state(pid) not in ("", "Z")
-        if alive and ("spectrumd.fileserver" in line or pid in vmms):
+        if alive and pid in vmms:
             continue
         out.append(f"{pid} [{proc_state(pid)}] {line[:160]}")
     return out
@@ -321,7 +321,10 @@ async def test_soak_random_concurrent_callers(daemon: Daemon, netns: str) -> Non
     running = sorted(n for n, p in snap.items() if p["State"] in ("running", "paused"))
     print(f"after the soak: {len(running)} running or paused: {running}")
     vmms = {p["MainPID"] for p in snap.values() if p["MainPID"]}
-    assert stray_children(daemon, vmms) == []
+    # One file server per running instance, and none for any other.
+    servers = file_servers(daemon.state_dir)
+    assert sorted(servers) == running, servers
+    assert stray_children(daemon, vmms | set(servers.values())) == []
 
     # Kill everything that runs; then nothing may be left.
     results = await asyncio.gather(
@@ -340,6 +343,7 @@ async def test_soak_random_concurrent_callers(daemon: Daemon, netns: str) -> Non
     )
     assert left == [], f"left in {run_dir}: {left}"
     assert taps(netns) == set()
+    assert file_servers(daemon.state_dir) == {}
     assert stray_children(daemon) == []
     await asyncio.sleep(0.5)
     fds_after = fd_count(pid)

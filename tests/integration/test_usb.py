@@ -37,7 +37,7 @@ from spectrumd.supervisor.resources import RunContext
 from spectrumd.supervisor.usb import UsbService
 from spectrumd.vmm.base import PORT_CONTROL, VmSpec
 from spectrumd.vmm.qemu import QemuBackend, QemuControl
-from tests.conftest import Daemon
+from tests.conftest import Daemon, unexpected_failure
 from tests.integration.helpers import error_of, props, short
 from tests.integration.test_crosvm import STANDIN_DIR, crosvm_config, standin_env
 from tests.usb_tree import UsbTree
@@ -121,6 +121,8 @@ async def test_qemu_usb_host_path_and_guest_hotplug(
             resources=(KEY,),
             run_dir=run_dir,
             stack=stack,
+            conns=contextlib.AsyncExitStack(),
+            fail=unexpected_failure,
             log=logging.getLogger("test.usb"),
         )
         await svc.prepare(ctx)

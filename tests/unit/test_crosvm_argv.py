@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from spectrumd.model.types import Accel, Disk
-from spectrumd.vmm.base import PORT_CONTROL, PORT_FS, PORT_PORTAL, NetDev, VmSpec
+from spectrumd.vmm.base import PORT_CONTROL, PORT_PORTAL, NetDev, VmSpec
 from spectrumd.vmm.crosvm import CrosvmBackend
 from tests.crosvm.grammar import GrammarError, parse_kv, parse_run
 
@@ -52,7 +52,7 @@ FULL = dict(
     memory_mib=1024,
     initrd=Path("/usr/lib/spectrum/initrd.img"),
     cmdline="console=ttyS0 panic=-1 quiet spectrum.x=1",
-    ports=(PORT_CONTROL, PORT_FS, PORT_PORTAL),
+    ports=(PORT_CONTROL, PORT_PORTAL),
     root_image=Path("/srv/app/root.img"),
     root_image_size=64 << 20,
     disks=(Disk(Path("/srv/ro.img")), Disk(Path("/srv/rw.img"), writable=True)),
@@ -101,9 +101,9 @@ def test_full(arch: str) -> None:
     assert opts["--wayland-sock"] == [{"path": "/run/user/1000/wayland-0"}]
     assert opts["--pci-hotplug-slots"] == [2]
     names = [s["name"] for s in opts["--serial"] if "name" in s]  # type: ignore[index, operator]
-    assert names == [PORT_CONTROL, PORT_FS, PORT_PORTAL]
+    assert names == [PORT_CONTROL, PORT_PORTAL]
     nums = [s["num"] for s in opts["--serial"] if s["hardware"] == "virtio-console"]  # type: ignore[index]
-    assert nums == [1, 2, 3]
+    assert nums == [1, 2]
 
 
 def test_shared_root_is_pmem_read_only() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from spectrumd.model.types import Accel, Disk
-from spectrumd.vmm.base import PORT_CONTROL, PORT_FS, PORT_PORTAL, VmSpec
+from spectrumd.vmm.base import PORT_CONTROL, PORT_PORTAL, VmSpec
 from spectrumd.vmm.qemu import QemuBackend, opt_escape
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -53,7 +53,7 @@ def test_kvm_initrd_4_vcpus_2_ports() -> None:
             vcpus=4,
             memory_mib=1024,
             initrd=Path("/usr/lib/spectrum/initrd.img"),
-            ports=(PORT_CONTROL, PORT_FS),
+            ports=(PORT_CONTROL, PORT_PORTAL),
         )
     )
     check_golden("kvm-initrd-ports", argv)
@@ -190,7 +190,7 @@ def test_default_binary() -> None:
 
 
 def test_argv_is_pure() -> None:
-    s = spec(ports=(PORT_CONTROL, PORT_FS))
+    s = spec(ports=(PORT_CONTROL, PORT_PORTAL))
     assert backend.argv(s) == backend.argv(s)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from spectrumd.virtiofs import seccomp as S
+from spectrumd.host import seccomp as S
 
 pytestmark = [
     pytest.mark.timeout(30),

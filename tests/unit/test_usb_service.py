@@ -31,6 +31,7 @@ from spectrumd.supervisor.grants import GrantService
 from spectrumd.supervisor.resources import RunContext
 from spectrumd.supervisor.usb import UsbService
 from spectrumd.vmm.base import VmmError, VmSpec
+from tests.conftest import unexpected_failure
 from tests.usb_tree import UsbTree
 
 pytestmark = pytest.mark.timeout(10)
@@ -76,6 +77,8 @@ class Run:
             resources=resources,
             run_dir=run_dir,
             stack=contextlib.AsyncExitStack(),
+            conns=contextlib.AsyncExitStack(),
+            fail=unexpected_failure,
             log=logging.getLogger(f"test.{name}"),
         )
         self.svc = svc

@@ -11,14 +11,10 @@ refused by the jail, not by file permissions. Needs root and /dev/fuse.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
-import grp
-import itertools
 import json
 import os
-import pwd
 import shutil
 import socket
 import subprocess
@@ -33,39 +29,12 @@ from spectrumd.virtiofs import jail, resolve
 from spectrumd.virtiofs.control import send_command
 
 from .test_fuse_mount import ROOT, Mounted
+from .vmharness import unused_ids
 
 pytestmark = [
     pytest.mark.timeout(120),
     pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"), reason="root+fuse"),
 ]
-
-
-def unused_ids(n: int, start: int = 2046885000) -> list[int]:
-    """*n* ids that are no user's, no group's, and no running process's uid or gid."""
-    used: set[int] = set()
-    for status in Path("/proc").glob("[0-9]*/status"):
-        with contextlib.suppress(OSError):
-            for line in status.read_text().splitlines():
-                if line.startswith(("Uid:", "Gid:")):
-                    used.update(int(x) for x in line.split()[1:])
-    found = []
-    for i in itertools.count(start):
-        if i in used:
-            continue
-        try:
-            pwd.getpwuid(i)
-            continue
-        except KeyError:
-            pass
-        try:
-            grp.getgrgid(i)
-            continue
-        except KeyError:
-            pass
-        found.append(i)
-        if len(found) == n:
-            return found
-    raise AssertionError("unreachable")
 
 
 UID, OTHER_UID = unused_ids(2)

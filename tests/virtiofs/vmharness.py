@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import grp
+import itertools
 import os
+import pwd
 import socket
 import subprocess
 import sys
@@ -22,6 +25,34 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent.parent
 QEMU = "qemu-system-x86_64"
 MEM_MIB = 256
+
+
+def unused_ids(n: int, start: int = 2046885000) -> list[int]:
+    """*n* ids that are no user's, no group's, and no running process's uid or gid."""
+    used: set[int] = set()
+    for status in Path("/proc").glob("[0-9]*/status"):
+        with contextlib.suppress(OSError):
+            for line in status.read_text().splitlines():
+                if line.startswith(("Uid:", "Gid:")):
+                    used.update(int(x) for x in line.split()[1:])
+    found = []
+    for i in itertools.count(start):
+        if i in used:
+            continue
+        try:
+            pwd.getpwuid(i)
+            continue
+        except KeyError:
+            pass
+        try:
+            grp.getgrgid(i)
+            continue
+        except KeyError:
+            pass
+        found.append(i)
+        if len(found) == n:
+            return found
+    raise AssertionError("unreachable")
 
 
 def connect(path: str, deadline: float) -> socket.socket:
