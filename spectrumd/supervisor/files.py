@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import socket
 import sys
 from collections.abc import Mapping
@@ -108,11 +109,8 @@ class FileService:
         self.state_dir = os.fspath(state_dir)
         self.control_timeout = control_timeout
         self._live: dict[str, _Backend] = {}
-
-    def pid_of(self, name: str) -> int | None:
-        """The pid of the instance's backend, if it has one."""
-        b = self._live.get(name)
-        return b.proc.pid if b is not None else None
+        # The VMM's ends of the vhost-user socketpairs, until the VMM has its copy.
+        self._vmm_ends: dict[str, socket.socket] = {}
 
     # -- ResourceDriver --------------------------------------------------------
 
@@ -137,7 +135,11 @@ class FileService:
             else:
                 vmm_end, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
                 theirs.append(ours)
-                ctx.stack.callback(vmm_end.close)  # the VMM inherited its copy by then
+                # Closed once the VMM has its copy (started), or with a failed start:
+                # while we hold it, the backend would not see the VMM's end.
+                vmm_ends = self._vmm_ends
+                vmm_ends[ctx.name] = vmm_end
+                ctx.stack.callback(lambda: vmm_ends.pop(ctx.name, vmm_end).close())
                 vhost_arg = ["--vhost-fd", str(ours.fileno())]
                 ctx.fs_fd = vmm_end.fileno()
         except OSError as e:
@@ -178,6 +180,9 @@ class FileService:
     async def started(self, ctx: RunContext, spec: VmSpec) -> None:
         """Before the guest runs: the backend answers (it is confined and serving),
         is recorded, and serves the instance's directories."""
+        vmm_end = self._vmm_ends.pop(ctx.name, None)
+        if vmm_end is not None:
+            vmm_end.close()
         backend = self._live[ctx.name]
         await self._connect(ctx, backend, "start")
         try:
@@ -238,15 +243,19 @@ class FileService:
         )
 
     async def _end(self, name: str, proc: process.VmmProcess) -> None:
-        """After the VMM has ended: the backend ends by itself; else it is killed."""
+        """After the VMM has ended (or was never spawned): SIGTERM, then SIGKILL."""
         b = self._live.get(name)
         if b is not None and b.proc is proc:
             del self._live[name]
             b.control.close()
+        # It ends by itself when the VMM's end of its connection closes; a
+        # crosvm that never connected (or a start that failed before the VMM
+        # ran) leaves it waiting.
+        proc.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(asyncio.shield(proc.wait()), EXIT_WAIT)
         except TimeoutError:
-            log.warning("%s: the file server did not end with its VMM; killing it", name)
+            log.warning("%s: the file server did not end on SIGTERM; killing it", name)
         await proc.reap()
 
     # -- live exports --------------------------------------------------------------

@@ -148,18 +148,19 @@ class Run:
 
         Raises like :meth:`start`; on failure the VMM is ended.
         """
-        self.proc, self.spec, self.command_sent = proc, record.spec, True
+        self.proc, self.command_sent = proc, True
         self.started_at_us = record.started_at_us
         if self.env.uids is not None:
             # Taken back at daemon start from what the kernel says the VMM runs as.
             self.ids = self.env.uids.ids_of(self.name)
             self.stack.callback(self.env.uids.release, self.name)
+        self.spec = attrs.evolve(record.spec, vmm_uid=self.ids.vmm if self.ids else None)
         self.stale_definition = record.snapshot != snapshot(
             self.definition, self.application, self.resources
         )
         self.stack.callback(shutil.rmtree, self.env.run_dir(self.name), True)
         self.stack.push_async_callback(proc.reap)
-        paused: bool = await self._in_scope(self._reconnect(record.spec))
+        paused: bool = await self._in_scope(self._reconnect(self.spec))
         return paused
 
     async def _in_scope(self, coro: Coroutine[Any, Any, _T]) -> _T:

@@ -216,7 +216,7 @@ class CrosvmBackend:
         if relays is None:  # not started by this daemon: re-adoption
             relays = self._kept_relays(spec)
         sock = vmm_socket(spec, spec.control_socket.name)
-        control = CrosvmControl(spec.binary or "crosvm", sock, relays)
+        control = CrosvmControl(spec.binary or "crosvm", sock, relays, uid=spec.vmm_uid)
         try:
             for r in relays:
                 r.start()

@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -46,10 +47,15 @@ class CrosvmControl:
         socket_path: Path,
         relays: Sequence[SerialRelay] = (),
         timeout: float = DEFAULT_TIMEOUT,
+        uid: int | None = None,
     ) -> None:
         self.binary = binary
         self.socket_path = socket_path
         self.timeout = timeout
+        # The VMM's own uid (== gid): the subcommands run as it, so a socket path
+        # in the directory crosvm owns (a symlink planted there, say) is
+        # reached with crosvm's rights, never root's. None: as the daemon.
+        self.uid = uid
         self._relays = list(relays)
         # net id → PCI bus number crosvm gave the hot-added device.
         self._net_buses: dict[str, int] = {}
@@ -58,6 +64,9 @@ class CrosvmControl:
         """Run ``crosvm ARGS... SOCKET``; return its stdout. Raises VmmError."""
         argv = [self.binary, *args, os.fspath(self.socket_path)]
         what = " ".join(args[:2]) if args[:1] == ("usb",) else args[0]
+        ids: dict[str, Any] = {}
+        if self.uid is not None:
+            ids = {"user": self.uid, "group": self.uid, "extra_groups": []}
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -65,6 +74,7 @@ class CrosvmControl:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 pass_fds=tuple(pass_fds),
+                **ids,
             )
         except OSError as e:
             raise VmmError(f"crosvm {what}: cannot run {self.binary}: {e}") from e

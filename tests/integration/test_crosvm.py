@@ -102,6 +102,12 @@ async def test_start_pause_resume_stop(daemon: Daemon) -> None:
     await c.instance_call("one", "Resume")
     await wait_log(log, f"tick {before + 2}", timeout=10)
 
+    # Every control subcommand ran as the VMM's own uid, never as root.
+    vmm_uid = int(Path(f"/proc/{p['MainPID']}/status").read_text().split("Uid:")[1].split()[0])
+    peers = (run_dir / "control-peers.txt").read_text().split()
+    assert peers[0::2] == ["suspend", "resume"] and set(peers[1::2]) == {str(vmm_uid)}, peers
+    assert vmm_uid != 0
+
     await c.manager("StopInstance", "s", "one")
     p = await props(c, "one")
     assert p["State"] == "stopped", p
