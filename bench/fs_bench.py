@@ -11,9 +11,9 @@ same files on the host:
   cache=none``) on the same device (``queue-size=1024`` for both: the
   guest caps a request at queue size - 4 pages);
 * ``9p``: QEMU's built-in virtio-9p (``-virtfs local``, msize 512 KiB,
-  ``cache=none``). Its kernel module (``9pnet_virtio``) is not in the
-  embedded guest; it is fetched once from the guest's kernel package and
-  appended to the initramfs.
+  ``cache=none``). Its kernel modules (``netfs``, ``fscache``, ``9pnet``, ``9p``,
+  ``9pnet_virtio``) are not in the embedded guest; they are fetched once from
+  the guest's kernel package and appended to the initramfs.
 
 In the guest, with its page cache out of the way (virtio-fs: ours opens
 every file FOPEN_DIRECT_IO, virtiofsd runs with cache=none; 9p mounts with
@@ -54,7 +54,8 @@ BIG_MIB = 192
 N_DIRS, N_FILES = 20, 100
 N_CREATE = 500
 CACHE = Path("/var/cache/spectrumd/bench")
-KINDS = ["ours", "virtiofsd", "9p"]
+# "unconfined": ours without its jail (as root), to show what the jail costs.
+KINDS = ["ours", "unconfined", "virtiofsd", "9p"]
 FS_DEVICE = "vhost-user-fs-pci,queue-size=1024,chardev=fs,tag=spectrum"  # as vmharness has it
 
 # Run in the guest with $D the directory holding the files. Each figure is one
@@ -96,36 +97,46 @@ def make_files(base: Path) -> Path:
     return export
 
 
+# virtio-9p's modules, in load order (Debian 6.1: 9p needs netfs, fscache, 9pnet).
+NINEP_MODULES = ("netfs", "fscache", "9pnet", "9p", "9pnet_virtio")
+
+
 def virtfs_initrd(guest: Path, work: Path) -> Path:
-    """The guest's initramfs plus 9pnet_virtio.ko (a second, appended cpio)."""
+    """The guest's initramfs plus virtio-9p's modules (a second, appended cpio)."""
     kver = (guest / "kernel-version").read_text().split()
     pkg, ver = kver[0], kver[1]
     CACHE.mkdir(parents=True, exist_ok=True)
-    ko = CACHE / f"9pnet_virtio-{ver}.ko"
-    if not ko.exists():
+    cached = {m: CACHE / f"{m}-{ver}.ko" for m in NINEP_MODULES}
+    if not all(ko.exists() for ko in cached.values()):
         dl = Path(tempfile.mkdtemp(prefix="fsb-dl.", dir="/tmp"))
         try:
-            subprocess.run(["apt-get", "download", pkg], cwd=dl, check=True)
+            subprocess.run(["apt-get", "download", "-q", pkg], cwd=dl, check=True,
+                           stdout=subprocess.DEVNULL)  # fmt: skip
             deb = next(dl.glob("*.deb"))
+            wanted = " ".join(f"'*/{m}.ko*'" for m in NINEP_MODULES)
             subprocess.run(
-                f"dpkg-deb --fsys-tarfile {deb} | tar -x -C {dl} --wildcards '*/9pnet_virtio.ko*'",
+                f"dpkg-deb --fsys-tarfile {deb} | tar -x -C {dl} --wildcards {wanted}",
                 shell=True,
                 check=True,
             )
-            found = next(dl.rglob("9pnet_virtio.ko*"))
-            data = found.read_bytes()
-            if found.suffix == ".xz":
-                data = lzma.decompress(data)
-            ko.write_bytes(data)
+            for m, ko in cached.items():
+                found = next(dl.rglob(f"{m}.ko*"))
+                data = found.read_bytes()
+                if found.suffix == ".xz":
+                    data = lzma.decompress(data)
+                ko.write_bytes(data)
         finally:
             shutil.rmtree(dl, ignore_errors=True)
     root = work / "extra-root"
     (root / "lib" / "modules").mkdir(parents=True, exist_ok=True)
-    shutil.copy(ko, root / "lib" / "modules" / "9pnet_virtio.ko")
+    names = ["lib", "lib/modules"]
+    for m, ko in cached.items():
+        shutil.copy(ko, root / "lib" / "modules" / f"{m}.ko")
+        names.append(f"lib/modules/{m}.ko")
     extra = subprocess.run(
         ["cpio", "-o", "-H", "newc", "--quiet"],
         cwd=root,
-        input=b"lib\nlib/modules\nlib/modules/9pnet_virtio.ko\n",
+        input="".join(n + "\n" for n in names).encode(),
         capture_output=True,
         check=True,
     ).stdout
@@ -174,7 +185,8 @@ def bench_one(kind: str, guest: Path, initrd: Path, export: Path, uid: int) -> d
             vm = Vm(guest, run, args, initrd=initrd)
             vm.start()
             mount = (
-                "insmod /lib/modules/9pnet_virtio.ko; mkdir -p /mnt/v; mount -t 9p -o "
+                "for m in " + " ".join(NINEP_MODULES) + "; do insmod /lib/modules/$m.ko; done; "
+                "mkdir -p /mnt/v; mount -t 9p -o "
                 "trans=virtio,version=9p2000.L,msize=524288,cache=none bench /mnt/v || exit 1\n"
                 "D=/mnt/v\n"
             )
@@ -197,7 +209,8 @@ def bench_one(kind: str, guest: Path, initrd: Path, export: Path, uid: int) -> d
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             efd = os.open(export, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                procs.append(spawn_ours(ours.fileno(), [("b", efd, True)], confine=(uid, uid)))
+                jail = (uid, uid) if kind == "ours" else None
+                procs.append(spawn_ours(ours.fileno(), [("b", efd, True)], confine=jail))
             finally:
                 os.close(efd)
                 ours.close()
