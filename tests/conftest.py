@@ -179,3 +179,15 @@ async def daemon(dbus_address: str, guest_dir: Path, short_tmp: Path) -> AsyncIt
 def unexpected_failure(reason: str) -> None:
     """``RunContext.fail`` for driver tests, where no part may fail the run."""
     raise AssertionError(f"the run was failed: {reason}")
+
+
+@contextlib.contextmanager
+def readable_tmpdir(prefix: str) -> Iterator[Path]:
+    """A new directory under /tmp that every uid may read and search (0755): what a
+    confined VMM or file server, of a uid of its own, is given. Removed afterwards."""
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,19 +14,16 @@ from dbus_fast import Message
 
 from spectrumd.bus.names import ERROR_PREFIX, INSTANCE_IFACE, MANAGER_PATH
 from spectrumd.cli.client import CallError, Client
+from tests.conftest import readable_tmpdir
 
 
 @contextlib.contextmanager
 def marked_dir(prefix: str, marker: str) -> Iterator[Path]:
     """A host directory the file server's user can read, holding ``marker`` in ``marker``."""
-    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    try:
-        d.chmod(0o755)
+    with readable_tmpdir(prefix) as d:
         (d / "marker").write_text(marker + "\n")
         (d / "marker").chmod(0o644)
         yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def app_config(command: str, **instances: dict[str, Any]) -> dict[str, Any]:

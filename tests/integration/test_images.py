@@ -13,7 +13,6 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests import images
-from tests.conftest import Daemon
+from tests.conftest import Daemon, readable_tmpdir
 from tests.images import mkimage
 from tests.integration.helpers import error_of, props, short, wait_for, wait_log
 
@@ -41,12 +40,8 @@ def python_image() -> Path:
 
 @pytest.fixture
 def work() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="img.", dir="/tmp"))
-    d.chmod(0o755)
-    try:
+    with readable_tmpdir("img.") as d:
         yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def image_config(app: dict[str, Any], **instances: dict[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import pytest
 
 from spectrumd.virtiofs import jail, resolve
 from spectrumd.virtiofs.control import send_command
+from tests.conftest import readable_tmpdir
 
 from .test_fuse_mount import ROOT, Mounted
 from .vmharness import unused_ids
@@ -251,12 +251,8 @@ def run_attacker(cfg: dict[str, object], mine: int) -> tuple[dict[str, str], lis
 @pytest.fixture
 def world() -> Iterator[Path]:
     """Another instance's directory, a victim file and a unix socket, all open to any uid."""
-    d = Path(tempfile.mkdtemp(prefix="jail.", dir="/tmp"))
-    d.chmod(0o755)
-    try:
+    with readable_tmpdir("jail.") as d:
         yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_an_attacker_in_the_jail_reaches_nothing_outside(world: Path) -> None:

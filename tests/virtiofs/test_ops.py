@@ -20,6 +20,7 @@ from spectrumd.virtiofs import protocol as P
 from spectrumd.virtiofs.tree import Tree
 
 from .fusereq import Client, FuseError, name, request, setattr_body
+from .traversal_world import real_opens_of
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -213,21 +214,7 @@ def test_fifos_and_device_nodes_are_never_opened(world: tuple[Client, Path]) -> 
     assert errno_of(c.create, rw, b"fifo", flags=os.O_WRONLY) == errno.EACCES
     assert errno_of(c.create, rw, b"null", flags=os.O_RDWR) == errno.EACCES
     # The only fds on them are the O_PATH ones of their inodes.
-    assert _real_opens_of(tmp / "rw" / "fifo") == [] and _real_opens_of(tmp / "rw" / "null") == []
-
-
-def _real_opens_of(path: Path) -> list[str]:
-    found = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}") != str(path):
-                continue
-            flags = int(Path(f"/proc/self/fdinfo/{fd}").read_text().split()[3], 8)
-        except OSError:
-            continue
-        if not flags & 0o10000000:  # O_PATH
-            found.append(fd)
-    return found
+    assert real_opens_of(tmp / "rw" / "fifo") == [] and real_opens_of(tmp / "rw" / "null") == []
 
 
 def test_setuid_setgid_and_chown_are_refused(world: tuple[Client, Path]) -> None:

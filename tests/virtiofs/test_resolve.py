@@ -10,31 +10,15 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from spectrumd.virtiofs import resolve
 
+from .traversal_world import dirfd
+
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture(params=["openat2", "fallback"])
-def resolver(request: pytest.FixtureRequest) -> Iterator[str]:
-    want = request.param == "openat2"
-    old = resolve.use_openat2(want)
-    if want and not resolve.use_openat2(want):  # returns what the first call set
-        resolve.use_openat2(old)
-        pytest.skip("openat2 is not available here")
-    try:
-        yield request.param
-    finally:
-        resolve.use_openat2(old)
-
-
-def dirfd(p: Path | str) -> int:
-    return os.open(p, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
 def errno_of(dir_fd: int, name: bytes, flags: int, mode: int = 0) -> int:

@@ -32,24 +32,10 @@ from .traversal_world import (
     getattr_mode,
     read_all,
     read_dir,
+    real_opens_of,
 )
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def real_opens_of(path: Path) -> list[str]:
-    """Our fds on *path* that are not O_PATH: a FIFO or device opened for real."""
-    found = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}") != str(path):
-                continue
-            flags = int(Path(f"/proc/self/fdinfo/{fd}").read_text().split()[3], 8)
-        except OSError:
-            continue
-        if not flags & 0o10000000:  # O_PATH
-            found.append(fd)
-    return found
 
 
 def assert_no_reader(fifo: Path) -> None:

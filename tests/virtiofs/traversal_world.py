@@ -49,7 +49,7 @@ def resolver(request: pytest.FixtureRequest) -> Iterator[str]:
         resolve.use_openat2(old)
 
 
-def dirfd(p: Path) -> int:
+def dirfd(p: Path | str) -> int:
     return os.open(p, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
@@ -207,3 +207,18 @@ def exchange(a: Path, b: Path) -> None:
     if _libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE):
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def real_opens_of(path: Path) -> list[str]:
+    """Our fds on *path* that are not O_PATH: a FIFO or device opened for real."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") != str(path):
+                continue
+            flags = int(Path(f"/proc/self/fdinfo/{fd}").read_text().split()[3], 8)
+        except OSError:
+            continue
+        if not flags & 0o10000000:  # O_PATH
+            found.append(fd)
+    return found
