@@ -92,6 +92,13 @@ async def test_start_pause_resume_stop(daemon: Daemon) -> None:
     assert opts["--wayland-sock"] == [{"path": "/run/user/1000/wayland-0"}]
     names = {s["name"] for s in opts["--serial"] if "name" in s}  # type: ignore[index, operator]
     assert {PORT_CONTROL, PORT_PORTAL} <= names, names
+    # crosvm (as its own uid) reached the instance's file server at the
+    # --vhost-user socket and got its features: VIRTIO_F_VERSION_1 and
+    # VHOST_USER_F_PROTOCOL_FEATURES.
+    (fs,) = opts["--vhost-user"]
+    assert fs == {"path": "fs", "socket": str(run_dir / "fs-vhost.sock")}, fs
+    features = record["vhost_fs_features"]
+    assert features & (1 << 32) and features & (1 << 30), hex(features)
 
     await c.instance_call("one", "Pause")
     assert (await props(c, "one"))["State"] == "paused"
