@@ -31,7 +31,16 @@ import pytest
 from spectrumd.supervisor import Environment, Supervisor
 from spectrumd.supervisor.files import Export, FileService
 from tests.conftest import Daemon, kill_leftover_vmms
-from tests.integration.helpers import app_config, file_servers, props, vmms, wait_for, wait_log
+from tests.integration.helpers import (
+    app_config,
+    error_of,
+    file_servers,
+    props,
+    short,
+    vmms,
+    wait_for,
+    wait_log,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -243,3 +252,29 @@ async def test_exports_added_and_removed_while_running(
         await sup.close()
         kill_leftover_vmms(state)
         shutil.rmtree(state, ignore_errors=True)
+
+
+async def test_a_directory_that_cannot_be_exported_fails_the_start_cleanly(
+    daemon: Daemon, trees: Path
+) -> None:
+    # A resource whose path is missing, or has a symlink in it: the start fails
+    # naming the export, and no VMM, file server or run directory is left.
+    (trees / "link").symlink_to(trees / "docs")
+    cfg = app_config(
+        "sleep 600",
+        gone={"application": "app", "resources": ["gone"]},
+        linked={"application": "app", "resources": ["linked"]},
+    )
+    cfg["resources"] = {
+        "gone": {"type": "directory", "path": str(trees / "no-such-dir")},
+        "linked": {"type": "directory", "path": str(trees / "link")},
+    }
+    c = await daemon.start(cfg)
+    for name, why in (("gone", "No such file or directory"), ("linked", "symbolic link")):
+        e = await error_of(c.manager("StartInstance", "s", name))
+        assert short(e.name) == "Failed", e
+        assert f"export {name!r}" in e.message and why in e.message, e.message
+        p = await props(c, name)
+        assert p["State"] in ("stopped", "failed"), p
+    assert vmms(daemon.state_dir) == {} and file_servers(daemon.state_dir) == {}
+    assert sorted(os.listdir(daemon.state_dir / "run")) == []
