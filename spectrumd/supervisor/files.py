@@ -263,9 +263,9 @@ class FileService:
     async def set_exports(self, name: str, exports: Mapping[str, Export]) -> None:
         """Make the instance's exports ``exports`` at once (runtime grants).
 
-        Each directory is opened here, with no symlink in any component.
-        Raises Failed naming the export that could not be made; the others
-        are applied.
+        Each directory is the one a grant holds, or is opened here with no
+        symlink in any component. Raises Failed naming the export that could
+        not be made; the others are applied.
         """
         b = self._live.get(name)
         if b is None:
