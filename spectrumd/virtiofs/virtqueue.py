@@ -26,6 +26,7 @@ DESC = struct.Struct("<QIHH")
 F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
 AVAIL_F_NO_INTERRUPT = 1
 MAX_QUEUE = 32768
+MAX_TABLES = 256  # parsed indirect tables kept per queue
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 
@@ -59,12 +60,15 @@ class Virtqueue:
         self.desc: memoryview | None = None
         self.avail: memoryview | None = None
         self.used: memoryview | None = None
+        # Indirect tables already parsed, by their bytes (see _walk).
+        self.tables: dict[bytes, tuple[list[memoryview], list[memoryview]]] = {}
 
     # -- setup (from vhost-user messages) --
 
     def map(self, mem: GuestMemory) -> None:
         """Find the rings in *mem* (after SET_VRING_ADDR or SET_MEM_TABLE); raises MemoryError_."""
         self.desc = self.avail = self.used = None
+        self.tables = {}  # views of the old memory table
         if self.addrs is None or not self.num:
             return
         d, u, a = self.addrs
@@ -137,8 +141,18 @@ class Virtqueue:
                 # One copy of the whole table: the guest cannot change it under us.
                 raw = bytes(mem.view(addr, length))
                 if i == head and not readable and not writable and cur is None:
+                    # A guest reuses its buffers (dd's 1 MiB, the kernel's
+                    # request structs), so the same table comes again and
+                    # again. Its views depend on nothing but these bytes
+                    # and the memory table, which clears the cache (map).
+                    known = self.tables.get(raw)
+                    if known is not None:
+                        return Chain(head, *known)
                     fast = _sequential_table(mem, head, raw)
                     if fast is not None:
+                        if len(self.tables) >= MAX_TABLES:
+                            self.tables.clear()
+                        self.tables[raw] = (fast.readable, fast.writable)
                         return fast
                 entries = list(DESC.iter_unpack(raw))
                 size = budget = length // 16
