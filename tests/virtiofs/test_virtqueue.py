@@ -105,6 +105,37 @@ def test_indirect_table(guest: FakeGuest) -> None:
     assert g.used()[-1] == (10, 144) and reply_error(g, a_hdr) == 0
 
 
+def test_an_indirect_table_seen_before_is_checked_against_the_current_memory(
+    guest: FakeGuest,
+) -> None:
+    # The queue keeps the chains of tables it parsed, by their bytes: the
+    # same table again is answered the same, and after a new memory table
+    # (here, one that no longer holds the reply buffers) it is checked anew.
+    g = guest
+    req = request(P.LOOKUP, 1, name(b"e"))
+    a_req, a_table = g.alloc(req), g.alloc(48)
+    a_hdr, a_ent = g.alloc(16), g.alloc(128)
+    table = b"".join([
+        struct.pack("<QIHH", a_req, len(req), F_NEXT, 1),
+        struct.pack("<QIHH", a_hdr, 16, F_NEXT | F_WRITE, 2),
+        struct.pack("<QIHH", a_ent, 128, F_WRITE, 0),
+    ])  # fmt: skip
+    g.mv[g.off(a_table) : g.off(a_table) + 48] = table
+    g.desc(10, a_table, 48, F_INDIRECT)
+    for _ in range(2):
+        g.mv[g.off(a_hdr) : g.off(a_hdr) + 16] = bytes(16)
+        g.offer(10)
+        g.device.process(g.vq)
+        assert g.used()[-1] == (10, 144) and reply_error(g, a_hdr) == 0
+        assert P.OUT_HEADER.unpack(g.read(a_hdr, 16))[0] == 144
+    smaller = GuestMemory.from_buffer(BASE, g.mv[: g.off(a_hdr)])
+    g.device.mem = smaller
+    g.vq.map(smaller)
+    g.offer(10)
+    g.device.process(g.vq)
+    assert g.used()[-1] == (10, 0)
+
+
 HOSTILE = [
     ("loop", lambda g, a: [g.desc(20, a, 40, F_NEXT, 21), g.desc(21, a, 40, F_NEXT, 20)]),
     ("self loop", lambda g, a: [g.desc(20, a, 40, F_NEXT, 20)]),
