@@ -26,7 +26,11 @@ DESC = struct.Struct("<QIHH")
 F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
 AVAIL_F_NO_INTERRUPT = 1
 MAX_QUEUE = 32768
-MAX_TABLES = 256  # parsed indirect tables kept per queue
+# Parsed indirect tables kept per queue: at most this many, of at most this
+# many bytes in all (so at most 16,384 views: a few MiB, whatever the guest
+# sends). A 1 MiB request's table is about 4 KiB.
+MAX_TABLES = 256
+MAX_TABLE_BYTES = 256 << 10
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 
@@ -62,6 +66,7 @@ class Virtqueue:
         self.used: memoryview | None = None
         # Indirect tables already parsed, by their bytes (see _walk).
         self.tables: dict[bytes, tuple[list[memoryview], list[memoryview]]] = {}
+        self.table_bytes = 0
 
     # -- setup (from vhost-user messages) --
 
@@ -69,6 +74,7 @@ class Virtqueue:
         """Find the rings in *mem* (after SET_VRING_ADDR or SET_MEM_TABLE); raises MemoryError_."""
         self.desc = self.avail = self.used = None
         self.tables = {}  # views of the old memory table
+        self.table_bytes = 0
         if self.addrs is None or not self.num:
             return
         d, u, a = self.addrs
@@ -150,9 +156,15 @@ class Virtqueue:
                         return Chain(head, *known)
                     fast = _sequential_table(mem, head, raw)
                     if fast is not None:
-                        if len(self.tables) >= MAX_TABLES:
+                        if (
+                            len(self.tables) >= MAX_TABLES
+                            or self.table_bytes + length > MAX_TABLE_BYTES
+                        ):
                             self.tables.clear()
-                        self.tables[raw] = (fast.readable, fast.writable)
+                            self.table_bytes = 0
+                        if length <= MAX_TABLE_BYTES:
+                            self.tables[raw] = (fast.readable, fast.writable)
+                            self.table_bytes += length
                         return fast
                 entries = list(DESC.iter_unpack(raw))
                 size = budget = length // 16

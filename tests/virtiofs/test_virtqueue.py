@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import threading
@@ -18,7 +19,7 @@ from spectrumd.virtiofs.memory import GuestMemory
 from spectrumd.virtiofs.ops import FileSystem
 from spectrumd.virtiofs.serve import answer
 from spectrumd.virtiofs.tree import Tree
-from spectrumd.virtiofs.virtqueue import F_INDIRECT, F_NEXT, F_WRITE
+from spectrumd.virtiofs.virtqueue import F_INDIRECT, F_NEXT, F_WRITE, MAX_TABLE_BYTES, MAX_TABLES
 
 from .fusereq import init_body, name, read_body, request
 from .guestmem import BASE, QSIZE, SIZE, FakeGuest
@@ -134,6 +135,28 @@ def test_an_indirect_table_seen_before_is_checked_against_the_current_memory(
     g.offer(10)
     g.device.process(g.vq)
     assert g.used()[-1] == (10, 0)
+
+
+def test_a_guest_sending_ever_new_tables_keeps_the_parsed_ones_bounded(guest: FakeGuest) -> None:
+    # Every table differs (its reply buffer moves); every fifth is 1,001
+    # entries (16 KiB). The queue answers each and keeps a bounded few.
+    g = guest
+    req = request(P.GETATTR, 1, bytes(16))
+    a_req = g.alloc(req)
+    for k in range(MAX_TABLES + 40):
+        n = 1000 if k % 5 == 0 else 1
+        a_hdr = g.alloc(16)
+        table = b"".join(
+            [struct.pack("<QIHH", a_req, len(req), F_NEXT, 1)]
+            + [struct.pack("<QIHH", a_req + 64 * j, 8, F_NEXT, j + 1) for j in range(1, n)]
+            + [struct.pack("<QIHH", a_hdr, 16, F_WRITE, 0)]
+        )
+        g.desc(10, g.alloc(table), len(table), F_INDIRECT)
+        g.offer(10)
+        g.device.process(g.vq)
+        assert g.used()[-1] == (10, 16) and reply_error(g, a_hdr) == errno.EINVAL  # no room
+        assert len(g.vq.tables) <= MAX_TABLES
+        assert sum(map(len, g.vq.tables)) == g.vq.table_bytes <= MAX_TABLE_BYTES
 
 
 HOSTILE = [
