@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 TAG_LEN = 36
 OUT_H = P.OUT_HEADER.size
+_LEN_OPCODE = struct.Struct("<II")  # the first fields of the FUSE request header
 
 
 def fs_config(tag: str, request_queues: int) -> bytes:
@@ -112,13 +113,12 @@ class Device:
         head = copy_out(readable, P.IN_HEADER.size)
         if len(head) < P.IN_HEADER.size:
             return 0
-        opcode = P.IN_HEADER.unpack_from(head)[1]
+        length, opcode = _LEN_OPCODE.unpack_from(head)
         self.counts[opcode] += 1
         if opcode == P.WRITE:
             head = copy_out(readable, P.WRITE_HEADER)
             payload = skip(readable, P.WRITE_HEADER)
         else:
-            length = P.IN_HEADER.unpack_from(head)[0]
             head = copy_out(readable, min(length, P.MAX_REQUEST))
             payload = []
         writable = chain.writable

@@ -57,14 +57,19 @@ ROOT_ATTR_VALID = 1
 DEFAULT_ENTRY_TIMEOUT = 1.0
 MAX_PAGES = 256  # 1 MiB requests, the kernel's limit (FUSE_MAX_MAX_PAGES)
 MAX_WRITE = MAX_PAGES * 4096
-# No READDIRPLUS: with entry timeouts of 0 the entries it returns expire at
-# once, and the guest looks every name up again anyway (virtiofsd turns it
-# off with cache=none too). READDIRPLUS itself is still answered.
+# READDIRPLUS (the kernel chooses it when a listing is followed by lookups,
+# READDIRPLUS_AUTO): names below an export keep their dentry for
+# entry_timeout, so `ls -l` or `find` needs no LOOKUP per name after it. Its
+# lookups are ordinary ones (counted, bounded, checked against the revoked
+# flag); the attributes it returns expire at once like every other.
 # No ASYNC_DIO either: it makes the guest split an O_DIRECT transfer into
 # concurrent max_pages requests, which a single-threaded server answers one
 # after another anyway (measured: 64-page requests read at half the speed
 # of 256-page ones).
-_WANT = P.ASYNC_READ | P.BIG_WRITES | P.MAX_PAGES | P.PARALLEL_DIROPS
+_WANT = (
+    P.ASYNC_READ | P.BIG_WRITES | P.MAX_PAGES | P.PARALLEL_DIROPS
+    | P.DO_READDIRPLUS | P.READDIRPLUS_AUTO
+)  # fmt: skip
 _OPEN_KEEP = os.O_ACCMODE | os.O_APPEND
 # No FLUSH on close: it would do nothing here (no locks, no write-back), and
 # it is one round trip per close. Kernels before 7.35 ignore the flag.
@@ -139,20 +144,23 @@ class FileSystem:
 
     # -- helpers --
 
-    def _entry(self, ino: Inode) -> bytes:
+    def _entry(self, ino: Inode, st: Any = None) -> bytes:
+        """The entry reply for *ino*; *st* is a stat of it made just now, if any."""
         if ino.export is not None and ino.key[2] != ino.export.root_ino:
             sec, nsec = self._entry_valid
         else:
             sec, nsec = self._root_entry_valid
-        return P.encode_entry(ino.nodeid, self._stat(ino), sec, nsec, ATTR_VALID)
+        if st is None:
+            st = self._stat(ino)
+        return P.encode_entry(ino.nodeid, st, sec, nsec, ATTR_VALID)
 
     def _stat(self, ino: Inode) -> Any:
         if ino.export is None:
             return RootStat(len(self.tree.exports))
         return os.fstat(ino.fd)
 
-    def _child(self, parent: Inode, name: bytes) -> Inode:
-        """Look *name* up below *parent*, counting one lookup."""
+    def _child(self, parent: Inode, name: bytes) -> tuple[Inode, Any]:
+        """Look *name* up below *parent*, counting one lookup; returns it and its stat."""
         tree = self.tree
         bad = check_name(name)
         if bad is not None:
@@ -161,8 +169,13 @@ class FileSystem:
             export = tree.exports.get(name)
             if export is None:
                 raise fail(errno.ENOENT)
+            st = os.fstat(export.fd)
+            known = tree.by_key.get((export.serial, st.st_dev, st.st_ino))
+            if known is not None:  # looked up again on every path walk (timeout 0)
+                known.nlookup += 1
+                return known, st
             fd = os.dup(export.fd)
-            return tree.remember(export, fd, os.fstat(fd))
+            return tree.remember(export, fd, st), st
         if not stat.S_ISDIR(parent.mode):
             raise fail(errno.ENOTDIR)
         # Fast path for a node we already hold: fstatat of one checked
@@ -172,14 +185,14 @@ class FileSystem:
         known = tree.by_key.get((parent.export.serial, st.st_dev, st.st_ino))
         if known is not None:
             known.nlookup += 1
-            return known
+            return known, st
         fd = open_beneath(parent.fd, name, os.O_PATH)
         try:
             st = os.fstat(fd)
         except BaseException:
             os.close(fd)
             raise
-        return tree.remember(parent.export, fd, st)
+        return tree.remember(parent.export, fd, st), st
 
     def _dir_for_change(self, nodeid: int) -> Inode:
         parent = self.tree.inode(nodeid)
@@ -214,7 +227,7 @@ class FileSystem:
         return b""
 
     def _lookup(self, req: P.Request) -> bytes:
-        return self._entry(self._child(self.tree.inode(req.nodeid), req.args))
+        return self._entry(*self._child(self.tree.inode(req.nodeid), req.args))
 
     def _forget(self, req: P.Request) -> None:
         self.tree.forget(req.nodeid, req.args)
@@ -305,13 +318,14 @@ class FileSystem:
         if a.mode & _SUID:
             raise fail(errno.EPERM)
         flags = a.flags & (_OPEN_KEEP | os.O_TRUNC)
+        st = None  # the new file's stat, for the reply (an existing one may be truncated)
         try:
             fd = open_beneath(parent.fd, a.name, flags | os.O_CREAT | os.O_EXCL | os.O_NONBLOCK,
                               stat.S_IMODE(a.mode))  # fmt: skip
         except FileExistsError:
             if a.flags & os.O_EXCL:
                 raise
-            ino = self._child(parent, a.name)
+            ino = self._child(parent, a.name)[0]
             try:
                 fd = self._reopen(ino, flags, stat.S_IFREG)
             except BaseException:
@@ -320,7 +334,8 @@ class FileSystem:
         else:
             try:
                 path_fd = reopen(fd, os.O_PATH)
-                ino = self.tree.remember(parent.export, path_fd, os.fstat(fd))  # type: ignore[arg-type]
+                st = os.fstat(fd)
+                ino = self.tree.remember(parent.export, path_fd, st)  # type: ignore[arg-type]
             except BaseException:
                 os.close(fd)
                 raise
@@ -329,7 +344,7 @@ class FileSystem:
         except BaseException:
             self.tree.forget(ino.nodeid, 1)
             raise
-        return self._entry(ino) + P.encode_open(fh, _FILE_OPEN)
+        return self._entry(ino, st) + P.encode_open(fh, _FILE_OPEN)
 
     def _mkdir(self, req: P.Request) -> bytes:
         a: P.CreateIn = req.args
@@ -338,7 +353,7 @@ class FileSystem:
             raise fail(errno.EPERM)
         _check(a.name)
         os.mkdir(a.name, stat.S_IMODE(a.mode), dir_fd=parent.fd)
-        return self._entry(self._child(parent, a.name))
+        return self._entry(*self._child(parent, a.name))
 
     def _unlink(self, req: P.Request) -> bytes:
         parent = self._dir_for_change(req.nodeid)
@@ -403,7 +418,7 @@ class FileSystem:
     def _readdirplus(self, req: P.Request) -> bytes:
         parent, entries, size = self._listing(req)
         return encode_readdirplus(
-            entries, req.args.offset, size, lambda n: self._entry(self._child(parent, n))
+            entries, req.args.offset, size, lambda n: self._entry(*self._child(parent, n))
         )
 
 

@@ -26,6 +26,11 @@ DESC = struct.Struct("<QIHH")
 F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
 AVAIL_F_NO_INTERRUPT = 1
 MAX_QUEUE = 32768
+# Parsed indirect tables kept per queue: at most this many, of at most this
+# many bytes in all (so at most 16,384 views: a few MiB, whatever the guest
+# sends). A 1 MiB request's table is about 4 KiB.
+MAX_TABLES = 256
+MAX_TABLE_BYTES = 256 << 10
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 
@@ -59,12 +64,17 @@ class Virtqueue:
         self.desc: memoryview | None = None
         self.avail: memoryview | None = None
         self.used: memoryview | None = None
+        # Indirect tables already parsed, by their bytes (see _walk).
+        self.tables: dict[bytes, tuple[list[memoryview], list[memoryview]]] = {}
+        self.table_bytes = 0
 
     # -- setup (from vhost-user messages) --
 
     def map(self, mem: GuestMemory) -> None:
         """Find the rings in *mem* (after SET_VRING_ADDR or SET_MEM_TABLE); raises MemoryError_."""
         self.desc = self.avail = self.used = None
+        self.tables = {}  # views of the old memory table
+        self.table_bytes = 0
         if self.addrs is None or not self.num:
             return
         d, u, a = self.addrs
@@ -137,8 +147,24 @@ class Virtqueue:
                 # One copy of the whole table: the guest cannot change it under us.
                 raw = bytes(mem.view(addr, length))
                 if i == head and not readable and not writable and cur is None:
+                    # A guest reuses its buffers (dd's 1 MiB, the kernel's
+                    # request structs), so the same table comes again and
+                    # again. Its views depend on nothing but these bytes
+                    # and the memory table, which clears the cache (map).
+                    known = self.tables.get(raw)
+                    if known is not None:
+                        return Chain(head, *known)
                     fast = _sequential_table(mem, head, raw)
                     if fast is not None:
+                        if (
+                            len(self.tables) >= MAX_TABLES
+                            or self.table_bytes + length > MAX_TABLE_BYTES
+                        ):
+                            self.tables.clear()
+                            self.table_bytes = 0
+                        if length <= MAX_TABLE_BYTES:
+                            self.tables[raw] = (fast.readable, fast.writable)
+                            self.table_bytes += length
                         return fast
                 entries = list(DESC.iter_unpack(raw))
                 size = budget = length // 16
@@ -197,46 +223,61 @@ class Virtqueue:
             self.used_idx = _U16.unpack_from(self.used, 2)[0]
 
 
-_LINKED = {F_NEXT, F_NEXT | F_WRITE}
-
-
 def _sequential_table(mem: GuestMemory, head: int, raw: bytes) -> Chain | None:
-    """The chain of an indirect table as Linux lays it out, parsed a column at a time.
+    """The chain of an indirect table as Linux lays it out, in one plain pass.
 
     Linux's driver fills an indirect table in order (entry i's next is i + 1),
     readable entries first, all in one memory region. For such a table the
-    checks and the views are built with list operations instead of a loop
-    per descriptor (a 1 MiB request has 258). Anything else returns None and
-    takes the general walk.
+    views are built in a single loop with none of the general walk's state
+    (most requests are a 4-entry table; a 1 MiB one has 258). Anything else
+    returns None and takes the general walk, which says what is wrong.
     """
-    q = memoryview(raw).cast("Q")
-    addrs = q[0::2].tolist()
-    meta = q[1::2].tolist()
-    n = len(addrs)
-    flags = [(m >> 32) & 0xFFFF for m in meta]
-    if [m >> 48 for m in meta[:-1]] != list(range(1, n)):
-        return None
-    if flags[-1] & (F_NEXT | F_INDIRECT) or not set(flags[:-1]) <= _LINKED:
-        return None
-    w = [f & F_WRITE for f in flags]
-    k = w.index(F_WRITE) if F_WRITE in w else n
-    if 0 in w[k:]:
-        return None  # a readable entry after a writable one: the general walk says why
-    ends = [a + (m & 0xFFFFFFFF) for a, m in zip(addrs, meta, strict=True)]
-    lo = min(addrs)
+    n = len(raw) >> 4
+    first = DESC.unpack_from(raw, 0)[0]
     for r in mem.regions:
-        if r.gpa <= lo and max(ends) <= r.gpa + r.size:
-            if k < n and r.view.readonly:
-                return None  # buffers to write in read-only memory: the general walk says so
-            # Merge runs that are contiguous in guest memory (a guest's pages
-            # mostly are: 1 MiB is typically some 26 runs, not 256 pages).
-            cuts = [i for i in range(1, n) if addrs[i] != ends[i - 1] or i == k]
-            firsts = [0, *cuts]
-            lasts = [c - 1 for c in cuts] + [n - 1]
-            g, v = r.gpa, r.view
-            readable: list[memoryview] = []
-            writable: list[memoryview] = []
-            for f, la in zip(firsts, lasts, strict=True):
-                (writable if f >= k else readable).append(v[addrs[f] - g : ends[la] - g])
-            return Chain(head, readable, writable)
-    return None
+        if 0 <= first - r.gpa < r.size:
+            break
+    else:
+        return None
+    g, size, v = r.gpa, r.size, r.view
+    readable: list[memoryview] = []
+    writable: list[memoryview] = []
+    out = readable
+    seen_w = False
+    # The run being merged, [cs, ce) in the region; cs < 0: none yet.
+    cs = ce = -1
+    i = 0
+    for addr, length, flags, nxt in DESC.iter_unpack(raw):
+        i += 1
+        if i < n:
+            if nxt != i or flags & ~F_WRITE != F_NEXT:
+                return None
+        elif flags & (F_NEXT | F_INDIRECT):
+            return None
+        off = addr - g
+        if off < 0 or off + length > size:
+            return None  # outside the region, or in another one
+        if flags & F_WRITE:
+            if not seen_w:
+                if cs >= 0:
+                    out.append(v[cs:ce])
+                    cs = -1
+                seen_w = True
+                out = writable
+        elif seen_w:
+            return None  # a readable entry after a writable one
+        if not length:
+            continue
+        # Runs contiguous in guest memory merge (a guest's pages mostly are:
+        # 1 MiB is typically some 26 runs, not 256 pages).
+        if off == ce and cs >= 0:
+            ce += length
+        else:
+            if cs >= 0:
+                out.append(v[cs:ce])
+            cs, ce = off, off + length
+    if cs >= 0:
+        out.append(v[cs:ce])
+    if seen_w and v.readonly:
+        return None  # buffers to write in read-only memory: the general walk refuses them
+    return Chain(head, readable, writable)

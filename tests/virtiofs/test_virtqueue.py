@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import threading
@@ -18,7 +19,7 @@ from spectrumd.virtiofs.memory import GuestMemory
 from spectrumd.virtiofs.ops import FileSystem
 from spectrumd.virtiofs.serve import answer
 from spectrumd.virtiofs.tree import Tree
-from spectrumd.virtiofs.virtqueue import F_INDIRECT, F_NEXT, F_WRITE
+from spectrumd.virtiofs.virtqueue import F_INDIRECT, F_NEXT, F_WRITE, MAX_TABLE_BYTES, MAX_TABLES
 
 from .fusereq import init_body, name, read_body, request
 from .guestmem import BASE, QSIZE, SIZE, FakeGuest
@@ -103,6 +104,59 @@ def test_indirect_table(guest: FakeGuest) -> None:
     g.offer(10)
     g.device.process(g.vq)
     assert g.used()[-1] == (10, 144) and reply_error(g, a_hdr) == 0
+
+
+def test_an_indirect_table_seen_before_is_checked_against_the_current_memory(
+    guest: FakeGuest,
+) -> None:
+    # The queue keeps the chains of tables it parsed, by their bytes: the
+    # same table again is answered the same, and after a new memory table
+    # (here, one that no longer holds the reply buffers) it is checked anew.
+    g = guest
+    req = request(P.LOOKUP, 1, name(b"e"))
+    a_req, a_table = g.alloc(req), g.alloc(48)
+    a_hdr, a_ent = g.alloc(16), g.alloc(128)
+    table = b"".join([
+        struct.pack("<QIHH", a_req, len(req), F_NEXT, 1),
+        struct.pack("<QIHH", a_hdr, 16, F_NEXT | F_WRITE, 2),
+        struct.pack("<QIHH", a_ent, 128, F_WRITE, 0),
+    ])  # fmt: skip
+    g.mv[g.off(a_table) : g.off(a_table) + 48] = table
+    g.desc(10, a_table, 48, F_INDIRECT)
+    for _ in range(2):
+        g.mv[g.off(a_hdr) : g.off(a_hdr) + 16] = bytes(16)
+        g.offer(10)
+        g.device.process(g.vq)
+        assert g.used()[-1] == (10, 144) and reply_error(g, a_hdr) == 0
+        assert P.OUT_HEADER.unpack(g.read(a_hdr, 16))[0] == 144
+    smaller = GuestMemory.from_buffer(BASE, g.mv[: g.off(a_hdr)])
+    g.device.mem = smaller
+    g.vq.map(smaller)
+    g.offer(10)
+    g.device.process(g.vq)
+    assert g.used()[-1] == (10, 0)
+
+
+def test_a_guest_sending_ever_new_tables_keeps_the_parsed_ones_bounded(guest: FakeGuest) -> None:
+    # Every table differs (its reply buffer moves); every fifth is 1,001
+    # entries (16 KiB). The queue answers each and keeps a bounded few.
+    g = guest
+    req = request(P.GETATTR, 1, bytes(16))
+    a_req = g.alloc(req)
+    for k in range(MAX_TABLES + 40):
+        n = 1000 if k % 5 == 0 else 1
+        a_hdr = g.alloc(16)
+        table = b"".join(
+            [struct.pack("<QIHH", a_req, len(req), F_NEXT, 1)]
+            + [struct.pack("<QIHH", a_req + 64 * j, 8, F_NEXT, j + 1) for j in range(1, n)]
+            + [struct.pack("<QIHH", a_hdr, 16, F_WRITE, 0)]
+        )
+        g.desc(10, g.alloc(table), len(table), F_INDIRECT)
+        g.offer(10)
+        g.device.process(g.vq)
+        assert g.used()[-1] == (10, 16) and reply_error(g, a_hdr) == errno.EINVAL  # no room
+        assert len(g.vq.tables) <= MAX_TABLES
+        assert sum(map(len, g.vq.tables)) == g.vq.table_bytes <= MAX_TABLE_BYTES
 
 
 HOSTILE = [
