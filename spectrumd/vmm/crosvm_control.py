@@ -60,12 +60,13 @@ class CrosvmControl:
         # net id → PCI bus number crosvm gave the hot-added device.
         self._net_buses: dict[str, int] = {}
 
-    async def run(self, *args: str, pass_fds: Sequence[int] = ()) -> str:
-        """Run ``crosvm ARGS... SOCKET``; return its stdout. Raises VmmError."""
+    async def run(self, *args: str, pass_fds: Sequence[int] = (), as_daemon: bool = False) -> str:
+        """Run ``crosvm ARGS... SOCKET`` as the VMM's uid (``as_daemon``: as the
+        daemon's own); return its stdout. Raises VmmError."""
         argv = [self.binary, *args, os.fspath(self.socket_path)]
         what = " ".join(args[:2]) if args[:1] == ("usb",) else args[0]
         ids: dict[str, Any] = {}
-        if self.uid is not None:
+        if self.uid is not None and not as_daemon:
             ids = {"user": self.uid, "group": self.uid, "extra_groups": []}
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -163,10 +164,15 @@ class CrosvmControl:
 
         crosvm opens (dups) ``/proc/self/fd/N`` of the subcommand, which inherits
         ``fd`` (FACTS.md); the numbers before it are ignored when a path is given.
+        That open is a new open of the device node, checked against its owner
+        and mode, which the VMM's uid does not pass: this one subcommand runs
+        as the daemon (README, *Honest limits*).
         """
         if fd < 0:
             raise VmmError(f"bad descriptor for USB device {dev_id}")
-        out = await self.run("usb", "attach", "00:00:00:00", f"/proc/self/fd/{fd}", pass_fds=(fd,))
+        out = await self.run(
+            "usb", "attach", "00:00:00:00", f"/proc/self/fd/{fd}", pass_fds=(fd,), as_daemon=True
+        )
         m = _USB_OK.search(out)
         if m is None:
             raise VmmError(f"crosvm usb attach {dev_id}: {out.strip()[:200] or 'no answer'}")
