@@ -51,10 +51,6 @@ class ControlClient:
         self._lock = asyncio.Lock()
         self.timeout = timeout
 
-    @property
-    def connected(self) -> bool:
-        return self._sock is not None
-
     async def connect(self, path: Path) -> None:
         """Connect to the backend's listening control socket. Raises ControlError."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)

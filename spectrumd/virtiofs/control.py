@@ -209,7 +209,8 @@ def recv_with_fds(sock: socket.socket, size: int = 65536) -> tuple[bytes, list[i
 
 
 def send_command(sock: socket.socket, cmd: dict[str, Any], fds: tuple[int, ...] = ()) -> Any:
-    """Client side (the daemon, tests): send one command, wait for its reply line."""
+    """A blocking client (tests; the daemon has client.py): send one command, wait for
+    its reply line."""
     data = json.dumps(cmd).encode() + b"\n"
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
     sock.sendmsg([data], anc)
