@@ -188,7 +188,7 @@ def report(r: dict[str, Any], args: argparse.Namespace, leftovers: list[str]) ->
             str(b["children"]),
             str(a["children"]),
             f"{a['children'] - b['children']:+d}",
-            "info (the file server)",
+            "info (VMMs and their file servers; 0 once all stopped)",
         ),
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
