@@ -21,8 +21,10 @@ cache=none; and ``drop_caches`` between steps): sequential read of a
 192 MiB host file (busybox ``dd bs=1M``), sequential write of 192 MiB
 (``dd bs=1M`` + ``sync``), ``ls -lR`` of 2,000 files (stat/s), and
 creating 500 empty files (create/s). Times come from the guest's
-``/proc/uptime`` (10 ms resolution). Targets: ours >= 1.0x virtiofsd on
-every figure and >= 0.5x 9p on read and write. With ``--rounds N`` the
+``/proc/timer_list`` clock (nanoseconds; a 192 MiB read is only some 130 ms,
+so ``/proc/uptime``'s 10 ms ticks, the fallback, would be 8 % each).
+Targets: ours >= 1.0x virtiofsd on every figure and >= 0.5x 9p on read
+and write. With ``--rounds N`` the
 kinds are booted in turn N times and each figure is the best of N (the
 machine is shared: the best run is the one least disturbed). Prints a table; exits 1
 only if the benchmark could not run. Everything started here is ended by
@@ -61,7 +63,10 @@ FS_DEVICE = "vhost-user-fs-pci,queue-size=1024,chardev=fs,tag=spectrum"  # as vm
 # Run in the guest with $D the directory holding the files. Each figure is one
 # "BENCH name start end [count]" line on the console.
 GUEST_SCRIPT = r"""
-t() { cut -d' ' -f1 /proc/uptime; }
+t() {  # nanoseconds since boot: /proc/timer_list's clock, else /proc/uptime's 10 ms one
+  v=$(sed -n 's/^now at \([0-9]*\) nsecs$/\1/p;/^now at/q' /proc/timer_list 2>/dev/null)
+  [ -n "$v" ] && echo "$v" || echo "$(cut -d' ' -f1 /proc/uptime | tr -d .)0000000"
+}
 dc() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 cd /
 dc; a=$(t); dd if=$D/big of=/dev/null bs=1M 2>/dev/null || echo "BENCH-ERR read"; b=$(t)
@@ -149,7 +154,7 @@ def virtfs_initrd(guest: Path, work: Path) -> Path:
 
 def figures(res: dict[str, list[str]]) -> dict[str, float]:
     def secs(k: str) -> float:
-        return max(float(res[k][1]) - float(res[k][0]), 0.01)
+        return max(int(res[k][1]) - int(res[k][0]), 10**6) / 1e9
 
     n = int(res["stat"][2])
     if n != N_DIRS * N_FILES:
@@ -225,7 +230,7 @@ def bench_one(kind: str, guest: Path, initrd: Path, export: Path, uid: int) -> d
             raise RuntimeError(f"{kind}: guest script failed:\n{text[-3000:]}")
         if (export / "out").stat().st_size != BIG_MIB * MIB:
             raise RuntimeError(f"{kind}: the written file has the wrong size")
-        res = {m[1]: m[2].split() for m in re.finditer(r"BENCH (\w+) ([\d. ]+)", text)}
+        res = {m[1]: m[2].split() for m in re.finditer(r"BENCH (\w+) ([\d ]+)", text)}
         return figures(res)
     finally:
         if vm is not None:
@@ -298,22 +303,24 @@ def print_table(results: dict[str, dict[str, float]], load: float, rounds: int) 
     print(head + f"{'ours/vfsd':>11}{'ours/9p':>9}  target")
     for n in names:
         row = f"{n:12}" + "".join(f"{results[k][n]:11.1f}" for k in kinds)
-        ok = True
+        verdicts = []  # one per peer in this run: a target without its peer is not judged
         if "ours" in results and "virtiofsd" in results:
             r = results["ours"][n] / results["virtiofsd"][n]
             row += f"{r:11.2f}"
-            ok = ok and r >= 1.0
+            verdicts.append(r >= 1.0)
         else:
             row += f"{'-':>11}"
         io = n.endswith("MB/s")
         if "ours" in results and "9p" in results:
             r = results["ours"][n] / results["9p"][n]
             row += f"{r:9.2f}"
-            ok = ok and (r >= 0.5 or not io)
+            if io:
+                verdicts.append(r >= 0.5)
         else:
             row += f"{'-':>9}"
         target = ">= 1.0x vfsd, 0.5x 9p" if io else ">= 1.0x vfsd"
-        print(row + f"  {target} {'ok' if ok else 'MISSED'}")
+        verdict = "not judged" if not verdicts else "ok" if all(verdicts) else "MISSED"
+        print(row + f"  {target} {verdict}")
     print(
         f"({BIG_MIB} MiB with dd bs=1M; stat: ls -lR of {N_DIRS * N_FILES} files; create: "
         f"{N_CREATE} empty files; guest page cache off (direct I/O / cache=none, drop_caches "

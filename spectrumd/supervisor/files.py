@@ -274,15 +274,21 @@ class FileService:
 
     async def _sync(self, b: _Backend, exports: Mapping[str, Export], *, remove: bool) -> None:
         """Add what ``exports`` has and the backend has not; with ``remove``, also
-        remove (or replace) what differs. Raises Failed."""
+        remove (or replace) what differs. Raises Failed.
+
+        A removal is done when this returns: the backend refuses the export at
+        once, and this waits out the time the guest may still show attributes
+        it held of it (the backend's ``settle``).
+        """
         errors: list[str] = []
+        settle = 0.0
         async with b.lock:
             for entry, now in list(b.exports.items()):
                 want = exports.get(entry)
                 if not remove or (want is not None and (now is None or now == want)):
                     continue
                 try:
-                    await b.control.remove_export(entry)
+                    settle = max(settle, await b.control.remove_export(entry))
                 except ControlError as e:
                     errors.append(f"cannot remove {entry!r}: {e}")
                     continue
@@ -305,6 +311,8 @@ class FileService:
                 finally:
                     os.close(fd)
                 b.exports[entry] = want
+        if settle:
+            await asyncio.sleep(settle)
         if errors:
             raise Failed(f"{b.name}: file server: " + "; ".join(errors))
 

@@ -6,7 +6,7 @@
         [--control-fd FD | --control-listen-fd FD] [--export NAME=FD[:rw|:ro]]...
         [--confine UID:GID] [--tag TAG] [--request-queues N] [--max-inodes N]
         [--max-handles N] [--entry-timeout S] [--root-entry-timeout S]
-        [--max-pages N] [--log-level LEVEL]
+        [--attr-timeout S] [--max-pages N] [--log-level LEVEL]
 
 One process per instance. It is given descriptors only and opens no path
 (but /proc/self/fd, through which checked inodes are reopened):
@@ -54,7 +54,7 @@ from . import jail
 from .control import ControlServer, recv_with_fds
 from .device import Device, drain_kick, fs_config
 from .fusedev import serve_fd
-from .ops import DEFAULT_ENTRY_TIMEOUT, FileSystem
+from .ops import DEFAULT_ATTR_TIMEOUT, DEFAULT_ENTRY_TIMEOUT, FileSystem
 from .tree import ExportError, Tree
 from .vhost import HEADER, MAX_PAYLOAD, Backend, VhostError
 
@@ -111,7 +111,13 @@ def serve_vhost(
         poller.register(listener.fileno(), select.POLLIN)
     else:
         raise ValueError("serve_vhost needs a socket or a listener")
-    ctl = ControlServer(device.fs.tree, poller, listener=control_listener, conn=control)
+    ctl = ControlServer(
+        device.fs.tree,
+        poller,
+        listener=control_listener,
+        conn=control,
+        settle=device.fs.attr_timeout,
+    )
     kicks: dict[int, int] = {}  # kick fd → queue index
     accepted: socket.socket | None = None  # ours to close, unlike a given *sock*
 
@@ -180,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     # Above 0, a removed export's name answers EIO instead of ENOENT for that
     # long, and a re-added one is unreachable for that long (its old dentry).
     ap.add_argument("--root-entry-timeout", type=float, default=0.0, metavar="SECONDS")
+    # How long the guest may keep attributes (see ops.py): a removed export's
+    # attributes the guest already holds are shown (never used) for that long.
+    ap.add_argument("--attr-timeout", type=float, default=DEFAULT_ATTR_TIMEOUT, metavar="SECONDS")
     # Pages per READ/WRITE: at most 256 (1 MiB), the kernel's limit.
     ap.add_argument("--max-pages", type=int, default=256)
     ap.add_argument("--confine", type=_ids, metavar="UID:GID")
@@ -215,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
             logger.error("cannot confine: %s", e.strerror or e)
             return 1
         logger.debug("confined to %d:%d", *args.confine)
-    fs = FileSystem(tree, args.entry_timeout, args.max_pages, args.root_entry_timeout)
+    fs = FileSystem(
+        tree, args.entry_timeout, args.max_pages, args.root_entry_timeout, args.attr_timeout
+    )
     control = control_listener = None
     if args.control_fd is not None:
         control = socket.socket(fileno=args.control_fd)
@@ -241,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         logger.info("the VMM closed the vhost-user connection")
         logger.debug("requests by opcode: %s", dict(backend.device.counts.most_common()))
+        for vq in backend.device.queues:
+            logger.debug(
+                "queue %d: parsed tables reused %d times, parsed anew %d",
+                vq.index, vq.table_hits, vq.table_misses,
+            )  # fmt: skip
         return 0
     finally:
         # A SIGTERM from here on just ends the process (no SystemExit mid-teardown).

@@ -5,7 +5,7 @@ Usage::
     client = ControlClient(timeout=10)
     await client.connect(run_dir / "fs-control.sock")
     await client.add_export("docs", dir_fd, writable=False)
-    await client.remove_export("docs")
+    settle = await client.remove_export("docs")  # then wait that long: see control.py
     names = await client.list_exports()
     client.close()
 
@@ -27,6 +27,11 @@ from typing import Any
 
 class ControlError(Exception):
     """The backend refused a command, or the control connection failed."""
+
+
+# The most a backend may ask the daemon to wait after a removal (its own
+# attribute timeout is 0.2 s by default): a wrong answer cannot stall a caller.
+MAX_SETTLE = 5.0
 
 
 async def _wait_writable(sock: socket.socket) -> None:
@@ -74,8 +79,14 @@ class ControlClient:
         """A new root entry ``name`` for the directory ``fd`` (the caller keeps its fd)."""
         await self._call({"op": "add_export", "name": name, "writable": writable}, [fd])
 
-    async def remove_export(self, name: str) -> None:
-        await self._call({"op": "remove_export", "name": name})
+    async def remove_export(self, name: str) -> float:
+        """Remove ``name`` at once; returns how long the guest may still show
+        attributes it holds of it (at most MAX_SETTLE seconds)."""
+        reply = await self._call({"op": "remove_export", "name": name})
+        settle = reply.get("settle", 0.0)
+        if isinstance(settle, bool) or not isinstance(settle, int | float) or not settle >= 0:
+            raise ControlError(f"remove_export: a settle that is not a duration: {settle!r:.100}")
+        return min(float(settle), MAX_SETTLE)
 
     async def list_exports(self) -> list[str]:
         reply = await self._call({"op": "list_exports"})

@@ -12,6 +12,9 @@ arrived with; unclaimed ones are closed.
   ``jail.detach(fd, writable)``, not the directory fd itself (tree.py says
   why);
 * ``{"op": "remove_export", "name": NAME}``: unreachable at once (see tree.py);
+  the reply's ``settle`` is how many seconds the guest may still show
+  attributes it holds of it (the attribute timeout, ops.py), which the
+  daemon waits out before it calls the revocation done;
 * ``{"op": "list_exports"}``: ``{"ok": true, "exports": [NAME, ...]}``.
 
 :class:`ControlConnection` is the byte-level state (lines and their fds);
@@ -75,7 +78,7 @@ class ControlConnection:
         self.pending = []
 
 
-def command(tree: Tree, line: bytes, fds: list[int]) -> dict[str, Any]:
+def command(tree: Tree, line: bytes, fds: list[int], settle: float = 0.0) -> dict[str, Any]:
     """Act on one command line; every fd in *fds* is consumed."""
     try:
         try:
@@ -106,7 +109,7 @@ def command(tree: Tree, line: bytes, fds: list[int]) -> dict[str, Any]:
         if op == "remove_export":
             if not tree.remove_export(name):
                 return {"ok": False, "error": f"no export {name!r}"}
-            return {"ok": True}
+            return {"ok": True, "settle": settle}
         return {"ok": False, "error": f"unknown op {op!r}"}
     finally:
         for fd in fds:
@@ -132,8 +135,10 @@ class ControlServer:
         *,
         listener: socket.socket | None = None,
         conn: socket.socket | None = None,
+        settle: float = 0.0,
     ) -> None:
         self.tree = tree
+        self.settle = settle
         self.poller = poller
         self.listener = listener
         self.conn: socket.socket | None = None
@@ -167,7 +172,8 @@ class ControlServer:
                 self._drop()
                 return
             lines = self.state.feed(data, fds)
-            self.conn.sendall(b"".join(_json_line(command(self.tree, *line)) for line in lines))
+            replies = (command(self.tree, text, passed, self.settle) for text, passed in lines)
+            self.conn.sendall(b"".join(map(_json_line, replies)))
         except (OSError, ValueError) as e:
             logger.warning("control connection dropped: %s", e)
             self._drop()

@@ -76,7 +76,9 @@ def serve_fd(
     out_mv = memoryview(out)
     poller = select.poll()
     poller.register(fd, select.POLLIN)
-    ctl = ControlServer(fs.tree, poller, listener=control_listener, conn=control)
+    ctl = ControlServer(
+        fs.tree, poller, listener=control_listener, conn=control, settle=fs.attr_timeout
+    )
     try:
         while True:
             ready = {f for f, _ in poller.poll()}

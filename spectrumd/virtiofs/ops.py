@@ -1,22 +1,29 @@
 """FUSE operations on a :class:`~.tree.Tree`, shared by both transports.
 
-Caching, chosen so that revocation takes effect at once:
+Caching, chosen so that a revocation is complete when the daemon's call
+returns:
 
-* attribute timeouts are 0, and every file is opened with FOPEN_DIRECT_IO:
-  the guest keeps no attributes and no page cache of file data, so every
-  stat, open, read, write and readdir reaches us and is checked against
-  its export's revoked flag (EIO once removed). The root directory's own
-  attributes are the one exception (cached 1 s): they are ours, not an
-  export's;
+* every file is opened with FOPEN_DIRECT_IO: the guest keeps no page cache
+  of file data, so every read, write, open and readdir reaches us and is
+  checked against its export's revoked flag (EIO once removed);
 * the root's entries (the exports) have an entry timeout of 0: a removed
   export's name is gone from the next path walk (ENOENT) and a new one is
   found at once;
 * names below an export keep their dentry for ``entry_timeout`` (1 s by
   default, ``--entry-timeout``; 0 is QEMU virtiofsd's ``cache=none``). A
   cached dentry holds no data: using it still needs a GETATTR, OPEN or
-  LOOKUP below it, which the revoked flag refuses, so revocation stays
-  immediate; what the timeout delays is seeing a rename made on the
-  host. It saves a LOOKUP per path component on every walk.
+  LOOKUP below it, which the revoked flag refuses. What the timeout delays
+  is seeing a rename made on the host. It saves a LOOKUP per path
+  component on every walk;
+* attributes are kept for ``attr_timeout`` (0.2 s by default,
+  ``--attr-timeout``). The guest's driver always mounts with
+  ``default_permissions``, so without it every directory of every path walk
+  costs a GETATTR (half of all requests in ``ls -lR``). Held attributes are
+  the one thing of a removed export a guest can still show (``stat`` in a
+  directory it sits in), so ``remove_export`` answers with that timeout as
+  ``settle``, and the daemon reports a revocation done only once it has
+  passed. The root directory's own attributes are ours, not an export's
+  (cached 1 s).
 
 Rules enforced here for every request, whatever the guest claims:
 
@@ -50,10 +57,10 @@ from .resolve import check_name, chmod_fd, open_beneath, reopen, truncate_fd, ut
 from .tree import Inode, Tree, fail
 
 ROOT_ENTRY_VALID = 0
-ATTR_VALID = 0
+DEFAULT_ATTR_TIMEOUT = 0.2
 # The synthetic root's own attributes (a read-only directory of ours) may be
 # cached: they say nothing about any export. Saves a GETATTR per path walk.
-ROOT_ATTR_VALID = 1
+ROOT_ATTR_VALID = (1, 0)
 DEFAULT_ENTRY_TIMEOUT = 1.0
 MAX_PAGES = 256  # 1 MiB requests, the kernel's limit (FUSE_MAX_MAX_PAGES)
 MAX_WRITE = MAX_PAGES * 4096
@@ -93,13 +100,15 @@ class FileSystem:
         entry_timeout: float = DEFAULT_ENTRY_TIMEOUT,
         max_pages: int = MAX_PAGES,
         root_entry_timeout: float = ROOT_ENTRY_VALID,
+        attr_timeout: float = DEFAULT_ATTR_TIMEOUT,
     ) -> None:
-        ns = max(0, int(root_entry_timeout * 1e9))
-        self._root_entry_valid = (ns // 10**9, ns % 10**9)
+        self._root_entry_valid = P.valid(root_entry_timeout)
+        self._entry_valid = P.valid(entry_timeout)
+        self._attr_valid = P.valid(attr_timeout)
+        # How long after a removal the guest may still show attributes it holds.
+        self.attr_timeout = max(0.0, attr_timeout)
         self.tree = tree if tree is not None else Tree()
         self.max_pages = max(1, min(max_pages, MAX_PAGES))
-        ns = max(0, int(entry_timeout * 1e9))
-        self._entry_valid = (ns // 10**9, ns % 10**9)
         self.initialized = False
         self._ops: dict[int, Callable[[P.Request], bytes | None]] = {
             P.INIT: self._init, P.DESTROY: self._destroy,
@@ -147,12 +156,12 @@ class FileSystem:
     def _entry(self, ino: Inode, st: Any = None) -> bytes:
         """The entry reply for *ino*; *st* is a stat of it made just now, if any."""
         if ino.export is not None and ino.key[2] != ino.export.root_ino:
-            sec, nsec = self._entry_valid
+            entry = self._entry_valid
         else:
-            sec, nsec = self._root_entry_valid
+            entry = self._root_entry_valid
         if st is None:
             st = self._stat(ino)
-        return P.encode_entry(ino.nodeid, st, sec, nsec, ATTR_VALID)
+        return P.encode_entry(ino.nodeid, st, entry, self._attr_valid)
 
     def _stat(self, ino: Inode) -> Any:
         if ino.export is None:
@@ -239,7 +248,7 @@ class FileSystem:
     def _getattr(self, req: P.Request) -> bytes:
         ino = self.tree.inode(req.nodeid)
         return P.encode_attr_out(
-            self._stat(ino), ROOT_ATTR_VALID if ino.nodeid == 1 else ATTR_VALID
+            self._stat(ino), ROOT_ATTR_VALID if ino.nodeid == 1 else self._attr_valid
         )
 
     def _setattr(self, req: P.Request) -> bytes:
@@ -275,7 +284,7 @@ class FileSystem:
             if v & P.FATTR_MTIME:
                 mt = now if v & P.FATTR_MTIME_NOW else a.mtime * 10**9 + a.mtimensec
             utime_fd(ino.fd, (at, mt))
-        return P.encode_attr_out(os.fstat(ino.fd), ATTR_VALID)
+        return P.encode_attr_out(os.fstat(ino.fd), self._attr_valid)
 
     def _readlink(self, req: P.Request) -> bytes:
         ino = self.tree.inode(req.nodeid)

@@ -238,12 +238,19 @@ def encode_attr(st: Any) -> bytes:
     )  # fmt: skip
 
 
-def encode_entry(nodeid: int, st: Any, entry_sec: int, entry_nsec: int, attr_valid: int) -> bytes:
-    return ENTRY_HEAD.pack(nodeid, 0, entry_sec, attr_valid, entry_nsec, 0) + encode_attr(st)
+def valid(seconds: float) -> tuple[int, int]:
+    """A cache timeout as FUSE's (seconds, nanoseconds); negative is 0."""
+    ns = max(0, int(seconds * 1e9))
+    return ns // 10**9, ns % 10**9
 
 
-def encode_attr_out(st: Any, attr_valid: int) -> bytes:
-    return ATTR_OUT_HEAD.pack(attr_valid, 0, 0) + encode_attr(st)
+def encode_entry(nodeid: int, st: Any, entry: tuple[int, int], attr: tuple[int, int]) -> bytes:
+    """fuse_entry_out: *entry* and *attr* are (seconds, nanoseconds) timeouts."""
+    return ENTRY_HEAD.pack(nodeid, 0, entry[0], attr[0], entry[1], attr[1]) + encode_attr(st)
+
+
+def encode_attr_out(st: Any, attr: tuple[int, int]) -> bytes:
+    return ATTR_OUT_HEAD.pack(attr[0], attr[1], 0) + encode_attr(st)
 
 
 def encode_init(max_readahead: int, flags: int, max_write: int, max_pages: int) -> bytes:

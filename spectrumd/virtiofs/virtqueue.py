@@ -67,6 +67,7 @@ class Virtqueue:
         # Indirect tables already parsed, by their bytes (see _walk).
         self.tables: dict[bytes, tuple[list[memoryview], list[memoryview]]] = {}
         self.table_bytes = 0
+        self.table_hits = self.table_misses = 0  # for tuning (logged at DEBUG)
 
     # -- setup (from vhost-user messages) --
 
@@ -89,7 +90,9 @@ class Virtqueue:
         for fd in (self.kick_fd, self.call_fd, self.err_fd):
             if fd >= 0:
                 os.close(fd)
+        stats = self.table_hits, self.table_misses
         self.__init__(self.index)  # type: ignore[misc]
+        self.table_hits, self.table_misses = stats
 
     # -- the data path --
 
@@ -153,7 +156,9 @@ class Virtqueue:
                     # and the memory table, which clears the cache (map).
                     known = self.tables.get(raw)
                     if known is not None:
+                        self.table_hits += 1
                         return Chain(head, *known)
+                    self.table_misses += 1
                     fast = _sequential_table(mem, head, raw)
                     if fast is not None:
                         if (

@@ -190,6 +190,16 @@ while :; do
         sleep 0.3
       done
     ) &
+    (
+      # Attributes the guest holds: is f still there, seen from inside? And
+      # has the host said the revocation is done (a marker in docs)?
+      cd /mnt/spectrum/extra || exit
+      while :; do
+        if [ -e /mnt/spectrum/docs/revoked ]; then s=after; else s=before; fi
+        if [ -e f ]; then echo "attr-ok $s"; else echo "attr-fail $s"; fi
+        sleep 0.02
+      done
+    ) &
   fi
   i=$((i + 1))
   sleep 0.3
@@ -230,9 +240,15 @@ async def test_exports_added_and_removed_while_running(
         assert (await wait_after(log, mark, r"^held-ok ")) == "held-ok extra-content"
 
         # Removed: gone from the listing, not readable by path, and the shell
-        # that sits inside it gets I/O errors; and it stays so.
+        # that sits inside it gets I/O errors; and it stays so. Once
+        # set_exports returns, not even the attributes the guest held of it
+        # are shown (the backend's settle time has passed): the marker made
+        # then is seen before every later look at f.
+        await wait_after(log, mark, r"^attr-ok before$")
         mark = log.stat().st_size
         await files.set_exports("live", docs_only)
+        (trees / "docs" / "revoked").touch()
+        assert (await wait_after(log, mark, r"^attr-\w+ after$")) == "attr-fail after"
         await wait_after(log, mark, r"^ls \d+: docs $", timeout=10)
         line = await wait_after(log, mark, r"^path-fail ", timeout=10)
         # ENOENT, or EIO while the guest kernel keeps the directory's dentry
@@ -244,6 +260,7 @@ async def test_exports_added_and_removed_while_running(
         after = log.read_bytes()[mark:].decode(errors="replace")
         tail = after[after.index("held-fail") :]
         assert "held-ok" not in tail and "path-ok" not in tail and "extra " not in tail, tail
+        assert "attr-ok after" not in after, after
         assert inst.state.value == "running"
     finally:
         with contextlib.suppress(Exception):

@@ -75,9 +75,9 @@ def test_bad_requests_name_their_errno(data: bytes, err: int) -> None:
 
 def test_reply_layouts() -> None:
     st_ = os.stat("/")
-    assert len(P.encode_entry(5, st_, 1, 0, 0)) == 128
-    assert struct.unpack_from("<Q", P.encode_entry(5, st_, 1, 0, 0))[0] == 5
-    assert len(P.encode_attr_out(st_, 0)) == 104
+    assert len(P.encode_entry(5, st_, (1, 0), (0, 0))) == 128
+    assert struct.unpack_from("<Q", P.encode_entry(5, st_, (1, 0), (0, 0)))[0] == 5
+    assert len(P.encode_attr_out(st_, (0, 0))) == 104
     init = P.encode_init(1 << 17, P.MAX_PAGES, 1 << 20, 256)
     assert len(init) == 64
     assert struct.unpack_from("<IIIIHHIIH", init) == (7, 31, 1 << 17, P.MAX_PAGES, 16, 12,

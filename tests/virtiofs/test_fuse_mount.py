@@ -22,6 +22,7 @@ import pytest
 
 from spectrumd.virtiofs.control import send_command
 from spectrumd.virtiofs.fusedev import mount, umount
+from spectrumd.virtiofs.ops import DEFAULT_ATTR_TIMEOUT
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 pytestmark = [
@@ -152,11 +153,19 @@ def test_live_export_changes_through_the_control_fd(fs: Mounted) -> None:
     f = os.open(m / "late" / "f", os.O_RDONLY)
     try:
         assert os.pread(f, 100, 0) == b"late\n"
-        assert send_command(fs.ctl, {"op": "remove_export", "name": "late"}) == {"ok": True}
+        os.fstat(f)  # its attributes are now held by the kernel
+        reply = send_command(fs.ctl, {"op": "remove_export", "name": "late"})
+        assert reply == {"ok": True, "settle": DEFAULT_ATTR_TIMEOUT}
         t = time.monotonic()
         with pytest.raises(OSError) as e:
             os.pread(f, 100, 0)
         assert e.value.errno == errno.EIO and time.monotonic() - t < 2  # at once
+        # Only the attributes held may still be shown, and only until the
+        # settle time the reply named: then they are refused too.
+        time.sleep(max(0.0, reply["settle"] - (time.monotonic() - t)))
+        with pytest.raises(OSError) as e:
+            os.fstat(f)
+        assert e.value.errno == errno.EIO
     finally:
         with contextlib.suppress(OSError):  # its FLUSH is refused too (EIO); the fd is closed
             os.close(f)

@@ -144,7 +144,7 @@ def test_guest_reads_writes_lists_renames_deletes_and_sees_live_exports(run_dir:
         assert reply == {"ok": True}
         text = b.vm.wait_for("MARK-HOLDING", 60)
         assert "MARK-LATE late export" in text
-        assert send_command(b.ctl, {"op": "remove_export", "name": "late"}) == {"ok": True}
+        assert send_command(b.ctl, {"op": "remove_export", "name": "late"})["ok"] is True
         text = b.vm.wait_for("MARK-END", 60)
         assert "MARK-LATE-GONE" in text and "MARK-FD-FAILED" in text, text[-2000:]
     finally:
