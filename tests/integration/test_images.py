@@ -2,8 +2,9 @@
 
 Images are made with scripts/mkimage.sh: a Debian one with python3 (cached in
 /var/cache/spectrumd/images, like the demo's), and static-busybox ones made
-per test. Three boots in all: two instances sharing one image, one from a
-virtio-blk ext4 image with a writable overlay disk; the bad images need none.
+per test. Four boots in all: two instances sharing one image, one from a virtio-blk ext4 image with a writable
+overlay disk, one from an image whose superblock magic is right and whose
+body is garbage; the other bad images need none.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import random
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -19,10 +21,21 @@ from typing import Any
 
 import pytest
 
+from spectrumd.bus.names import instance_path
+from spectrumd.model.image import EROFS_MAGIC
 from tests import images
 from tests.conftest import Daemon, readable_tmpdir
 from tests.images import mkimage
-from tests.integration.helpers import error_of, props, short, wait_for, wait_log
+from tests.integration.helpers import (
+    SignalRecorder,
+    error_of,
+    file_servers,
+    props,
+    short,
+    vmms,
+    wait_for,
+    wait_log,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -207,3 +220,35 @@ async def test_bad_images_are_refused_before_anything_runs(daemon: Daemon, work:
         except OSError:
             continue
         assert str(img).encode() not in cmdline, f"process {pid} was started on the bad image"
+
+
+async def test_an_image_that_does_not_mount_fails_with_the_guests_reason(
+    daemon: Daemon, work: Path
+) -> None:
+    # The host sees a good erofs superblock magic (and 4 KiB blocks, 2 MiB
+    # aligned), so the start goes ahead; the rest is garbage, and the guest's
+    # mount refuses it.
+    img = work / "garbage.erofs"
+    body = bytearray(random.Random(16).randbytes(4 << 20))
+    body[1024:1028] = EROFS_MAGIC.to_bytes(4, "little")
+    body[1024 + 12] = 12  # blkszbits: 4 KiB
+    img.write_bytes(bytes(body))
+    img.chmod(0o644)
+    c = await daemon.start(
+        image_config({"command": "echo never", "root_image": str(img), "share_root": True})
+    )
+    rec = await SignalRecorder().attach(c)
+    await c.manager("StartInstance", "s", "one")
+    log = Path((await props(c, "one"))["ConsoleLog"])
+    p = await wait_for(c, "one", lambda p: p["State"] in ("stopped", "failed"), timeout=120)
+    # Failed, in the guest's words: not a clean "the guest powered off".
+    assert p["State"] == "failed", p
+    assert p["StateReason"].startswith(
+        "the guest could not start the application: root image: cannot mount /dev/pmem0 (erofs)"
+    ), p["StateReason"]
+    assert rec.states(instance_path("one"))[-2:] == ["stopping", "failed"]
+    assert not p["GuestReady"] and p["MainPID"] == 0
+    assert "never" not in log.read_text(errors="replace")
+    # Nothing is left: no VMM, no file server, no run directory.
+    assert vmms(daemon.state_dir) == {} and file_servers(daemon.state_dir) == {}
+    assert not (daemon.state_dir / "run" / "one").exists()
