@@ -2,7 +2,8 @@
 
 Images are made with scripts/mkimage.sh: a Debian one with python3 (cached in
 /var/cache/spectrumd/images, like the demo's), and static-busybox ones made
-per test. Four boots in all: two instances sharing one image, one from a virtio-blk ext4 image with a writable
+per test. Four boots in all: two instances sharing one image (with a grant
+asked for from inside it), one from a virtio-blk ext4 image with a writable
 overlay disk, one from an image whose superblock magic is right and whose
 body is garbage; the other bad images need none.
 """
@@ -30,12 +31,14 @@ from tests.integration.helpers import (
     SignalRecorder,
     error_of,
     file_servers,
+    marked_dir,
     props,
     short,
     vmms,
     wait_for,
     wait_log,
 )
+from tests.integration.test_grants import register_agent
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -79,7 +82,8 @@ echo "ROOT $(grep -c PRETTY_NAME /etc/os-release)"
 echo hi >/made-here && echo "OVERLAY $(cat /made-here)"
 dd if=/dev/zero of=/dev/pmem0 bs=4096 count=1 conv=notrunc 2>/dev/null; echo "DEVWRITE $?"
 echo "DOCS $(cat /mnt/spectrum/docs/marker 2>&1)"
-echo "PORTAL $(spectrum-request dir /srv 2>&1 | tr '\n' ' ')"
+granted=$(spectrum-request dir @GRANT@ 2>&1); echo "PORTAL $? $granted"
+echo "GRANTED $(cat "$granted/marker" 2>&1)"
 blockdev --setrw /dev/pmem0 && dd if=/dev/zero of=/dev/pmem0 bs=4096 count=1 conv=notrunc oflag=direct 2>/dev/null
 echo "MAGIC $(dd if=/dev/pmem0 bs=4096 count=1 iflag=direct 2>/dev/null | od -An -tx1 -j1024 -N4 | tr -d ' ')"
 echo DONE
@@ -87,19 +91,28 @@ exec sleep 600
 """
 
 
+@pytest.fixture
+def grant_dir() -> Iterator[Path]:
+    with marked_dir("imgrant.", "granted-marker") as d:
+        yield d
+
+
 async def test_two_instances_share_one_python_image(
-    daemon: Daemon, python_image: Path, work: Path
+    daemon: Daemon, python_image: Path, work: Path, grant_dir: Path
 ) -> None:
     (work / "marker").write_text("docs-marker\n")
     (work / "marker").chmod(0o644)
     before = digest(python_image)
+    app = SHARED_APP.replace("@GRANT@", str(grant_dir))
     cfg = image_config(
-        {"command": SHARED_APP, "root_image": str(python_image), "share_root": True},
+        {"command": app, "root_image": str(python_image), "share_root": True},
         a={"application": "app", "resources": ["docs"]},
         b={"application": "app", "resources": ["docs"]},
     )
     cfg["resources"] = {"docs": {"type": "directory", "path": str(work)}}
     c = await daemon.start(cfg)
+    # The user allows what the application asks for from inside its image.
+    _agent_client, agent = await register_agent(daemon.address, True)
     await asyncio.gather(*(c.manager("StartInstance", "s", n) for n in ("a", "b")))
     pids = []
     for name in ("a", "b"):
@@ -120,11 +133,23 @@ async def test_two_instances_share_one_python_image(
         # nothing: QEMU maps the image read-only and drops the writes.
         assert lines["MAGIC"] == "e2e1f5e0", "a guest's write reached the shared image"
         assert lines["DOCS"] == "docs-marker", out[-2000:]  # the shared files, bound in
-        # spectrum-request reached the host, which answered (no agent here).
-        assert "no agent is registered" in lines["PORTAL"], lines["PORTAL"]
+        # spectrum-request from inside the image: the agent allowed it, the new
+        # entry appeared under /mnt/spectrum in the image, and it reads the host's file.
+        assert lines["PORTAL"] == f"0 /mnt/spectrum/{grant_dir.name}", out[-2000:]
+        assert lines["GRANTED"] == "granted-marker", out[-2000:]
+        # The guest agent (PID 1, outside the image) said ready.
+        assert (await props(c, name))["GuestReady"] is True
+    assert sorted(q[1] for q in agent.asked) == ["a", "b"]
+    assert all(q[3] == str(grant_dir) for q in agent.asked), agent.asked
     # Both VMMs map the one file: their guests read the host's page cache.
     assert all(vmm_maps(pid, python_image) for pid in pids)
     await asyncio.gather(*(c.manager("StopInstance", "s", n) for n in ("a", "b")))
+    for name in ("a", "b"):
+        # The power button reached the guest agent while the application ran
+        # in the image: a graceful stop, not a SIGTERM or SIGKILL.
+        p = await props(c, name)
+        assert p["State"] == "stopped", p
+        assert p["StateReason"] == "the guest shut down after the power button", p
     assert digest(python_image) == before, "a guest changed the shared image"
 
 
