@@ -11,10 +11,11 @@ Rules (DESIGN.md):
 - ``stop`` in ``stopping`` joins the stop under way (and makes one where the
   guest began it): a guest cannot pin its instance in ``stopping``, because
   ``stopping`` always has a deadline that escalates as ``Stop`` does.
-- A guest that powers itself off (its application ended, ``exited N``) moves
-  ``running`` or ``paused`` to ``stopping``; the VMM's exit then completes
-  it. A VMM that exits cleanly without that announcement goes straight to
-  ``stopped``.
+- A guest that powers itself off (its application ended, ``exited N``; or
+  it cannot run it, ``failed TEXT``) moves ``running`` or ``paused`` to
+  ``stopping``; the VMM's exit then completes it, in ``failed`` when the
+  guest said it failed. A VMM that exits cleanly without that announcement
+  goes straight to ``stopped``.
 - Control calls on a VM (hot-plug, USB) need one that runs or is paused
   (``control`` leaves the state as it is).
 - A VMM that an earlier daemon left running is ``adopted`` (``running``) or
@@ -143,6 +144,8 @@ class ExitFacts:
     stop_reason: str | None = None
     # The status the guest reported with ``exited N``.
     guest_exit: int | None = None
+    # Why the guest could not run the application (``failed TEXT``, validated).
+    guest_failure: str | None = None
     # QMP SHUTDOWN's reason: "guest-shutdown", "guest-reset", "guest-panic".
     shutdown_reason: str | None = None
     # What the backend reads from the exit status: (clean, reason), or None.
@@ -151,10 +154,18 @@ class ExitFacts:
     described: str = "vmm exited"
 
 
+def guest_failure_reason(text: str) -> str:
+    """StateReason for a guest that said ``failed TEXT`` (``text`` already validated)."""
+    return f"the guest could not start the application: {text}"
+
+
 def exit_event(facts: ExitFacts) -> tuple[Event, str]:
     """Which event a VMM's exit is (``exited`` or ``crashed``), and its reason."""
     if facts.failure is not None:
         return E.crashed, facts.failure
+    if facts.guest_failure is not None:
+        # Before a stop's reason: what ended the VM then is not why it failed.
+        return E.crashed, guest_failure_reason(facts.guest_failure)
     if facts.stop_reason is not None:
         return E.exited, facts.stop_reason
     if facts.guest_exit is not None:

@@ -18,7 +18,15 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from spectrumd.errors import Cancelled, Failed, InvalidState, SpectrumError
-from spectrumd.lifecycle import Event, InvalidTransition, State, has_vmm, is_up, next_state
+from spectrumd.lifecycle import (
+    Event,
+    InvalidTransition,
+    State,
+    guest_failure_reason,
+    has_vmm,
+    is_up,
+    next_state,
+)
 from spectrumd.model.types import Application, InstanceDef, Resource
 from spectrumd.supervisor import process
 from spectrumd.supervisor.env import Environment
@@ -147,6 +155,14 @@ class Instance:
         if self._run is run and is_up(self.state):
             self._fire(Event.guest_shutdown, reason=f"application exited with status {status}")
             # The guest powers off by itself; if it does not, the stop escalates.
+            run.end_within(run.definition.stop_timeout, powerdown=False)
+
+    def _guest_failed(self, run: Run, reason: str) -> None:
+        # The guest's own words (validated): logged as what the guest said.
+        self.log.warning("the guest says it cannot start the application: %s", reason)
+        if self._run is run and is_up(self.state):
+            self._fire(Event.guest_shutdown, reason=guest_failure_reason(reason))
+            # It powers off by itself; if it does not, the stop escalates.
             run.end_within(run.definition.stop_timeout, powerdown=False)
 
     def _vmm_ended(self, run: Run, event: Event, reason: str) -> None:
@@ -320,6 +336,11 @@ class _Events:
         run = self._current()
         if run is not None:
             self.inst._guest_exited(run, status)
+
+    def guest_failed(self, reason: str) -> None:
+        run = self._current()
+        if run is not None:
+            self.inst._guest_failed(run, reason)
 
     def vmm_ended(self, event: Event, reason: str) -> None:
         run = self._current()

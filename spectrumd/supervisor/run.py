@@ -62,6 +62,8 @@ from spectrumd.vmm.base import VMM_DIR
 
 KVM = Path("/dev/kvm")
 PROC = Path("/proc")
+# How long a VMM's exit waits for the guest's last control lines to be read.
+GUEST_DRAIN_TIMEOUT = 1.0
 
 
 def kvm_groups() -> tuple[int, ...]:
@@ -84,6 +86,9 @@ class RunEvents(Protocol):
     def guest_ready(self) -> None: ...
 
     def guest_exited(self, status: int) -> None: ...
+
+    def guest_failed(self, reason: str) -> None:
+        """The guest said it cannot run the application (``reason`` is validated)."""
 
     def vmm_ended(self, event: Event, reason: str) -> None:
         """The watcher's verdict on a started run's exit (``exited`` or ``crashed``)."""
@@ -109,6 +114,8 @@ class Run:
     # Set when a part the VM cannot run without failed (fail()): a crash's reason.
     failure: str | None = None
     guest_exit: int | None = None
+    # What the guest said with "failed TEXT" (validated, bounded): the exit's reason.
+    guest_failure: str | None = None
     command_sent: bool = False
     # QMP SHUTDOWN's reason: "guest-shutdown" (powered off), "guest-reset", "guest-panic".
     shutdown_reason: str | None = None
@@ -121,6 +128,7 @@ class Run:
     done: asyncio.Future[None] = attrs.Factory(lambda: asyncio.get_running_loop().create_future())
     _scope: asyncio.Task[Any] | None = None
     _ending: asyncio.Task[None] | None = None
+    _guest_reader: asyncio.Task[None] | None = None
     _tasks: set[asyncio.Task[Any]] = attrs.Factory(set)
 
     @property
@@ -424,9 +432,13 @@ class Run:
             on_ready=self._guest_ready,
             on_exited=self._guest_exited,
             logger=self.log,
+            on_failed=self._guest_failed,
         )
         self.conns.callback(self.guest.close)
-        self.spawn_task(self.guest.run())
+        self._guest_reader = asyncio.ensure_future(self.guest.run())
+        self._tasks.add(self._guest_reader)
+        self._guest_reader.add_done_callback(self._tasks.discard)
+        self.conns.callback(self._guest_reader.cancel)
 
     def spawn_task(self, coro: Coroutine[Any, Any, Any]) -> None:
         """A helper task that ends with the run's connections."""
@@ -446,6 +458,12 @@ class Run:
             return
         self.guest_exit = status
         self.events.guest_exited(status)
+
+    def _guest_failed(self, reason: str) -> None:
+        if self.guest_failure is not None:
+            return
+        self.guest_failure = reason
+        self.events.guest_failed(reason)
 
     def _vmm_event(self, name: str, data: Mapping[str, Any]) -> None:
         self.log.debug("vmm event %s %s", name, dict(data))
@@ -475,12 +493,21 @@ class Run:
         except Exception:
             # Whatever broke the wait, the run is resolved: never a run left hanging.
             self.log.exception("watching the VMM failed; ending it")
+        await self._drain_guest()
         event, reason = exit_event(self._exit_facts(returncode))
         with contextlib.suppress(Exception):
             await self.end()
         if not self.done.done():
             self.events.vmm_ended(event, reason)
             self.done.set_result(None)
+
+    async def _drain_guest(self) -> None:
+        """Read what the guest sent before its VMM exited: a "failed" or "exited"
+        written just before the power-off may still be in the socket. The VMM's
+        exit closes the socket, so this is quick; it is bounded all the same."""
+        if self._guest_reader is not None:
+            # asyncio.wait: neither the reader's error nor its cancellation is ours.
+            await asyncio.wait({self._guest_reader}, timeout=GUEST_DRAIN_TIMEOUT)
 
     def _exit_facts(self, returncode: int | None) -> ExitFacts:
         described = process.describe_exit(returncode)
@@ -492,6 +519,7 @@ class Run:
             failure=self.failure,
             stop_reason=self.stop_reason,
             guest_exit=self.guest_exit,
+            guest_failure=self.guest_failure,
             shutdown_reason=self.shutdown_reason,
             backend_said=said,
             described=described,

@@ -2,8 +2,10 @@
 
 Images are made with scripts/mkimage.sh: a Debian one with python3 (cached in
 /var/cache/spectrumd/images, like the demo's), and static-busybox ones made
-per test. Three boots in all: two instances sharing one image, one from a
-virtio-blk ext4 image with a writable overlay disk; the bad images need none.
+per test. Four boots in all: two instances sharing one image (with a grant
+asked for from inside it), one from a virtio-blk ext4 image with a writable
+overlay disk, one from an image whose superblock magic is right and whose
+body is garbage; the other bad images need none.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import random
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -19,10 +22,23 @@ from typing import Any
 
 import pytest
 
+from spectrumd.bus.names import instance_path
+from spectrumd.model.image import EROFS_MAGIC
 from tests import images
 from tests.conftest import Daemon, readable_tmpdir
 from tests.images import mkimage
-from tests.integration.helpers import error_of, props, short, wait_for, wait_log
+from tests.integration.helpers import (
+    SignalRecorder,
+    error_of,
+    file_servers,
+    marked_dir,
+    props,
+    short,
+    vmms,
+    wait_for,
+    wait_log,
+)
+from tests.integration.test_grants import register_agent
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -66,7 +82,8 @@ echo "ROOT $(grep -c PRETTY_NAME /etc/os-release)"
 echo hi >/made-here && echo "OVERLAY $(cat /made-here)"
 dd if=/dev/zero of=/dev/pmem0 bs=4096 count=1 conv=notrunc 2>/dev/null; echo "DEVWRITE $?"
 echo "DOCS $(cat /mnt/spectrum/docs/marker 2>&1)"
-echo "PORTAL $(spectrum-request dir /srv 2>&1 | tr '\n' ' ')"
+granted=$(spectrum-request dir @GRANT@ 2>&1); echo "PORTAL $? $granted"
+echo "GRANTED $(cat "$granted/marker" 2>&1)"
 blockdev --setrw /dev/pmem0 && dd if=/dev/zero of=/dev/pmem0 bs=4096 count=1 conv=notrunc oflag=direct 2>/dev/null
 echo "MAGIC $(dd if=/dev/pmem0 bs=4096 count=1 iflag=direct 2>/dev/null | od -An -tx1 -j1024 -N4 | tr -d ' ')"
 echo DONE
@@ -74,19 +91,28 @@ exec sleep 600
 """
 
 
+@pytest.fixture
+def grant_dir() -> Iterator[Path]:
+    with marked_dir("imgrant.", "granted-marker") as d:
+        yield d
+
+
 async def test_two_instances_share_one_python_image(
-    daemon: Daemon, python_image: Path, work: Path
+    daemon: Daemon, python_image: Path, work: Path, grant_dir: Path
 ) -> None:
     (work / "marker").write_text("docs-marker\n")
     (work / "marker").chmod(0o644)
     before = digest(python_image)
+    app = SHARED_APP.replace("@GRANT@", str(grant_dir))
     cfg = image_config(
-        {"command": SHARED_APP, "root_image": str(python_image), "share_root": True},
+        {"command": app, "root_image": str(python_image), "share_root": True},
         a={"application": "app", "resources": ["docs"]},
         b={"application": "app", "resources": ["docs"]},
     )
     cfg["resources"] = {"docs": {"type": "directory", "path": str(work)}}
     c = await daemon.start(cfg)
+    # The user allows what the application asks for from inside its image.
+    _agent_client, agent = await register_agent(daemon.address, True)
     await asyncio.gather(*(c.manager("StartInstance", "s", n) for n in ("a", "b")))
     pids = []
     for name in ("a", "b"):
@@ -107,11 +133,23 @@ async def test_two_instances_share_one_python_image(
         # nothing: QEMU maps the image read-only and drops the writes.
         assert lines["MAGIC"] == "e2e1f5e0", "a guest's write reached the shared image"
         assert lines["DOCS"] == "docs-marker", out[-2000:]  # the shared files, bound in
-        # spectrum-request reached the host, which answered (no agent here).
-        assert "no agent is registered" in lines["PORTAL"], lines["PORTAL"]
+        # spectrum-request from inside the image: the agent allowed it, the new
+        # entry appeared under /mnt/spectrum in the image, and it reads the host's file.
+        assert lines["PORTAL"] == f"0 /mnt/spectrum/{grant_dir.name}", out[-2000:]
+        assert lines["GRANTED"] == "granted-marker", out[-2000:]
+        # The guest agent (PID 1, outside the image) said ready.
+        assert (await props(c, name))["GuestReady"] is True
+    assert sorted(q[1] for q in agent.asked) == ["a", "b"]
+    assert all(q[3] == str(grant_dir) for q in agent.asked), agent.asked
     # Both VMMs map the one file: their guests read the host's page cache.
     assert all(vmm_maps(pid, python_image) for pid in pids)
     await asyncio.gather(*(c.manager("StopInstance", "s", n) for n in ("a", "b")))
+    for name in ("a", "b"):
+        # The power button reached the guest agent while the application ran
+        # in the image: a graceful stop, not a SIGTERM or SIGKILL.
+        p = await props(c, name)
+        assert p["State"] == "stopped", p
+        assert p["StateReason"] == "the guest shut down after the power button", p
     assert digest(python_image) == before, "a guest changed the shared image"
 
 
@@ -207,3 +245,35 @@ async def test_bad_images_are_refused_before_anything_runs(daemon: Daemon, work:
         except OSError:
             continue
         assert str(img).encode() not in cmdline, f"process {pid} was started on the bad image"
+
+
+async def test_an_image_that_does_not_mount_fails_with_the_guests_reason(
+    daemon: Daemon, work: Path
+) -> None:
+    # The host sees a good erofs superblock magic (and 4 KiB blocks, 2 MiB
+    # aligned), so the start goes ahead; the rest is garbage, and the guest's
+    # mount refuses it.
+    img = work / "garbage.erofs"
+    body = bytearray(random.Random(16).randbytes(4 << 20))
+    body[1024:1028] = EROFS_MAGIC.to_bytes(4, "little")
+    body[1024 + 12] = 12  # blkszbits: 4 KiB
+    img.write_bytes(bytes(body))
+    img.chmod(0o644)
+    c = await daemon.start(
+        image_config({"command": "echo never", "root_image": str(img), "share_root": True})
+    )
+    rec = await SignalRecorder().attach(c)
+    await c.manager("StartInstance", "s", "one")
+    log = Path((await props(c, "one"))["ConsoleLog"])
+    p = await wait_for(c, "one", lambda p: p["State"] in ("stopped", "failed"), timeout=120)
+    # Failed, in the guest's words: not a clean "the guest powered off".
+    assert p["State"] == "failed", p
+    assert p["StateReason"].startswith(
+        "the guest could not start the application: root image: cannot mount /dev/pmem0 (erofs)"
+    ), p["StateReason"]
+    assert rec.states(instance_path("one"))[-2:] == ["stopping", "failed"]
+    assert not p["GuestReady"] and p["MainPID"] == 0
+    assert "never" not in log.read_text(errors="replace")
+    # Nothing is left: no VMM, no file server, no run directory.
+    assert vmms(daemon.state_dir) == {} and file_servers(daemon.state_dir) == {}
+    assert not (daemon.state_dir / "run" / "one").exists()

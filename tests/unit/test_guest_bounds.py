@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spectrumd.supervisor.console import ConsoleLog, pump
-from spectrumd.supervisor.guest import GuestChannel, encode_run
+from spectrumd.supervisor.guest import MAX_FAILURE, GuestChannel, encode_run
 from spectrumd.supervisor.lines import MAX_LINE, MAX_PENDING_WRITE, LineSplitter
 from spectrumd.supervisor.portal import PortalChannel
 from spectrumd.vmm.relay import SerialRelay
@@ -218,6 +218,32 @@ async def test_the_line_after_an_over_long_control_line_is_handled_alone() -> No
         await ch.send(encode_run("echo hi; true"))
         got = await asyncio.wait_for(guest_lines(guest, lambda ls: len(ls) >= 1), 10)
         assert got == [b"run " + base64.b64encode(b"echo hi; true")]
+
+
+async def test_a_guest_failure_reaches_the_host_only_as_one_short_printable_line() -> None:
+    loop = asyncio.get_running_loop()
+    failed: list[str] = []
+    async with channel_pair() as (reader, writer, guest):
+        ch = GuestChannel(reader, writer, lambda: None, lambda _: None, on_failed=failed.append)
+        run = asyncio.ensure_future(ch.run())
+        hostile = [
+            b"failed\n",  # no reason: dropped
+            b"failed   \n",
+            b"failedroot image\n",  # not the word "failed"
+            b"failed \xff\xfe\n",  # not UTF-8
+            b"failed root image: cannot mount /dev/vda (erofs): Invalid argument\n",
+            # Terminal escapes, a bidi override and a tab reach nobody's screen.
+            "failed a\x1b[31mred\u202eevil\tx\r\n".encode(),
+            b"failed " + b"y" * 3000 + b"\n",
+            b"failed " + b"z" * (MAX_LINE + 1) + b"\n",  # over-long: discarded whole
+        ]
+        await loop.sock_sendall(guest, b"".join(hostile))
+        guest.shutdown(socket.SHUT_WR)
+        await asyncio.wait_for(run, 10)
+    assert failed[0] == "root image: cannot mount /dev/vda (erofs): Invalid argument"
+    assert failed[1] == "a?[31mred?evil?x"
+    assert failed[2] == "y" * (MAX_FAILURE - 1) + "…"
+    assert len(failed) == 3
 
 
 async def test_a_control_guest_that_never_reads_loses_its_channel(

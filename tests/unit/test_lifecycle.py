@@ -130,6 +130,20 @@ def test_a_clean_exit_without_an_announcement_ends_stopped() -> None:
     ("facts", "expected"),
     [
         (ExitFacts(stop_reason="killed", guest_exit=3), (Event.exited, "killed")),
+        # A guest that said it cannot run the application: failed, in its words,
+        # also when the power-off took a stop's escalation.
+        (
+            ExitFacts(guest_failure="root image: x", shutdown_reason="guest-shutdown"),
+            (Event.crashed, "the guest could not start the application: root image: x"),
+        ),
+        (
+            ExitFacts(guest_failure="root image: x", stop_reason="vmm terminated with SIGTERM"),
+            (Event.crashed, "the guest could not start the application: root image: x"),
+        ),
+        (
+            ExitFacts(failure="file server died", guest_failure="x"),
+            (Event.crashed, "file server died"),
+        ),
         (ExitFacts(guest_exit=0), (Event.exited, "application exited with status 0")),
         (ExitFacts(guest_exit=3), (Event.crashed, "application exited with status 3")),
         (ExitFacts(shutdown_reason="guest-shutdown"), (Event.exited, "the guest powered off")),
