@@ -32,15 +32,16 @@ One process per instance. It is given descriptors only and opens no path
   must come that way from the daemon. A confinement that fails logs
   ``cannot confine: REASON`` and exits 1 before serving.
 
-Everything runs in one thread around poll(2): vhost-user messages,
-control commands and queue kicks are handled in turn, so an export
-change never races a request. The process exits when the VMM closes its
+Everything runs in one thread around epoll(7) (poll(2) for FUSE):
+vhost-user messages, control commands and queue kicks are handled in
+turn, so an export change never races a request. The process exits when the VMM closes its
 end of the vhost-user socket (or the FUSE file system is unmounted).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import resource
@@ -52,11 +53,13 @@ import sys
 
 from . import jail
 from .control import ControlServer, recv_with_fds
-from .device import Device, drain_kick, fs_config
+from .device import Device, fs_config
 from .fusedev import serve_fd
 from .ops import DEFAULT_ATTR_TIMEOUT, DEFAULT_ENTRY_TIMEOUT, FileSystem
 from .tree import ExportError, Tree
 from .vhost import HEADER, MAX_PAYLOAD, Backend, VhostError
+
+KICK_EVENTS = select.EPOLLIN | select.EPOLLET
 
 logger = logging.getLogger("spectrumd.virtiofs")
 
@@ -104,7 +107,9 @@ def serve_vhost(
     first; control commands are served while it has not come yet.
     """
     device = backend.device
-    poller = select.poll()
+    # epoll, so that the kick eventfds can be edge-triggered: a kick is then
+    # a wake-up with no read(2) of the counter (the queue is emptied anyway).
+    poller = select.epoll()
     if sock is not None:
         poller.register(sock.fileno(), select.POLLIN)
     elif listener is not None:
@@ -124,9 +129,15 @@ def serve_vhost(
     def refresh_kicks() -> None:
         want = {vq.kick_fd: vq.index for vq in device.queues if vq.kick_fd >= 0}
         for fd in set(kicks) - set(want):
-            poller.unregister(fd)
-        for fd in set(want) - set(kicks):
-            poller.register(fd, select.POLLIN)
+            with contextlib.suppress(OSError):  # closed already: epoll forgot it then
+                poller.unregister(fd)
+        for fd in want:
+            # A kick fd replaced by a new one of the same number is a new
+            # file to epoll (the old one left its set when it was closed).
+            try:
+                poller.modify(fd, KICK_EVENTS)
+            except FileNotFoundError:
+                poller.register(fd, KICK_EVENTS)
         kicks.clear()
         kicks.update(want)
 
@@ -150,13 +161,12 @@ def serve_vhost(
                     listener = None
                     poller.register(sock.fileno(), select.POLLIN)
                 elif fd in kicks:
-                    vq = device.queues[kicks[fd]]
-                    drain_kick(fd)
-                    device.process(vq)
+                    device.process(device.queues[kicks[fd]])
                 else:
                     ctl.handle(fd)
     finally:
         ctl.close()
+        poller.close()
         if accepted is not None:
             accepted.close()
 

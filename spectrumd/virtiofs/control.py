@@ -131,7 +131,7 @@ class ControlServer:
     def __init__(
         self,
         tree: Tree,
-        poller: select.poll,
+        poller: select.poll | select.epoll,
         *,
         listener: socket.socket | None = None,
         conn: socket.socket | None = None,

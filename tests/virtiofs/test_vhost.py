@@ -118,6 +118,7 @@ def test_handshake_ring_request_and_call(vhost: tuple[Frontend, socket.socket, P
     fe.send(V.SET_VRING_ENABLE, struct.pack("<II", 1, 1), need_reply=True)
     assert fe.reply() == struct.pack("<Q", 0)
     m = fe.mem
+    kicks = [kick]
 
     def submit(slot: int, req: bytes, out: int) -> None:
         at = 0x10000 + slot * 0x1000
@@ -127,7 +128,7 @@ def test_handshake_ring_request_and_call(vhost: tuple[Frontend, socket.socket, P
         idx = struct.unpack_from("<H", m, 4096 + 4096 + 2)[0]
         struct.pack_into("<H", m, 8192 + 4 + 2 * (idx % Q), 2 * slot)
         struct.pack_into("<H", m, 8192 + 2, idx + 1)
-        os.eventfd_write(kick, 1)
+        os.eventfd_write(kicks[-1], 1)
 
     def wait_used(n: int) -> None:
         for _ in range(500):
@@ -160,7 +161,20 @@ def test_handshake_ring_request_and_call(vhost: tuple[Frontend, socket.socket, P
     assert send_command(ctl, {"op": "list_exports"}) == {"ok": True, "exports": ["e"]}
     assert send_command(ctl, {"op": "add_export", "name": "x"})["ok"] is False
     assert fe.call(V.GET_VRING_BASE, struct.pack("<II", 1, 0)) == struct.pack("<II", 1, 4)
-    for fd in (kick, call):
+    # The ring starts again on a new kick fd (the backend's copy of it may
+    # take the number of the one it closed): its kicks are seen, one after
+    # another and several at once.
+    kicks.append(os.eventfd(0, os.EFD_CLOEXEC))
+    fe.send(V.SET_VRING_BASE, struct.pack("<II", 1, 4))
+    fe.send(V.SET_VRING_KICK, struct.pack("<Q", 1), (kicks[-1],))
+    for n in range(5, 8):
+        submit(n % 4, request(P.LOOKUP, 1, name(b"e"), n), 144)
+        wait_used(n)
+    for n in range(8, 11):
+        submit(n % 4, request(P.LOOKUP, 1, name(b"e"), n), 144)
+    wait_used(10)
+    assert fe.call(V.GET_VRING_BASE, struct.pack("<II", 1, 0)) == struct.pack("<II", 1, 10)
+    for fd in (*kicks, call):
         os.close(fd)
 
 
