@@ -94,11 +94,13 @@ def test_answer_for_each_lifetime() -> None:
     now = 1_000 * MIN
     assert plan_answer(req("a"), "running", 5, now) == Answer(True, "running")
     assert plan_answer(req("a"), "permanent", 5, now) == Answer(True, "permanent")
-    # The daemon cannot take an expiry from the agent: a running grant the agent revokes.
-    assert plan_answer(req("a"), "until", 5, now) == Answer(True, "running", now + 5 * MIN)
+    # "For N minutes" is an expiry for the daemon to keep, also on a request that had none.
+    assert plan_answer(req("a"), "until", 5, now) == Answer(True, "until", now + 5 * MIN)
     asked = req("a", lifetime="until", expires=now + 30 * MIN)
     assert plan_answer(asked, "until", 5, now) == Answer(True, "until", now + 5 * MIN)
-    assert plan_answer(asked, "until", 60, now) == Answer(True, "until", 0)
+    # Shorter than asked, never longer.
+    assert plan_answer(asked, "until", 60, now) == Answer(True, "until", now + 30 * MIN)
+    assert plan_answer(asked, "running", 5, now) == Answer(True, "running")
     assert default_minutes(asked, now) == 30
     assert default_minutes(req("a"), now) == 10
     with pytest.raises(ValueError, match="not one of"):
