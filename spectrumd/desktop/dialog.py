@@ -105,6 +105,7 @@ class ConfirmDialog(Gtk.Window):
         # The user may shorten what a request with an expiry asked for, not lengthen it.
         self.minutes = Gtk.SpinButton.new_with_range(1, asked if req.expires_at_us else 1440, 1)
         self.minutes.set_value(asked)
+        self.minutes.update_property([Gtk.AccessibleProperty.LABEL], ["Minutes"])
         until_row = Gtk.Box(orientation=Gtk.Orientation.HORIZONTAL, spacing=6)
         until_row.append(self.until)
         until_row.append(self.minutes)
