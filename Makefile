@@ -7,7 +7,13 @@ PY := $(VENV)/bin/python
 GUEST_DIR ?= /var/cache/spectrumd/guest
 export SPECTRUMD_GUEST_DIR := $(GUEST_DIR)
 
-.PHONY: all deps venv guest test lint unit integration demo bench clean
+# make install-desktop: the desktop entries of spectrum-agent and spectrum-manager.
+PREFIX ?= /usr/local
+DESTDIR ?=
+APPLICATIONS_DIR := $(PREFIX)/share/applications
+AUTOSTART_DIR ?= /etc/xdg/autostart
+
+.PHONY: all deps venv guest test lint unit integration demo bench clean install-desktop
 
 all: test
 
@@ -48,6 +54,11 @@ bench: deps venv guest
 	$(PY) bench/net_bench.py
 	$(PY) bench/cycles_bench.py
 	$(PY) bench/mem_bench.py
+
+install-desktop:
+	install -d $(DESTDIR)$(APPLICATIONS_DIR) $(DESTDIR)$(AUTOSTART_DIR)
+	install -m 644 data/spectrum-agent.desktop data/spectrum-manager.desktop $(DESTDIR)$(APPLICATIONS_DIR)/
+	install -m 644 data/spectrum-agent-autostart.desktop $(DESTDIR)$(AUTOSTART_DIR)/spectrum-agent.desktop
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -26,7 +26,7 @@ from spectrumd.bus.errors import wire_errors
 from spectrumd.bus.names import MANAGER_PATH, instance_path
 from spectrumd.errors import AccessDenied, Busy, Failed
 from spectrumd.supervisor.grants import Grant, GrantService, audit_line
-from spectrumd.supervisor.requests import AgentGone, Request, RequestBroker
+from spectrumd.supervisor.requests import AgentGone, Decision, Request, RequestBroker
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class DBusAgent:
             raise Failed(f"{reply.error_name}: {reply.body[0] if reply.body else ''}")
         return reply
 
-    async def confirm(self, req: Request) -> tuple[bool, str]:
+    async def confirm(self, req: Request) -> Decision:
         details = {"origin": Variant("s", req.origin)}
         if req.expires_at_us:
             details["expires_at"] = Variant("t", req.expires_at_us)
@@ -187,10 +187,14 @@ class DBusAgent:
                 details,
             ],
         )
-        if reply.signature != "bs":
-            raise Failed(f"the agent answered with signature {reply.signature!r}, not 'bs'")
-        allow, lifetime = reply.body
-        return bool(allow), str(lifetime)
+        # (b allow, s lifetime, t expires_at); an agent may leave out the expiry.
+        if reply.signature == "bst":
+            allow, lifetime, expires_at = reply.body
+            return Decision(bool(allow), str(lifetime), int(expires_at))
+        if reply.signature == "bs":
+            allow, lifetime = reply.body
+            return Decision(bool(allow), str(lifetime))
+        raise Failed(f"the agent answered with signature {reply.signature!r}, not 'bst'")
 
     async def cancel(self, req: Request) -> None:
         if not self.gone:

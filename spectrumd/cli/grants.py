@@ -77,7 +77,8 @@ async def cmd_revoke(c: Client, args: argparse.Namespace) -> None:
     await c.call(f"{MANAGER_PATH}/grant/{args.id}", GRANT_IFACE, "Revoke")
 
 
-ConfirmReply = Annotated[list[Any], DBusSignature("bs")]
+# (allow, lifetime, expires_at): the lifetime and expiry asked for (0: the request's own).
+ConfirmReply = Annotated[list[Any], DBusSignature("bst")]
 Details = Annotated[dict[str, Variant], DBusSignature("a{sv}")]
 
 
@@ -102,7 +103,7 @@ class TerminalAgent(ServiceInterface):
     ) -> ConfirmReply:
         async with self._lock:
             if request_id in self._cancelled:
-                return [False, lifetime]
+                return [False, lifetime, 0]
             until = ""
             if "expires_at" in details:
                 left = details["expires_at"].value / 1e6 - time.time()
@@ -115,8 +116,8 @@ class TerminalAgent(ServiceInterface):
             answer = await asyncio.to_thread(sys.stdin.readline)
             if request_id in self._cancelled:
                 print(f"(request {request_id} was withdrawn)")
-                return [False, lifetime]
-            return [answer.strip().lower() in ("y", "yes"), lifetime]
+                return [False, lifetime, 0]
+            return [answer.strip().lower() in ("y", "yes"), lifetime, 0]
 
     @dbus_method()
     def Cancel(self, request_id: DBusStr) -> None:

@@ -35,7 +35,7 @@ from spectrumd.supervisor.grants import GrantService
 from spectrumd.supervisor.instance import Instance
 from spectrumd.supervisor.networks import NetworkService
 from spectrumd.supervisor.portal import PortalDriver
-from spectrumd.supervisor.requests import RequestBroker
+from spectrumd.supervisor.requests import CONFIRM_TIMEOUT, RequestBroker
 from spectrumd.supervisor.usb import UsbService
 from spectrumd.vmm import BACKENDS
 from spectrumd.vmm.crosvm import CrosvmBackend
@@ -44,6 +44,13 @@ log = logging.getLogger("spectrumd")
 
 DEFAULT_STATE_DIR = Path("/var/lib/spectrumd")
 DEFAULT_GUEST_DIR = Path("/var/cache/spectrumd/guest")
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1e9:
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds above 0")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -106,6 +113,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="SECONDS",
         help="deadline of every VMM control call (pause, hot-plug, power button; "
         "default: %(default)g)",
+    )
+    p.add_argument(
+        "--confirm-timeout",
+        type=_seconds,
+        default=CONFIRM_TIMEOUT,
+        metavar="SECONDS",
+        help="how long a grant request waits for the agent's answer before it ends "
+        "(code 2; default: %(default)g)",
     )
     p.add_argument("--console-log-size", type=int, default=1024 * 1024, metavar="BYTES")
     p.add_argument("--console-log-keep", type=int, default=3, metavar="N")
@@ -186,7 +201,7 @@ async def _serve(args: argparse.Namespace, stack: contextlib.AsyncExitStack) -> 
     )
     grants.load()
     stack.callback(grants.close)
-    broker = RequestBroker(grants)
+    broker = RequestBroker(grants, args.confirm_timeout)
     portal.broker = broker
     tasks: set[asyncio.Task[None]] = set()
 

@@ -12,8 +12,6 @@ into dialogs (through a ``Prompter``), replies with the user's answer.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from gi.repository import Gio, GLib
@@ -54,8 +52,6 @@ class Agent:
         self.registered = False
         self._invocations: dict[str, Gio.DBusMethodInvocation] = {}
         self._signals: dict[str, int] = {}
-        # Called with the grant's path (or "") when a request's Response comes.
-        self._on_response: dict[str, Callable[[str], None]] = {}
         self._allowed: set[str] = set()  # answered yes, Response not yet seen
         self._retry: int = 0
         info = Gio.DBusNodeInfo.new_for_xml(client.AGENT_XML).interfaces[0]
@@ -219,7 +215,6 @@ class Agent:
         rid: Any,
     ) -> None:
         code, results = params.unpack()
-        grant = results.get("grant", "")
         if code == 2 and rid in self._allowed:
             # The user said yes, and the daemon could still not make the grant.
             self.prompter.notice(f"The grant was not made: {results.get('reason', 'unknown')}")
@@ -227,9 +222,6 @@ class Agent:
         if rid in self.queue:
             log.info("request %s ended elsewhere (code %d)", rid, code)
             self.end(rid, None)
-        callback = self._on_response.pop(rid, None)
-        if callback is not None:
-            callback(grant if code == 0 else "")
         self._unsubscribe(rid)
 
     # -- answers ---------------------------------------------------------------
@@ -239,47 +231,19 @@ class Agent:
         invocation = self._invocations.pop(request_id, None)
         if invocation is not None:
             req = self.queue.get(request_id)
-            lifetime = req.lifetime if req else ""
+            reply = (False, req.lifetime if req else "", 0)
             if answer is not None and answer.allow:
-                lifetime = answer.lifetime
-                if answer.revoke_at_us:
-                    self._revoke_later(request_id, answer.revoke_at_us)
-            allow = answer is not None and answer.allow
-            if allow:
+                reply = (True, answer.lifetime, answer.expires_at_us)
                 self._allowed.add(request_id)
-            invocation.return_value(GLib.Variant("(bs)", (allow, lifetime)))
-        if answer is None or not answer.allow or not answer.revoke_at_us:
-            self._on_response.pop(request_id, None)
+            invocation.return_value(GLib.Variant("(bst)", reply))
         self.prompter.close(request_id)
         nxt = self.queue.remove(request_id)
         if nxt is not None:
             self._describe_then_show(nxt)
 
-    def _revoke_later(self, rid: str, at_us: int) -> None:
-        """Revoke the grant this request makes at ``at_us`` (see model.Answer)."""
-
-        def with_grant(path: str) -> None:
-            if not path:
-                return
-            delay_ms = max(0, (at_us - time.time_ns() // 1000) // 1000)
-
-            def revoke() -> bool:
-                client.revoke_grant(
-                    self.conn,
-                    path,
-                    lambda _r, err: log.info("%s", err) if err else None,
-                    f"Revoke {path}",
-                )
-                return GLib.SOURCE_REMOVE
-
-            GLib.timeout_add(int(delay_ms), revoke)
-
-        self._on_response[rid] = with_grant
-
     def _drop(self, rid: str) -> None:
         self._invocations.pop(rid, None)
         self._allowed.discard(rid)
-        self._on_response.pop(rid, None)
         self._unsubscribe(rid)
 
     def _unsubscribe(self, rid: str) -> None:

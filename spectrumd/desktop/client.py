@@ -40,6 +40,7 @@ AGENT_XML = """<node>
       <arg name="details" direction="in" type="a{sv}" />
       <arg name="allow" direction="out" type="b" />
       <arg name="lifetime" direction="out" type="s" />
+      <arg name="expires_at" direction="out" type="t" />
     </method>
     <method name="Cancel">
       <arg name="request_id" direction="in" type="s" />

@@ -102,9 +102,10 @@ class ConfirmDialog(Gtk.Window):
         self.permanent.set_group(self.running)
         now_us = time.time_ns() // 1000
         asked = default_minutes(req, now_us)
-        # A request with an expiry ends then at the latest (the daemon keeps it): offer no more.
+        # The user may shorten what a request with an expiry asked for, not lengthen it.
         self.minutes = Gtk.SpinButton.new_with_range(1, asked if req.expires_at_us else 1440, 1)
         self.minutes.set_value(asked)
+        self.minutes.update_property([Gtk.AccessibleProperty.LABEL], ["Minutes"])
         until_row = Gtk.Box(orientation=Gtk.Orientation.HORIZONTAL, spacing=6)
         until_row.append(self.until)
         until_row.append(self.minutes)

@@ -146,31 +146,26 @@ class ClickGuard:
 
 @dataclass(frozen=True)
 class Answer:
-    """What the agent replies, and when it must revoke the grant itself (µs, 0: never).
-
-    The daemon's Confirm reply carries a lifetime but no expiry: an ``until``
-    reply keeps the expiry the request came with (none for a ``running`` or
-    ``permanent`` request, which the daemon then refuses). So "for N minutes"
-    on such a request is a ``running`` grant that the agent revokes at the
-    deadline; if the agent is gone by then, the grant ends when the instance stops.
-    """
+    """What the agent replies: allow, the lifetime, and for ``until`` when the
+    grant ends (µs since the epoch). spectrumd makes the grant with that expiry
+    and ends it then itself, whether or not the agent is still running."""
 
     allow: bool
     lifetime: str
-    revoke_at_us: int = 0
+    expires_at_us: int = 0
 
 
 def plan_answer(req: PendingRequest, choice: str, minutes: int, now_us: int) -> Answer:
-    """The reply for "allow with lifetime ``choice``" (``until``: for ``minutes``)."""
+    """The reply for "allow with lifetime ``choice``" (``until``: for ``minutes``,
+    and never past the request's own expiry: the user may shorten what was asked)."""
     if choice not in LIFETIMES:
         raise ValueError(f"lifetime {choice!r} is not one of {', '.join(LIFETIMES)}")
     if choice != "until":
         return Answer(True, choice)
     deadline = now_us + max(1, minutes) * 60_000_000
     if req.expires_at_us:
-        # The daemon ends it at the request's own expiry; earlier is up to us.
-        return Answer(True, "until", deadline if deadline < req.expires_at_us else 0)
-    return Answer(True, "running", deadline)
+        deadline = min(deadline, req.expires_at_us)
+    return Answer(True, "until", deadline)
 
 
 def default_minutes(req: PendingRequest, now_us: int) -> int:

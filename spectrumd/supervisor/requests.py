@@ -24,7 +24,7 @@ import attrs
 
 from spectrumd.errors import Busy, SpectrumError
 from spectrumd.host.paths import HeldDirectory
-from spectrumd.supervisor.grants import Grant, GrantService, audit_line
+from spectrumd.supervisor.grants import LIFETIMES, Grant, GrantService, audit_line
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +50,20 @@ class Request:
     held: HeldDirectory | None = attrs.field(default=None, repr=False)
 
 
+@attrs.frozen
+class Decision:
+    """The agent's answer: the user's choice of lifetime, and for ``until`` the
+    expiry (µs since the epoch; 0: the request's own). An empty or unknown
+    lifetime keeps the request's."""
+
+    allow: bool
+    lifetime: str = ""
+    expires_at_us: int = 0
+
+
 class Agent(Protocol):
-    async def confirm(self, req: Request) -> tuple[bool, str]:
-        """Ask the user. Returns (allow, lifetime). Raises on dismissal or failure."""
+    async def confirm(self, req: Request) -> Decision:
+        """Ask the user. Raises on dismissal or failure."""
 
     async def cancel(self, req: Request) -> None: ...
 
@@ -126,7 +137,7 @@ class RequestBroker:
                 return
             try:
                 async with asyncio.timeout(self.confirm_timeout):
-                    allow, lifetime = await agent.confirm(req)
+                    decision = await agent.confirm(req)
             except asyncio.CancelledError:
                 # Take the question off the agent's screen, then end the request.
                 with contextlib.suppress(Exception):
@@ -143,12 +154,17 @@ class RequestBroker:
             except SpectrumError as e:
                 self._finish(req, ENDED, f"the agent failed: {e}")
                 return
-            if not allow:
+            if not decision.allow:
                 self._finish(req, DENIED, "denied by the user")
                 return
-            # The agent may shorten the lifetime (e.g. "running" instead of "permanent").
-            if lifetime not in ("", req.lifetime) and lifetime in ("running", "until", "permanent"):
-                req.lifetime = lifetime
+            # The user chooses the lifetime (e.g. "running" where "permanent" was asked)
+            # and, for "until", when it ends. The expiry goes only with "until".
+            if decision.lifetime in LIFETIMES:
+                req.lifetime = decision.lifetime
+            if req.lifetime != "until":
+                req.expires_at_us = 0
+            elif decision.expires_at_us:
+                req.expires_at_us = decision.expires_at_us
             held, req.held = req.held, None  # the grant owns it from here, made or not
             try:
                 req.grant = await self.grants.create(

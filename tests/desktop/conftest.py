@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -59,6 +60,15 @@ def ui(display: Display) -> Iterator[UI]:
     u = UI(display)
     yield u
     u.close()
+
+
+# A traceback's first and last lines ("TypeError: ...", also for an exception
+# PyGObject could not print with its traceback), and GLib's criticals.
+LOG_PROBLEM = re.compile(
+    r"^Traceback \(most recent call last\):$|^[\w.]*(?:Error|Exception)(?:: .*)?$"
+    r"|^.*-CRITICAL \*\*.*$",
+    re.MULTILINE,
+)
 
 
 class Gui:
@@ -118,6 +128,16 @@ class Gui:
             f"--- {p.name}\n{p.read_text()}" for p in sorted(self.logdir.glob("*.log"))
         )
 
+    def problems(self) -> list[str]:
+        """Lines of the programs' output (stdout and stderr) that a user must never
+        get: a Python traceback (PyGObject prints one for an exception that escapes
+        a callback, and the program goes on), or a GLib or GTK critical warning."""
+        found = []
+        for p in sorted(self.logdir.glob("*.log")):
+            text = p.read_text(errors="replace")
+            found += [f"{p.name}: {m.group(0)}" for m in LOG_PROBLEM.finditer(text)]
+        return found
+
     def stop(self, proc: subprocess.Popen[bytes]) -> None:
         if proc.poll() is None:
             proc.terminate()
@@ -135,6 +155,12 @@ async def gui(display: Display, short_tmp: Path) -> AsyncIterator[Gui]:
     g = Gui(display, logdir)
     try:
         yield g
+        for p in g.procs:
+            g.stop(p)
+        # Every desktop test ends here: whatever it did, no program may have
+        # printed a traceback or a critical warning on the way.
+        problems = g.problems()
+        assert not problems, "the GUI programs printed:\n" + "\n".join(problems)
     finally:
         for p in g.procs:
             g.stop(p)
@@ -144,10 +170,10 @@ async def gui(display: Display, short_tmp: Path) -> AsyncIterator[Gui]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # pyatspi 2.46 calls an Atspi function that Atspi itself has deprecated.
+    # pyatspi 2.46 calls Atspi functions that Atspi itself has deprecated.
     here = Path(__file__).parent
     for item in items:
         if here in Path(str(item.path)).parents:
             item.add_marker(
-                pytest.mark.filterwarnings("ignore:Atspi.Accessible.get_component_iface")
+                pytest.mark.filterwarnings("ignore:Atspi.Accessible.get_.*_iface is deprecated")
             )

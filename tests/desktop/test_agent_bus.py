@@ -183,6 +183,32 @@ async def wait_sensitive(ui: UI, acc: Any, timeout: float = 10, want: bool = Tru
     return time.monotonic() - start
 
 
+async def test_a_request_that_times_out_closes_its_dialog(daemon: Daemon, gui: Gui, ui: UI) -> None:
+    c = await daemon.start(app_config("exec sleep 600"), extra_args=["--confirm-timeout", "5"])
+    gui.start("agent", daemon.address)
+    await registrations(daemon, 1)
+    with marked_dir("late.", "m") as shared:
+        req = await request(c, str(shared))
+        asked = time.monotonic()
+        await ui.wait_window(AGENT, TITLE)
+        # Nobody answers: the daemon gives up after 5 s, and the dialog goes with it.
+        await ui.wait_window(AGENT, TITLE, gone=True, timeout=30)
+        closed_after = time.monotonic() - asked
+        assert await wait_code(c, req) == 2
+        (reason,) = await c.call(
+            req, "org.freedesktop.DBus.Properties", "Get", "ss", [REQUEST_IFACE, "Reason"]
+        )
+        assert reason.value == "the agent did not answer in time"
+    assert 4.5 < closed_after < 15, f"the dialog closed {closed_after:.1f} s after the request"
+    (rows,) = await c.manager("ListGrants")
+    assert rows == []
+    # The agent is still there for the next request.
+    req = await request(c, "docs")
+    await ui.wait_window(AGENT, TITLE)
+    ui.key(TITLE, "Escape")
+    assert await wait_code(c, req) == 1
+
+
 async def test_no_bus(gui: Gui, ui: UI, short_tmp: Path) -> None:
     gui.start("agent", f"unix:path={short_tmp}/no-such-bus")
     status = await ui.wait_window(AGENT, "Spectrum agent: not active")

@@ -1,12 +1,14 @@
 """The management window against a real spectrumd on a bus with the project's
 system policy, and a real guest on a network in a namespace of its own.
 
-- A reader (uid nobody, outside the group spectrum) sees the instances, and
-  its Start is refused with a message; the instance stays stopped. Its agent
-  is refused too, and says so.
+- A reader (uid nobody, outside the group spectrum) sees the instances and
+  their configured resources. Its Start and its Revoke are refused with a
+  message; the instance stays stopped and the grant stays. Its agent is
+  refused too, and says so.
 - root's window starts the instance with its button and shows the new state
   within a second of the daemon's signal; it lists the guest's grant and its
-  network, and its Revoke takes the directory away from the guest.
+  network, and its Revoke takes the directory away from the guest. Its Stop
+  stops the guest gracefully, the row following the state; its Kill ends it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import pytest
 from dbus_fast import Message, Variant
 
 from spectrumd.bus.names import INSTANCE_IFACE, instance_path
-from tests.conftest import Daemon, kill_leftover_vmms
+from spectrumd.desktop.client import GRANT_IFACE
+from tests.conftest import Daemon, kill_leftover_vmms, readable_tmpdir
 from tests.desktop.conftest import Gui
 from tests.desktop.ui import UI
 from tests.integration.helpers import app_config, marked_dir, props, wait_for, wait_log
@@ -91,9 +94,10 @@ async def test_manager_window(
 ) -> None:
     address, tmp = policy_bus
     daemon = Daemon(address, tmp, guest_dir)
-    config = app_config(LISTER, one={"application": "app", "resources": ["lan"]})
+    config = app_config(LISTER, one={"application": "app", "resources": ["lan", "docs"]})
     try:
-        with marked_dir("mgr.", "marker-from-the-host") as shared:
+        with marked_dir("mgr.", "marker-from-the-host") as shared, readable_tmpdir("docs.") as docs:
+            config["resources"]["docs"]["path"] = str(docs)
             await run_checks(daemon, config, netns, gui, ui, shared, screenshots)
     finally:
         await daemon.stop()
@@ -110,11 +114,24 @@ async def run_checks(
     screenshots: Path,
 ) -> None:
     c = await daemon.start(config, extra_args=["--netns", netns])
+    docs = config["resources"]["docs"]["path"]
+    # A permanent grant is made while the instance is stopped: the reader sees it.
+    (permanent,) = await c.manager(
+        "Grant", "ssa{sv}", "one", str(shared), {"lifetime": Variant("s", "permanent")}
+    )
 
-    # 1. A reader sees the instance; its Start is refused, and the window says so.
+    # 1. A reader sees the instance and its configured resources.
     reader = gui.start("manager", daemon.address, user=NOBODY)
     await ui.wait_window(MANAGER, TITLE)
     await wait_text(ui, lambda t: "one" in t and "stopped" in t, "no stopped instance")
+    resources = [
+        "lan (network) — isolated network",
+        f"docs (directory) — {docs} (read-only)",
+    ]
+    await wait_text(ui, lambda t: all(r in t for r in resources), "no configured resources")
+    texts = await texts_of(ui)
+    assert texts.index("Resources") < texts.index(resources[0]) < texts.index("Grants"), texts
+    # Its Start is refused, and the window says so.
     ui.focus(TITLE)
     await ui.click(TITLE, await button(ui, "Start"))
     await wait_text(
@@ -122,7 +139,15 @@ async def run_checks(
     )
     ui.display.screenshot(screenshots / "manager-refused.png", ui.x_window(TITLE))
     assert (await props(c, "one"))["State"] == "stopped"
+    # So is its Revoke; the grant stays.
+    await wait_text(ui, lambda t: any(str(shared) in x for x in t), "the grant is not listed")
+    await ui.click(TITLE, await button(ui, "Revoke"))
+    refused = f"Revoke {shared}: Not allowed: the bus lets only root and the group spectrum do this"
+    await wait_text(ui, lambda t: refused in t, "no refusal of the Revoke shown")
+    (rows,) = await c.manager("ListGrants")
+    assert [r[5] for r in rows] == [permanent], rows
     gui.stop(reader)
+    await c.call(permanent, GRANT_IFACE, "Revoke")
     await ui.wait_window(MANAGER, TITLE, gone=True)
     # Nor may it be the agent: its window says so.
     agent = gui.start("agent", daemon.address, user=NOBODY)
@@ -196,8 +221,29 @@ async def run_checks(
     after = await output_after(log, settle=2.0, window=2.5)
     assert "ls: " in after and "marker-from-the-host" not in after, after[-500:]
 
-    # 4. Kill from the window.
+    # 4. Stop from the window: the guest is asked to power off, and the row
+    # follows the state until the instance is stopped.
+    seen = [await ui.run(lambda: state_label.name)]
     ui.focus(TITLE)
+    await ui.click(TITLE, await button(ui, "Stop"))
+    deadline = time.monotonic() + 60
+    while seen[-1] != "stopped":
+        assert time.monotonic() < deadline, f"never shown stopped; shown: {seen}"
+        await asyncio.sleep(0.02)
+        if (shown := await ui.run(lambda: state_label.name)) != seen[-1]:
+            seen.append(shown)
+    assert seen == ["running", "stopping", "stopped"], seen
+    state = await props(c, "one")
+    assert state["State"] == "stopped", state
+    line = f"State: stopped ({state['StateReason']})"
+    await wait_text(ui, lambda t: line in t, "the reason is not shown")
+    print(line)
+    assert "SIGTERM" not in line and "SIGKILL" not in line and "killed" not in line, line
+
+    # 5. Start again, and Kill from the window.
+    await ui.click(TITLE, await button(ui, "Start"))
+    await wait_for(c, "one", lambda p: p["State"] == "running", timeout=60)
+    await wait_text(ui, lambda t: "running" in t, "not shown running")
     await ui.click(TITLE, await button(ui, "Kill"))
     await wait_for(c, "one", lambda p: p["State"] in ("stopped", "failed"), timeout=30)
     await wait_text(ui, lambda t: "running" not in t, "still shown running")

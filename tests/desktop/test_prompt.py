@@ -1,8 +1,14 @@
 """A real guest asks through its portal; the desktop agent's dialog answers.
 
-One guest, five requests in a row: a click in the first second does nothing and
-a click after it grants (the guest reads the file); Deny, Escape and Enter
-deny; a request still open when the instance stops closes its dialog.
+One guest, eight requests in a row:
+- a path with a symlink in it is refused by the daemon before the agent is
+  asked: no dialog, and the guest's spectrum-request prints why;
+- a click in the first second does nothing, and a click after it grants (the
+  guest reads the file);
+- Deny, Escape and Enter deny;
+- "For N minutes" with N typed in: the daemon's grant ends N minutes from now;
+- "Permanently": the daemon's grant is permanent, and outlives the instance's run;
+- a request still open when the instance stops closes its dialog.
 """
 
 from __future__ import annotations
@@ -12,10 +18,12 @@ import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.conftest import Daemon
+from spectrumd.desktop.client import GRANT_IFACE
+from tests.conftest import Daemon, readable_tmpdir
 from tests.desktop.conftest import Gui
 from tests.desktop.test_agent_bus import registrations, wait_sensitive
 from tests.desktop.ui import UI
@@ -30,20 +38,41 @@ TITLE = "Spectrum: one asks for access"
 @pytest.fixture
 def dirs() -> Iterator[list[Path]]:
     with contextlib.ExitStack() as stack:
-        yield [stack.enter_context(marked_dir(f"ask{i}.", f"marker-{i}")) for i in range(5)]
+        yield [stack.enter_context(marked_dir(f"ask{i}.", f"marker-{i}")) for i in range(7)]
 
 
-def asker(dirs: list[Path]) -> str:
+@pytest.fixture
+def through_symlink() -> Iterator[Path]:
+    """``BASE/link/sub``, with ``link`` a symlink to ``BASE/real``: a path the
+    daemon refuses to grant, though it reaches a real directory."""
+    with readable_tmpdir("sym.") as base:
+        (base / "real" / "sub").mkdir(parents=True)
+        (base / "link").symlink_to(base / "real")
+        yield base / "link" / "sub"
+
+
+def asker(dirs: list[Path], refused: Path) -> str:
     d = [str(x) for x in dirs]
     return (
+        f'spectrum-request dir {refused} 2>&1; echo "refused rc=$?"; '
         f'p=$(spectrum-request dir {d[0]} --lifetime running); echo "first rc=$? $p"; '
         'cat "$p/marker"; '
         f'spectrum-request dir {d[1]}; echo "second rc=$?"; '
         f'spectrum-request dir {d[2]}; echo "third rc=$?"; '
         f'spectrum-request dir {d[3]}; echo "fourth rc=$?"; '
-        f'spectrum-request dir {d[4]}; echo "fifth rc=$?"; '
+        f'p=$(spectrum-request dir {d[4]}); echo "fifth rc=$? $p"; cat "$p/marker"; '
+        f'p=$(spectrum-request dir {d[5]}); echo "sixth rc=$? $p"; cat "$p/marker"; '
+        f'spectrum-request dir {d[6]}; echo "seventh rc=$?"; '
         "exec sleep 600"
     )
+
+
+async def grant_property(daemon: Daemon, path: str, name: str) -> Any:
+    assert daemon.client is not None
+    (value,) = await daemon.client.call(
+        path, "org.freedesktop.DBus.Properties", "Get", "ss", [GRANT_IFACE, name]
+    )
+    return value.value
 
 
 async def dialog_for(ui: UI, path: Path) -> object:
@@ -58,20 +87,38 @@ async def dialog_for(ui: UI, path: Path) -> object:
 
 
 async def test_guest_request_through_the_dialog(
-    daemon: Daemon, gui: Gui, ui: UI, dirs: list[Path], screenshots: Path
+    daemon: Daemon,
+    gui: Gui,
+    ui: UI,
+    dirs: list[Path],
+    through_symlink: Path,
+    screenshots: Path,
 ) -> None:
-    c = await daemon.start(app_config(asker(dirs)))
+    c = await daemon.start(app_config(asker(dirs, through_symlink)))
     gui.start("agent", daemon.address)
     await registrations(daemon, 1)
     await c.manager("StartInstance", "s", "one")
     log = Path((await props(c, "one"))["ConsoleLog"])
 
+    # 0. A path the daemon refuses: the guest is told why, and no dialog appears.
+    text = await wait_log(log, "refused rc=", timeout=60)
+    link = through_symlink.parent
+    assert (
+        f'spectrum-request: "{through_symlink}": component "{link}" is a symbolic link'
+        " (no symlink may appear in a granted path)"
+    ) in text, text[-800:]
+    assert "refused rc=2" in text
+    # Refused before it became a request: the audit log has none, so the agent had none.
+    assert f'resource="{through_symlink}"' not in daemon.stderr_path.read_text()
+
     # 1. The dialog names the instance, the application, the host path and the access.
+    # It is the first one the user sees: none came for the refused path.
     dialog = await dialog_for(ui, dirs[0])
     seen = time.monotonic()
     texts = await ui.run(ui.texts, dialog)
     for expected in ("one", "app", str(dirs[0]), "read-only"):
         assert expected in texts, (expected, texts)
+    assert not any(str(through_symlink) in t for t in texts), texts
     allow = await ui.run(ui.find, dialog, "push button", "Allow")
     assert allow is not None
     # A click in the first second does nothing. The button is inactive before the
@@ -120,10 +167,54 @@ async def test_guest_request_through_the_dialog(
     (rows,) = await c.manager("ListGrants")
     assert len(rows) == 1, "no denial made a grant"
 
-    # 5. The instance stops while its request is open: the dialog closes by itself.
-    await dialog_for(ui, dirs[4])
+    # 5. "For N minutes", N typed in: the daemon's grant ends N minutes from now.
+    dialog = await dialog_for(ui, dirs[4])
+    ui.focus(TITLE)
+    allow = await ui.run(ui.find, dialog, "push button", "Allow")
+    await wait_sensitive(ui, allow)  # it takes the focus: type only after it
+    # GTK 4.8 names grouped check buttons (shown as radio buttons) "check box".
+    await ui.click(TITLE, await ui.run(ui.find, dialog, "check box", "For"))
+    minutes = await ui.run(ui.find, dialog, "spin button", "Minutes")
+    await ui.click(TITLE, minutes, across=0.2)  # in its text, left of its - and + buttons
+    ui.display.xdotool("key", "ctrl+a")
+    ui.type("7")
+    ui.display.xdotool("key", "Tab")  # a spin button takes what was typed as it loses focus
+    assert await ui.run(lambda: minutes.queryValue().currentValue) == 7
+    asked_at = time.time()
+    await ui.click(TITLE, allow)
+    text = await wait_log(log, "fifth rc=", timeout=30)
+    assert f"fifth rc=0 /mnt/spectrum/{dirs[4].name}" in text
+    await wait_log(log, "marker-4", timeout=20)
+    (rows,) = await c.manager("ListGrants")
+    (until,) = [r for r in rows if r[2] == str(dirs[4])]
+    assert until[4] == "until", until
+    expires = await grant_property(daemon, until[5], "ExpiresAt") / 1e6
+    assert asked_at + 7 * 60 - 2 < expires < time.time() + 7 * 60 + 2, (
+        f"the grant ends {expires - asked_at:.0f} s after the click, not in 7 minutes"
+    )
+
+    # 6. "Permanently": a permanent grant.
+    dialog = await dialog_for(ui, dirs[5])
+    ui.focus(TITLE)
+    allow = await ui.run(ui.find, dialog, "push button", "Allow")
+    await wait_sensitive(ui, allow)
+    permanently = "Permanently (also after restarts)"
+    await ui.click(TITLE, await ui.run(ui.find, dialog, "check box", permanently))
+    await ui.click(TITLE, allow)
+    text = await wait_log(log, "sixth rc=", timeout=30)
+    assert f"sixth rc=0 /mnt/spectrum/{dirs[5].name}" in text
+    await wait_log(log, "marker-5", timeout=20)
+    (rows,) = await c.manager("ListGrants")
+    (permanent,) = [r for r in rows if r[2] == str(dirs[5])]
+    assert permanent[4] == "permanent", permanent
+    assert await grant_property(daemon, permanent[5], "ExpiresAt") == 0
+
+    # 7. The instance stops while its request is open: the dialog closes by itself.
+    await dialog_for(ui, dirs[6])
     await c.manager("StopInstance", "s", "one")
     await wait_for(c, "one", lambda p: p["State"] in ("stopped", "failed"), timeout=60)
     await ui.wait_window(AGENT, TITLE, gone=True, timeout=10)
     (rows,) = await c.manager("ListGrants")
-    assert rows == [], "the running grant ended with the instance"
+    # The running and the 7-minute grants ended with the instance; the permanent one waits.
+    assert [(r[2], r[4]) for r in rows] == [(str(dirs[5]), "permanent")], rows
+    assert await grant_property(daemon, permanent[5], "State") == "waiting"

@@ -92,9 +92,10 @@ class UI:
     def sensitive(self, acc: Any) -> bool:
         return bool(acc.getState().contains(self.pyatspi.STATE_SENSITIVE))
 
-    def centre(self, acc: Any) -> tuple[int, int]:
+    def centre(self, acc: Any, across: float = 0.5) -> tuple[int, int]:
+        """A point of ``acc`` in its window: ``across`` its width, half its height."""
         e = acc.queryComponent().getExtents(self.pyatspi.WINDOW_COORDS)
-        return e.x + e.width // 2, e.y + e.height // 2
+        return e.x + int(e.width * across), e.y + e.height // 2
 
     # -- async conveniences ------------------------------------------------------------
 
@@ -117,14 +118,19 @@ class UI:
         assert ids, f"no X window named {title!r}"
         return ids[-1]
 
-    async def click(self, title: str, acc: Any) -> None:
-        """A real left click on ``acc``'s centre, in the X window named ``title``."""
-        x, y = await self.run(self.centre, acc)
+    async def click(self, title: str, acc: Any, across: float = 0.5) -> None:
+        """A real left click on ``acc``'s centre (or ``across`` its width), in the X
+        window named ``title``."""
+        x, y = await self.run(self.centre, acc, across)
         wid = self.x_window(title)
         self.display.xdotool("mousemove", "--window", wid, str(x), str(y), "click", "1")
 
     def focus(self, title: str) -> None:
         self.display.xdotool("windowfocus", "--sync", self.x_window(title))
+
+    def type(self, text: str) -> None:
+        """Type ``text`` into whatever has the keyboard focus."""
+        self.display.xdotool("type", "--delay", "50", text)
 
     def key(self, title: str, key: str) -> None:
         # Focus, then type through XTEST: GTK ignores events sent to a window (XSendEvent).

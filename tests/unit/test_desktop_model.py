@@ -1,4 +1,5 @@
-"""The desktop's pure core (no display, no bus), and what the package may import."""
+"""The desktop's pure core (no display, no bus), what the package may import, and
+its desktop entries (valid, and installed by ``make install-desktop``)."""
 
 from __future__ import annotations
 
@@ -94,11 +95,13 @@ def test_answer_for_each_lifetime() -> None:
     now = 1_000 * MIN
     assert plan_answer(req("a"), "running", 5, now) == Answer(True, "running")
     assert plan_answer(req("a"), "permanent", 5, now) == Answer(True, "permanent")
-    # The daemon cannot take an expiry from the agent: a running grant the agent revokes.
-    assert plan_answer(req("a"), "until", 5, now) == Answer(True, "running", now + 5 * MIN)
+    # "For N minutes" is an expiry for the daemon to keep, also on a request that had none.
+    assert plan_answer(req("a"), "until", 5, now) == Answer(True, "until", now + 5 * MIN)
     asked = req("a", lifetime="until", expires=now + 30 * MIN)
     assert plan_answer(asked, "until", 5, now) == Answer(True, "until", now + 5 * MIN)
-    assert plan_answer(asked, "until", 60, now) == Answer(True, "until", 0)
+    # Shorter than asked, never longer.
+    assert plan_answer(asked, "until", 60, now) == Answer(True, "until", now + 30 * MIN)
+    assert plan_answer(asked, "running", 5, now) == Answer(True, "running")
     assert default_minutes(asked, now) == 30
     assert default_minutes(req("a"), now) == 10
     with pytest.raises(ValueError, match="not one of"):
@@ -211,3 +214,33 @@ def test_without_a_display_the_programs_say_so(program: str) -> None:
     assert r.returncode == 1
     assert f"spectrum-{program}: cannot open a display" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("prefix", [None, "/usr"])
+def test_make_install_desktop_puts_the_entries_where_desktops_look(
+    tmp_path: Path, prefix: str | None
+) -> None:
+    argv = ["make", "-s", "-C", str(ROOT), "install-desktop", f"DESTDIR={tmp_path}"]
+    if prefix is not None:
+        argv.append(f"PREFIX={prefix}")
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    apps = (prefix or "/usr/local").lstrip("/") + "/share/applications"
+    installed = {
+        str(p.relative_to(tmp_path)): p for p in tmp_path.rglob("*.desktop") if p.is_file()
+    }
+    assert sorted(installed) == [
+        "etc/xdg/autostart/spectrum-agent.desktop",
+        f"{apps}/spectrum-agent.desktop",
+        f"{apps}/spectrum-manager.desktop",
+    ]
+    shipped = {
+        "etc/xdg/autostart/spectrum-agent.desktop": "spectrum-agent-autostart.desktop",
+        f"{apps}/spectrum-agent.desktop": "spectrum-agent.desktop",
+        f"{apps}/spectrum-manager.desktop": "spectrum-manager.desktop",
+    }
+    for rel, path in installed.items():
+        assert path.read_bytes() == (ROOT / "data" / shipped[rel]).read_bytes(), rel
+        assert path.stat().st_mode & 0o777 == 0o644, rel
+        v = subprocess.run(["desktop-file-validate", str(path)], capture_output=True, text=True)
+        assert v.returncode == 0 and not v.stdout.strip(), (rel, v.stdout)
