@@ -264,7 +264,11 @@ async def test_guest_asks_through_its_portal(daemon: Daemon, shared_dir: Path) -
         'cat "$p/marker"; '
         # Ask again once the host says so (after its agent changed its mind).
         'until [ -e "$p/ask-again" ]; do sleep 0.2; done; '
-        f'spectrum-request dir {shared_dir}; echo "second rc=$?"; exec sleep 600'
+        f'spectrum-request dir {shared_dir}; echo "second rc=$?"; '
+        # A second request while one is pending (the port opens once).
+        'until [ -e "$p/ask-twice" ]; do sleep 0.2; done; '
+        f'spectrum-request dir {shared_dir} & sleep 2; '
+        f'spectrum-request dir {shared_dir}; echo "third rc=$?"; exec sleep 600'
     )
     c = await daemon.start(app_config(asker))
     _agent_client, agent = await register_agent(daemon.address, True)
@@ -283,6 +287,11 @@ async def test_guest_asks_through_its_portal(daemon: Daemon, shared_dir: Path) -
     text = await wait_log(log, "second rc=", timeout=60)
     assert "second rc=1" in text, "a denial is exit status 1 in the guest"
     assert "spectrum-request: denied by the user" in text
+    agent.answer = None  # the next question stays open
+    (shared_dir / "ask-twice").touch()
+    text = await wait_log(log, "third rc=", timeout=60)
+    assert "third rc=2" in text, "a request that cannot be sent is not a denial"
+    assert "spectrum-request: cannot open /dev/vport" in text
     await c.instance_call("one", "Kill")
     await asyncio.sleep(0.3)
     (rows,) = await c.manager("ListGrants")
