@@ -267,7 +267,7 @@ async def test_guest_asks_through_its_portal(daemon: Daemon, shared_dir: Path) -
         f'spectrum-request dir {shared_dir}; echo "second rc=$?"; '
         # A second request while one is pending (the port opens once).
         'until [ -e "$p/ask-twice" ]; do sleep 0.2; done; '
-        f'spectrum-request dir {shared_dir} & sleep 2; '
+        f"spectrum-request dir {shared_dir} & sleep 2; "
         f'spectrum-request dir {shared_dir}; echo "third rc=$?"; exec sleep 600'
     )
     c = await daemon.start(app_config(asker))
