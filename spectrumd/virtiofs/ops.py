@@ -137,12 +137,12 @@ class FileSystem:
 
     # -- data --
 
-    def read(self, req: P.Request, bufs: Sequence[Any]) -> int:
-        """preadv the file into *bufs* (already trimmed to the request's size)."""
-        h = self.tree.handle(req.args.fh)
+    def read(self, fh: int, offset: int, bufs: Sequence[Any]) -> int:
+        """preadv handle *fh*'s file into *bufs* (already trimmed to the request's size)."""
+        h = self.tree.handle(fh)
         if h.entries is not None:
             raise fail(errno.EISDIR)
-        return os.preadv(h.fd, bufs, req.args.offset)
+        return os.preadv(h.fd, bufs, offset)
 
     def write(self, req: P.Request, bufs: Sequence[Any]) -> int:
         h = self.tree.handle(req.args.fh)

@@ -143,6 +143,8 @@ _Q_II = struct.Struct("<QII")
 _INIT = struct.Struct("<IIII")
 _SETATTR = struct.Struct("<IIQQQQQQIIIIIIII")
 _READ = struct.Struct("<QQIIQII")
+# A whole READ request (header and fuse_read_in), for the data path's fast lane.
+READ_REQUEST = struct.Struct("<IIQQIIIHHQQIIQII")
 _OPEN = struct.Struct("<II")
 _CREATE = struct.Struct("<IIII")
 _RELEASE = struct.Struct("<QIIQ")

@@ -77,7 +77,7 @@ def answer(
             if not fs.initialized:
                 raise OSError(errno.EIO, "not initialized")
             size = min(req.args.size, total(read_into))
-            n = fs.read(req, trim(read_into, size))
+            n = fs.read(req.args.fh, req.args.offset, trim(read_into, size))
             return Reply(unique, 0, b"", n)
         if req.opcode == P.WRITE:
             if not fs.initialized:

@@ -359,3 +359,66 @@ def test_replies_never_go_to_read_only_guest_memory(guest: FakeGuest) -> None:
     finally:
         os.close(ro_fd)
         os.close(fd)
+
+
+def _read_both_ways(g: FakeGuest, req: bytes, sizes: list[int]) -> list[tuple[int, bytes]]:
+    """The READ *req* answered by the fast lane and by the general path:
+    (used length, every byte of the reply buffers) of each."""
+    out = []
+    for lane in (True, False):
+        head, outs = g.chain([req], sizes)
+        for at, n in zip(outs, sizes, strict=True):
+            g.mv[g.off(at) : g.off(at) + n] = b"\xee" * n  # what the guest had there
+        g.offer(head)
+        if lane:
+            g.device.process(g.vq)
+        else:
+            lane_off = g.device._read
+            g.device._read = lambda *a: None  # type: ignore[method-assign]
+            try:
+                g.device.process(g.vq)
+            finally:
+                g.device._read = lane_off  # type: ignore[method-assign]
+        assert g.used()[-1][0] == head
+        written = b"".join(g.read(at, n) for at, n in zip(outs, sizes, strict=True))
+        out.append((g.used()[-1][1], written))
+    return out
+
+
+@given(
+    which=st.sampled_from(["file", "dir", "unknown"]),
+    offset=st.integers(0, 20000),
+    size=st.integers(0, 20000),
+    sizes=st.sampled_from([[16, 16384], [16, 100, 5000], [16 + 16384], [8, 8, 4096], [16]]),
+    extlen=st.booleans(),
+)
+@FUZZ
+def test_the_read_fast_lane_answers_as_the_general_path(
+    guest: FakeGuest, which: str, offset: int, size: int, sizes: list[int], extlen: bool
+) -> None:
+    g = guest
+    e = lookup(g, 1, b"e")
+    node = lookup(g, e, b"data") if which != "dir" else e
+    op = P.OPENDIR if which == "dir" else P.OPEN
+    _ln, outs = run(g, [request(op, node, struct.pack("<II", 0, 0))], [16, 16])
+    fh = struct.unpack("<Q", g.read(outs[1], 8))[0] if which != "unknown" else 1 << 40
+    req = bytearray(request(P.READ, node, read_body(fh, offset, size)))
+    if extlen:
+        struct.pack_into("<H", req, 36, 1)
+    fast, general = _read_both_ways(g, bytes(req), sizes)
+    assert fast == general
+
+
+def test_the_read_fast_lane_refuses_a_revoked_export(guest: FakeGuest) -> None:
+    g = guest
+    e = lookup(g, 1, b"e")
+    data = lookup(g, e, b"data")
+    _ln, outs = run(g, [request(P.OPEN, data, struct.pack("<II", 0, 0))], [16, 16])
+    fh = struct.unpack("<Q", g.read(outs[1], 8))[0]
+    req = request(P.READ, data, read_body(fh, 0, 4096))
+    (ok, _) = _read_both_ways(g, req, [16, 4096])
+    assert ok[0] == 16 + 4096 and ok[1][16:] == bytes(range(256)) * 16
+    assert g.device.fs.tree.remove_export("e")
+    fast, general = _read_both_ways(g, req, [16, 4096])
+    assert fast == general and fast[0] == 16
+    assert P.OUT_HEADER.unpack(fast[1][:16])[1] == -errno.EIO
