@@ -6,12 +6,15 @@ from spectrumd.lifecycle.machine import (
     ExitFacts,
     InvalidTransition,
     State,
+    StopPlan,
     allowed,
     allowed_events,
     exit_event,
     has_vmm,
+    is_failure,
     is_up,
     next_state,
+    stop_plan,
 )
 
 __all__ = [
@@ -20,10 +23,13 @@ __all__ = [
     "ExitFacts",
     "InvalidTransition",
     "State",
+    "StopPlan",
     "allowed",
     "allowed_events",
     "exit_event",
     "has_vmm",
+    "is_failure",
     "is_up",
     "next_state",
+    "stop_plan",
 ]
