@@ -5,8 +5,9 @@ VMM is its :class:`~spectrumd.supervisor.run.Run`'s. Calls that change the
 VMM (start, stop, pause, resume, control calls) hold the instance's lock, so
 two of them never interleave and there are never two VMMs for one instance.
 ``kill`` does not wait for the lock: it cancels a start under way, or ends a
-stop that hangs. The run's watcher alone turns a VMM's exit into the final
-state.
+stop that hangs. The run's watcher alone turns a started VMM's exit into the
+final state; a start that does not complete is resolved by ``start`` itself,
+through the same :func:`~spectrumd.lifecycle.exit_event`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,16 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from spectrumd.errors import Cancelled, Failed, InvalidState, SpectrumError
-from spectrumd.lifecycle import Event, InvalidTransition, State, has_vmm, is_up, next_state
+from spectrumd.lifecycle import (
+    Event,
+    ExitFacts,
+    InvalidTransition,
+    State,
+    allowed,
+    exit_event,
+    has_vmm,
+    next_state,
+)
 from spectrumd.model.types import Application, InstanceDef, Resource
 from spectrumd.supervisor import process
 from spectrumd.supervisor.env import Environment
@@ -107,9 +117,10 @@ class Instance:
         try:
             next_state(self.state, event)
         except InvalidTransition:
-            raise InvalidState(
-                f"cannot {what or event.value} {self.name}: it is {self.state.value}"
-            ) from None
+            raise self._invalid(what or event.value) from None
+
+    def _invalid(self, what: str) -> InvalidState:
+        return InvalidState(f"cannot {what} {self.name}: it is {self.state.value}")
 
     def give_reason(self, reason: str) -> None:
         """Replace StateReason (e.g. to say a failed instance will not be restarted)."""
@@ -144,7 +155,9 @@ class Instance:
 
     def _guest_exited(self, run: Run, status: int) -> None:
         self.log.info("application exited with status %d", status)
-        if self._run is run and is_up(self.state):
+        if self._run is run and allowed(self.state, Event.guest_shutdown):
+            # (During a start the table does not take it; the run keeps the fact
+            # for its exit.)
             self._fire(Event.guest_shutdown, reason=f"application exited with status {status}")
             # The guest powers off by itself; if it does not, the stop escalates.
             run.end_within(run.definition.stop_timeout, powerdown=False)
@@ -173,12 +186,14 @@ class Instance:
                 await run.start()
             except BaseException as e:
                 self._run = None
-                if run.stop_reason is not None:
-                    self._fire(Event.exited, reason=run.stop_reason, main_pid=0, guest_ready=False)
+                why = str(e) if isinstance(e, SpectrumError) else "start failed: cancelled"
+                # A kill or stop under way makes it an exit; else the start crashed.
+                event, reason = exit_event(ExitFacts(stop_reason=run.stop_reason, described=why))
+                self._fire(event, reason=reason, main_pid=0, guest_ready=False)
+                if run.stop_reason is None:
+                    self.log.error("%s", self.state_reason)
                 else:
-                    why = str(e) if isinstance(e, SpectrumError) else "start failed: cancelled"
-                    self._fire(Event.crashed, reason=why, main_pid=0, guest_ready=False)
-                self.log.error("%s", self.state_reason)
+                    self.log.info("%s: %s", self.state.value, self.state_reason)
                 self.log.debug("start failed", exc_info=e)
                 raise
             # The watcher first: a Kill that came just as the start finished
@@ -239,11 +254,8 @@ class Instance:
                 result = await fn(run.control)
             except VmmError as e:
                 # The channel was lost because a kill or stop ended the VMM
-                # meanwhile, not because the host failed.
-                if not is_up(self.state):
-                    raise InvalidState(
-                        f"cannot {what} {self.name}: it is {self.state.value}"
-                    ) from None
+                # meanwhile (the call is no longer possible), not because the host failed.
+                self._check(event, what)
                 raise Failed(f"cannot {what} {self.name}: {e}") from None
             self._fire(event)
             return result
