@@ -2,12 +2,14 @@
 
 The state changes only through the lifecycle table (``_fire``); the work on a
 VMM is its :class:`~spectrumd.supervisor.run.Run`'s. Calls that change the
-VMM (start, stop, pause, resume, control calls) hold the instance's lock, so
-two of them never interleave and there are never two VMMs for one instance.
-``kill`` does not wait for the lock: it cancels a start under way, or ends a
-stop that hangs. The run's watcher alone turns a started VMM's exit into the
-final state; a start that does not complete is resolved by ``start`` itself,
-through the same :func:`~spectrumd.lifecycle.exit_event`.
+VMM (start, pause, resume, control calls, and a stop of a running or paused
+VM) hold the instance's lock, so two of them never interleave and there are
+never two VMMs for one instance. ``kill`` does not wait for the lock: it
+cancels a start under way, or ends a stop that hangs; nor does a stop during
+a start (it cancels the start) or in ``stopping`` (it joins). The run's
+watcher alone turns a started VMM's exit into the final state; a start that
+does not complete is resolved by ``start`` itself, through the same
+:func:`~spectrumd.lifecycle.exit_event`.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from spectrumd.lifecycle import (
     ExitFacts,
     InvalidTransition,
     State,
+    StopPlan,
     allowed,
     exit_event,
     has_vmm,
     next_state,
+    stop_plan,
 )
 from spectrumd.model.types import Application, InstanceDef, Resource
 from spectrumd.supervisor import process
@@ -176,7 +180,7 @@ class Instance:
 
         ``reason`` becomes StateReason (a restart says what it follows).
         Raises InvalidState, Failed (missing kernel or VMM, VMM exited at start),
-        Cancelled (killed while starting), Timeout.
+        Cancelled (killed or stopped while starting), Timeout.
         """
         async with self._lock:
             self._fire(Event.start, reason=reason)
@@ -208,20 +212,38 @@ class Instance:
         """Graceful stop: power button → stop timeout → SIGTERM → SIGKILL.
 
         Returns when the VMM has exited; StateReason says which step ended it.
-        In ``stopping`` it joins the stop under way. Raises InvalidState.
+        During a start it cancels the rest of the start and ends the VMM (the
+        start answers Cancelled); in ``stopping`` it joins the stop under way.
+        Raises InvalidState.
         """
-        async with self._lock:
-            was_paused = self.state == State.paused
-            began = self.state != State.stopping
-            self._fire(Event.stop)
-            run = self._run
-            assert run is not None
-            if began:
-                run.end_within(run.definition.stop_timeout, powerdown=True, was_paused=was_paused)
-            else:
-                # A kill or the guest's own power-off is under way; make sure it ends.
-                run.end_within(run.definition.stop_timeout, powerdown=False)
+        plan = self._stop_plan()
+        if plan.waits_for_calls:
+            # A pause or control call under way ends first (each has a deadline).
+            async with self._lock:
+                run = self._begin_stop(self._stop_plan())
+        else:
+            run = self._begin_stop(plan)
         await asyncio.shield(run.done)
+
+    def _stop_plan(self) -> StopPlan:
+        try:
+            return stop_plan(self.state)
+        except InvalidTransition:
+            raise self._invalid("stop") from None
+
+    def _begin_stop(self, plan: StopPlan) -> Run:
+        self._fire(Event.stop)
+        run = self._run
+        assert run is not None
+        timeout = run.definition.stop_timeout
+        if plan is StopPlan.button or plan is StopPlan.resume_and_button:
+            resume = plan is StopPlan.resume_and_button
+            run.end_within(timeout, powerdown=True, was_paused=resume)
+        else:
+            # During a start the run cancels it; in stopping a kill or the guest's
+            # own power-off is under way, and this makes sure it ends.
+            run.end_within(timeout, powerdown=False)
+        return run
 
     async def kill(self) -> None:
         """SIGKILL the VMM now (also during a start or a stop). Raises InvalidState."""
