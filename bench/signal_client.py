@@ -3,8 +3,8 @@
 Usage: python bench/signal_client.py BUS_ADDRESS SENDER PATH
 
 Prints ``ready`` once its match rule is in place, then one line per
-PropertiesChanged from SENDER on PATH that carries StateReason:
-``<CLOCK_REALTIME ns> <StateReason>``. Ends when its standard input closes.
+PropertiesChanged from SENDER on PATH that carries State:
+``<CLOCK_REALTIME ns> <State>``. Ends when its standard input closes.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ async def main(address: str, sender: str, path: str) -> None:
     def on_message(msg: Message) -> None:
         if msg.member == "PropertiesChanged" and msg.path == path:
             now = time.time_ns()
-            reason = msg.body[1].get("StateReason")
-            if reason is not None:
-                sys.stdout.write(f"{now} {reason.value}\n")
+            state = msg.body[1].get("State")
+            if state is not None:
+                sys.stdout.write(f"{now} {state.value}\n")
                 sys.stdout.flush()
 
     bus.add_message_handler(on_message)

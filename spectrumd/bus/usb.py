@@ -15,8 +15,7 @@ from dbus_fast.service import ServiceInterface, dbus_method, dbus_signal
 from spectrumd.bus import validate
 from spectrumd.bus.auth import CallerCheck
 from spectrumd.bus.errors import wire_errors
-from spectrumd.errors import Failed, InvalidState
-from spectrumd.lifecycle import is_up
+from spectrumd.errors import Failed
 from spectrumd.supervisor import Instance
 from spectrumd.supervisor.usb import UsbService
 
@@ -72,26 +71,21 @@ class UsbInstanceMixin(ServiceInterface):
     _auth: CallerCheck
     _usb: UsbService | None = None
 
-    def _usb_running(self, what: str) -> UsbService:
-        usb = _service(self._usb)
-        if not is_up(self.inst.state):
-            raise InvalidState(f"cannot {what} {self.inst.name}: it is {self.inst.state.value}")
-        return usb
-
+    # Whether the instance can take the call now is the supervisor's (its table).
     @dbus_method()
     @wire_errors
     async def AttachUsb(self, id: DBusStr) -> None:
         untrusted_id = validate.string("id", id)
-        usb = self._usb_running("attach a USB device to")
+        usb = _service(self._usb)
         await self._auth.require_admin(f"attach USB device {untrusted_id[:80]} to {self.inst.name}")
-        await usb.attach(self.inst.name, untrusted_id)
+        await usb.attach_to(self.inst, untrusted_id)
 
     @dbus_method()
     @wire_errors
     async def DetachUsb(self, id: DBusStr) -> None:
         untrusted_id = validate.string("id", id)
-        usb = self._usb_running("detach a USB device from")
+        usb = _service(self._usb)
         await self._auth.require_admin(
             f"detach USB device {untrusted_id[:80]} from {self.inst.name}"
         )
-        await usb.detach(self.inst.name, untrusted_id)
+        await usb.detach_from(self.inst, untrusted_id)

@@ -6,13 +6,16 @@ from spectrumd.lifecycle.machine import (
     ExitFacts,
     InvalidTransition,
     State,
+    StopPlan,
     allowed,
     allowed_events,
     exit_event,
     guest_failure_reason,
     has_vmm,
+    is_failure,
     is_up,
     next_state,
+    stop_plan,
 )
 
 __all__ = [
@@ -21,11 +24,14 @@ __all__ = [
     "ExitFacts",
     "InvalidTransition",
     "State",
+    "StopPlan",
     "allowed",
     "allowed_events",
     "exit_event",
     "guest_failure_reason",
     "has_vmm",
+    "is_failure",
     "is_up",
     "next_state",
+    "stop_plan",
 ]

@@ -2,30 +2,37 @@
 
 Rules (DESIGN.md):
 
-- ``stopped → starting → running ⇄ paused``; ``running/paused → stopping → stopped``.
+- ``stopped → starting → running ⇄ paused``; ``starting/running/paused → stopping → stopped``.
 - Any state with a VMM can go to ``failed`` (with a reason): a VMM that exits
   unasked, a start that does not complete. ``failed`` behaves like
   ``stopped`` for a new start.
 - ``kill`` is allowed whenever a VMM may exist (starting, running, paused,
   stopping); it ends in ``stopped``.
-- ``stop`` in ``stopping`` joins the stop under way (and makes one where the
-  guest began it): a guest cannot pin its instance in ``stopping``, because
-  ``stopping`` always has a deadline that escalates as ``Stop`` does.
+- ``stop`` works in every state with a VMM, and :func:`stop_plan` says how:
+  in ``starting`` it cancels the rest of the start and ends the VMM (the
+  power button only if its CPUs ran); in ``running`` it presses the power
+  button, in ``paused`` it resumes the guest first (a paused guest cannot
+  see the button); in ``stopping`` it joins the stop under way (and makes
+  one where the guest or a kill began it). A guest cannot pin its instance
+  in ``stopping``, because ``stopping`` always has a deadline that escalates
+  as ``Stop`` does.
 - A guest that powers itself off (its application ended, ``exited N``; or
   it cannot run it, ``failed TEXT``) moves ``running`` or ``paused`` to
-  ``stopping``; the VMM's exit then completes it, in ``failed`` when the
-  guest said it failed. A VMM that exits cleanly without that announcement
-  goes straight to ``stopped``.
+  ``stopping``, and leaves ``stopping`` as it is; the VMM's exit then
+  completes it, in ``failed`` when the guest said it failed. A VMM that
+  exits cleanly without that announcement goes straight to ``stopped``.
 - Control calls on a VM (hot-plug, USB) need one that runs or is paused
   (``control`` leaves the state as it is).
 - A VMM that an earlier daemon left running is ``adopted`` (``running``) or
   ``adopted_paused``; one that is gone or cannot be taken back is ``lost``
   (``failed``).
+- ``failed`` is the one state a restart policy acts on (:func:`is_failure`).
 
 The table is the whole truth: a pair absent from it is an invalid call, which
 the supervisor reports as InvalidState naming the current state. Which event
-a VMM's exit becomes is decided by :func:`exit_event`. Nothing here performs
-I/O; the supervisor drives the table and does the work.
+a VMM's exit (or a start that did not complete) is, is decided by
+:func:`exit_event`. Nothing here performs I/O; the supervisor drives the
+table and does the work.
 """
 
 from __future__ import annotations
@@ -84,6 +91,7 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (S.running, E.stop): S.stopping,
     (S.paused, E.stop): S.stopping,
     (S.stopping, E.stop): S.stopping,
+    (S.starting, E.stop): S.stopping,
     (S.running, E.guest_shutdown): S.stopping,
     (S.paused, E.guest_shutdown): S.stopping,
     (S.stopping, E.guest_shutdown): S.stopping,
@@ -132,6 +140,45 @@ def has_vmm(state: State) -> bool:
 def is_up(state: State) -> bool:
     """True while the guest exists and its VMM answers (running or paused)."""
     return state in UP
+
+
+def is_failure(state: State) -> bool:
+    """True when the last run ended in a failure (a crash, a start that failed, a
+    VMM lost across a daemon restart): what a restart policy acts on."""
+    return state is S.failed
+
+
+class StopPlan(enum.Enum):
+    """What a ``stop`` does, by the state it comes in."""
+
+    # The rest of the start is cancelled, then the VMM ended: the power button
+    # only if its CPUs ran, else straight to SIGTERM and SIGKILL.
+    cancel_start = "cancel_start"
+    button = "button"  # the power button, then the escalation
+    resume_and_button = "resume_and_button"  # a paused guest cannot see the button
+    join = "join"  # a stop, a kill or the guest's power-off is under way: see it end
+
+    @property
+    def waits_for_calls(self) -> bool:
+        """True if the stop lets a call under way (pause, hot-plug) finish first, so
+        that it presses the button on the state that call left. A start holds
+        its instance until it ends, and a stop under way needs no turn."""
+        return self in (StopPlan.button, StopPlan.resume_and_button)
+
+
+STOP_PLANS: dict[State, StopPlan] = {
+    S.starting: StopPlan.cancel_start,
+    S.running: StopPlan.button,
+    S.paused: StopPlan.resume_and_button,
+    S.stopping: StopPlan.join,
+}
+
+
+def stop_plan(state: State) -> StopPlan:
+    """How a ``stop`` in ``state`` proceeds; raises InvalidTransition where it is not possible."""
+    if not allowed(state, E.stop):
+        raise InvalidTransition(state, E.stop)
+    return STOP_PLANS[state]
 
 
 @attrs.frozen

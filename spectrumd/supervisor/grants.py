@@ -49,7 +49,7 @@ from spectrumd.errors import (
 )
 from spectrumd.host.paths import HeldDirectory, open_directory
 from spectrumd.host.usb_ids import USB_GRANT_PREFIX, UsbMatch, parse_match
-from spectrumd.lifecycle import State, is_up
+from spectrumd.lifecycle import is_up
 from spectrumd.model.types import DirectoryResource, Resource
 from spectrumd.supervisor.files import Export, Exports, exports_of
 from spectrumd.supervisor.instance import Instance
@@ -477,10 +477,10 @@ class GrantService:
             cb(g)
 
     async def instance_changed(self, inst: Instance) -> None:
-        """Running (a start, a re-adoption): set the exports to what they should be and
-        apply permanent grants. Stop: end ``running``/``until`` grants."""
+        """Up (a start, a re-adoption, also of a paused VM): set the exports to what they
+        should be and apply permanent grants. Stop: end ``running``/``until`` grants."""
         mine = [g for g in self.grants.values() if g.instance == inst.name]
-        if inst.state == State.running:
+        if is_up(inst.state):
             try:
                 await self._apply(inst)
             except Failed as e:

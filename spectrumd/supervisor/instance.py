@@ -2,11 +2,14 @@
 
 The state changes only through the lifecycle table (``_fire``); the work on a
 VMM is its :class:`~spectrumd.supervisor.run.Run`'s. Calls that change the
-VMM (start, stop, pause, resume, control calls) hold the instance's lock, so
-two of them never interleave and there are never two VMMs for one instance.
-``kill`` does not wait for the lock: it cancels a start under way, or ends a
-stop that hangs. The run's watcher alone turns a VMM's exit into the final
-state.
+VMM (start, pause, resume, control calls, and a stop of a running or paused
+VM) hold the instance's lock, so two of them never interleave and there are
+never two VMMs for one instance. ``kill`` does not wait for the lock: it
+cancels a start under way, or ends a stop that hangs; nor does a stop during
+a start (it cancels the start) or in ``stopping`` (it joins). The run's
+watcher alone turns a started VMM's exit into the final state; a start that
+does not complete is resolved by ``start`` itself, through the same
+:func:`~spectrumd.lifecycle.exit_event`.
 """
 
 from __future__ import annotations
@@ -20,12 +23,16 @@ from typing import TypeVar
 from spectrumd.errors import Cancelled, Failed, InvalidState, SpectrumError
 from spectrumd.lifecycle import (
     Event,
+    ExitFacts,
     InvalidTransition,
     State,
+    StopPlan,
+    allowed,
+    exit_event,
     guest_failure_reason,
     has_vmm,
-    is_up,
     next_state,
+    stop_plan,
 )
 from spectrumd.model.types import Application, InstanceDef, Resource
 from spectrumd.supervisor import process
@@ -115,9 +122,10 @@ class Instance:
         try:
             next_state(self.state, event)
         except InvalidTransition:
-            raise InvalidState(
-                f"cannot {what or event.value} {self.name}: it is {self.state.value}"
-            ) from None
+            raise self._invalid(what or event.value) from None
+
+    def _invalid(self, what: str) -> InvalidState:
+        return InvalidState(f"cannot {what} {self.name}: it is {self.state.value}")
 
     def give_reason(self, reason: str) -> None:
         """Replace StateReason (e.g. to say a failed instance will not be restarted)."""
@@ -152,17 +160,19 @@ class Instance:
 
     def _guest_exited(self, run: Run, status: int) -> None:
         self.log.info("application exited with status %d", status)
-        if self._run is run and is_up(self.state):
-            self._fire(Event.guest_shutdown, reason=f"application exited with status {status}")
-            # The guest powers off by itself; if it does not, the stop escalates.
-            run.end_within(run.definition.stop_timeout, powerdown=False)
+        self._guest_powers_off(run, f"application exited with status {status}")
 
     def _guest_failed(self, run: Run, reason: str) -> None:
         # The guest's own words (validated): logged as what the guest said.
         self.log.warning("the guest says it cannot start the application: %s", reason)
-        if self._run is run and is_up(self.state):
-            self._fire(Event.guest_shutdown, reason=guest_failure_reason(reason))
-            # It powers off by itself; if it does not, the stop escalates.
+        self._guest_powers_off(run, guest_failure_reason(reason))
+
+    def _guest_powers_off(self, run: Run, reason: str) -> None:
+        if self._run is run and allowed(self.state, Event.guest_shutdown):
+            # (During a start the table does not take it; the run keeps the fact
+            # for its exit.)
+            self._fire(Event.guest_shutdown, reason=reason)
+            # The guest powers off by itself; if it does not, the stop escalates.
             run.end_within(run.definition.stop_timeout, powerdown=False)
 
     def _vmm_ended(self, run: Run, event: Event, reason: str) -> None:
@@ -179,7 +189,7 @@ class Instance:
 
         ``reason`` becomes StateReason (a restart says what it follows).
         Raises InvalidState, Failed (missing kernel or VMM, VMM exited at start),
-        Cancelled (killed while starting), Timeout.
+        Cancelled (killed or stopped while starting), Timeout.
         """
         async with self._lock:
             self._fire(Event.start, reason=reason)
@@ -189,12 +199,14 @@ class Instance:
                 await run.start()
             except BaseException as e:
                 self._run = None
-                if run.stop_reason is not None:
-                    self._fire(Event.exited, reason=run.stop_reason, main_pid=0, guest_ready=False)
+                why = str(e) if isinstance(e, SpectrumError) else "start failed: cancelled"
+                # A kill or stop under way makes it an exit; else the start crashed.
+                event, reason = exit_event(ExitFacts(stop_reason=run.stop_reason, described=why))
+                self._fire(event, reason=reason, main_pid=0, guest_ready=False)
+                if run.stop_reason is None:
+                    self.log.error("%s", self.state_reason)
                 else:
-                    why = str(e) if isinstance(e, SpectrumError) else "start failed: cancelled"
-                    self._fire(Event.crashed, reason=why, main_pid=0, guest_ready=False)
-                self.log.error("%s", self.state_reason)
+                    self.log.info("%s: %s", self.state.value, self.state_reason)
                 self.log.debug("start failed", exc_info=e)
                 raise
             # The watcher first: a Kill that came just as the start finished
@@ -209,20 +221,38 @@ class Instance:
         """Graceful stop: power button → stop timeout → SIGTERM → SIGKILL.
 
         Returns when the VMM has exited; StateReason says which step ended it.
-        In ``stopping`` it joins the stop under way. Raises InvalidState.
+        During a start it cancels the rest of the start and ends the VMM (the
+        start answers Cancelled); in ``stopping`` it joins the stop under way.
+        Raises InvalidState.
         """
-        async with self._lock:
-            was_paused = self.state == State.paused
-            began = self.state != State.stopping
-            self._fire(Event.stop)
-            run = self._run
-            assert run is not None
-            if began:
-                run.end_within(run.definition.stop_timeout, powerdown=True, was_paused=was_paused)
-            else:
-                # A kill or the guest's own power-off is under way; make sure it ends.
-                run.end_within(run.definition.stop_timeout, powerdown=False)
+        plan = self._stop_plan()
+        if plan.waits_for_calls:
+            # A pause or control call under way ends first (each has a deadline).
+            async with self._lock:
+                run = self._begin_stop(self._stop_plan())
+        else:
+            run = self._begin_stop(plan)
         await asyncio.shield(run.done)
+
+    def _stop_plan(self) -> StopPlan:
+        try:
+            return stop_plan(self.state)
+        except InvalidTransition:
+            raise self._invalid("stop") from None
+
+    def _begin_stop(self, plan: StopPlan) -> Run:
+        self._fire(Event.stop)
+        run = self._run
+        assert run is not None
+        timeout = run.definition.stop_timeout
+        if plan is StopPlan.button or plan is StopPlan.resume_and_button:
+            resume = plan is StopPlan.resume_and_button
+            run.end_within(timeout, powerdown=True, was_paused=resume)
+        else:
+            # During a start the run cancels it; in stopping a kill or the guest's
+            # own power-off is under way, and this makes sure it ends.
+            run.end_within(timeout, powerdown=False)
+        return run
 
     async def kill(self) -> None:
         """SIGKILL the VMM now (also during a start or a stop). Raises InvalidState."""
@@ -255,11 +285,8 @@ class Instance:
                 result = await fn(run.control)
             except VmmError as e:
                 # The channel was lost because a kill or stop ended the VMM
-                # meanwhile, not because the host failed.
-                if not is_up(self.state):
-                    raise InvalidState(
-                        f"cannot {what} {self.name}: it is {self.state.value}"
-                    ) from None
+                # meanwhile (the call is no longer possible), not because the host failed.
+                self._check(event, what)
                 raise Failed(f"cannot {what} {self.name}: {e}") from None
             self._fire(event)
             return result

@@ -34,7 +34,7 @@ from spectrumd.errors import (
     NoSuchResource,
     SpectrumError,
 )
-from spectrumd.lifecycle import State
+from spectrumd.lifecycle import is_failure
 from spectrumd.model.config import (
     Config,
     instance_to_json,
@@ -123,7 +123,7 @@ class Supervisor:
     def _instance_changed(self, inst: Instance, changed: frozenset[str]) -> None:
         for cb in self.on_changed:
             cb(inst, changed)
-        if "state" in changed and inst.state == State.failed:
+        if "state" in changed and is_failure(inst.state):
             self._maybe_restart(inst)
         if inst.removed and not inst.active and self.instances.get(inst.name) is inst:
             log.info(
@@ -158,7 +158,7 @@ class Supervisor:
 
     async def _restart(self, inst: Instance, delay: float, last: str) -> None:
         await asyncio.sleep(delay)
-        if inst.state != State.failed or self.instances.get(inst.name) is not inst:
+        if not is_failure(inst.state) or self.instances.get(inst.name) is not inst:
             return  # someone started or removed it meanwhile
         try:
             await inst.start(reason=f"restarted after: {last}")
@@ -317,7 +317,7 @@ class Supervisor:
     # -- shutdown ------------------------------------------------------------
 
     async def stop_all(self) -> None:
-        """Stop every active instance, in parallel."""
+        """Stop every instance that has a VMM (also one starting or stopping), in parallel."""
 
         async def stop_one(inst: Instance) -> None:
             with contextlib.suppress(InvalidState):

@@ -16,8 +16,11 @@ Two exit stacks:
 
 Cancellation: a start (or a re-adoption) runs as one task, the run's scope.
 :meth:`kill` cancels that scope and SIGKILLs the VMM, so a Kill ends a start
-at whatever step it is in; the watcher resolves a started run in a
-``finally``, so a run always ends, and ``done`` is always set.
+at whatever step it is in. A Stop during a start (:meth:`end_within`) cancels
+the scope too, then ends the VMM as a Stop does before the teardown: the
+power button only if the guest's CPUs may have run, else SIGTERM and
+SIGKILL. The watcher resolves a started run in a ``finally``, so a run
+always ends, and ``done`` is always set.
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ KVM = Path("/dev/kvm")
 PROC = Path("/proc")
 # How long a VMM's exit waits for the guest's last control lines to be read.
 GUEST_DRAIN_TIMEOUT = 1.0
+# How StateReason begins after a Stop that came during the start.
+STOPPED_IN_START = "stopped during its start"
 
 
 def kvm_groups() -> tuple[int, ...]:
@@ -129,6 +134,11 @@ class Run:
     _scope: asyncio.Task[Any] | None = None
     _ending: asyncio.Task[None] | None = None
     _guest_reader: asyncio.Task[None] | None = None
+    # A Stop came during the start: its stop timeout.
+    _stop_in_start: float | None = None
+    # The guest's CPUs may have run (crosvm from its spawn; QEMU once asked to).
+    _cpus_may_have_run: bool = False
+    _killed: bool = False
     _tasks: set[asyncio.Task[Any]] = attrs.Factory(set)
 
     @property
@@ -172,9 +182,10 @@ class Run:
         return paused
 
     async def _in_scope(self, coro: Coroutine[Any, Any, _T]) -> _T:
-        scope = self._scope = asyncio.ensure_future(coro)
+        scope: asyncio.Task[_T] = asyncio.ensure_future(coro)
+        self._scope = scope
         try:
-            return await asyncio.shield(scope)
+            result = await asyncio.shield(scope)
         except BaseException as e:
             outer = not scope.done()
             if outer:
@@ -182,10 +193,19 @@ class Run:
                 scope.cancel()
                 with contextlib.suppress(BaseException):
                     await scope
+            await self._end_in_start()
             await self._abort()
             if outer:
                 raise
             raise self._start_error(e) from None
+        else:
+            if self._stop_in_start is None:
+                return result
+            # The Stop came as the last step finished: the guest runs, and is
+            # stopped like any other before the start reports its cancellation.
+            await self._end_in_start()
+            await self._abort()
+            raise self._start_error(asyncio.CancelledError())
         finally:
             self._scope = None
 
@@ -248,6 +268,7 @@ class Run:
         argv = backend.argv(spec)
         self.log.debug("exec %s", argv)
         proc = await self._spawn(argv, spec, self._confine(spec, Path(binary)))
+        self._cpus_may_have_run = not backend.cpus_held
         self.events.vmm_spawned(proc.pid)
         # Recorded so that a test's cleanup can find our child even if we died.
         write_atomically(spec.run_dir / PID_FILE, f"{proc.pid} {self.token}\n")
@@ -260,6 +281,8 @@ class Run:
         ctx.control = self.control
         for driver in self.env.drivers:
             await driver.started(ctx, spec)
+        # Set before the call: once asked, they may run even if the answer never comes.
+        self._cpus_may_have_run = True
         await self.control.start_cpus()
         self.started_at_us = time.time_ns() // 1000
         try:
@@ -367,6 +390,7 @@ class Run:
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 late = await spawning
+                self.proc = late  # a Stop ends it with SIGTERM first
                 self.stack.push_async_callback(late.reap)
             raise
         self.proc = proc
@@ -530,6 +554,7 @@ class Run:
     def kill(self) -> None:
         """SIGKILL the VMM now, and cancel a start or re-adoption under way."""
         self.stop_reason = "killed"
+        self._killed = True
         if self._scope is not None and not self._scope.done():
             self._scope.cancel()
         if self.proc is not None:
@@ -553,39 +578,100 @@ class Run:
     def end_within(self, timeout: float, *, powerdown: bool, was_paused: bool = False) -> None:
         """Make sure the VMM ends: the power button (if ``powerdown``), ``timeout``,
         then the VMM's own exit request, SIGTERM and SIGKILL. Idempotent: a
-        second call joins the escalation under way."""
+        second call joins the escalation under way.
+
+        During a start it cancels the rest of the start; the start then ends the
+        VMM (:meth:`_end_in_start`) and fails with Cancelled. A start that has
+        already failed is being torn down: the stop joins that.
+        """
+        scope = self._scope
+        if scope is not None:
+            failed = scope.done() and (scope.cancelled() or scope.exception() is not None)
+            if self._stop_in_start is None and not failed:
+                self._stop_in_start = timeout
+                if self.stop_reason is None:
+                    self.stop_reason = STOPPED_IN_START
+                scope.cancel()
+            return
         if self._ending is None and not self.done.done():
-            self._ending = asyncio.ensure_future(self._escalate(timeout, powerdown, was_paused))
+            ending = self._escalate(timeout, powerdown, was_paused, self.done)
+            self._ending = asyncio.ensure_future(ending)
             self._tasks.add(self._ending)
 
-    async def _escalate(self, timeout: float, powerdown: bool, was_paused: bool) -> None:
-        assert self.proc is not None and self.control is not None
+    async def _end_in_start(self) -> None:
+        """A Stop came during the start: end the VMM as a Stop does, before the
+        teardown (whose reap would SIGKILL it at once)."""
+        timeout = self._stop_in_start
+        if timeout is None or self._killed:
+            return
+        if self.proc is None:
+            self._reason(f"{STOPPED_IN_START}, before its VMM was spawned")
+            return
+        if not self.proc.running:
+            return
+        ended = asyncio.ensure_future(self.proc.wait())
+        # The button needs the control channel, and a guest whose CPUs never ran
+        # cannot act on it: then there is no guest to wait for.
+        button = self.control is not None and self._cpus_may_have_run
+        try:
+            await self._escalate(
+                timeout if button else None, button, False, ended, f"{STOPPED_IN_START}: "
+            )
+        finally:
+            ended.cancel()
+
+    def _reason(self, reason: str) -> None:
+        """The reason the exit will be reported with, unless a kill came meanwhile."""
+        if not self._killed:
+            self.stop_reason = reason
+
+    async def _escalate(
+        self,
+        timeout: float | None,
+        powerdown: bool,
+        was_paused: bool,
+        ended: asyncio.Future[Any],
+        prefix: str = "",
+    ) -> None:
+        """The stop's steps until ``ended`` is done; ``timeout`` None: no guest to wait
+        for (its CPUs never ran), SIGTERM at once."""
+        assert self.proc is not None
         control = self.control
         term = self.env.term_timeout
-        if await self._graceful(timeout, powerdown, was_paused):
-            return
-        self.stop_reason = f"the vmm exited when asked, after the {timeout:g} s stop timeout"
-        with contextlib.suppress(VmmError, SpectrumError, TimeoutError):
-            async with asyncio.timeout(term):
-                if await control.request_exit():
-                    await asyncio.shield(self.done)
-                    return
-        self.stop_reason = f"vmm terminated with SIGTERM after the {timeout:g} s stop timeout"
+        after = ""
+        if timeout is not None:
+            if await self._graceful(timeout, powerdown, was_paused, ended, prefix):
+                return
+            after = f" after the {timeout:g} s stop timeout"
+            self._reason(f"{prefix}the vmm exited when asked{after}")
+            with contextlib.suppress(VmmError, SpectrumError, TimeoutError):
+                async with asyncio.timeout(term):
+                    if control is not None and await control.request_exit():
+                        await asyncio.shield(ended)
+                        return
+        self._reason(f"{prefix}vmm terminated with SIGTERM{after}")
         self.proc.send_signal(signal.SIGTERM)
-        if await self.wait_done(term):
+        if await _within(ended, term):
             return
-        self.stop_reason = f"vmm killed with SIGKILL; SIGTERM did not end it within {term:g} s"
+        self._reason(f"{prefix}vmm killed with SIGKILL; SIGTERM did not end it within {term:g} s")
         self.proc.send_signal(signal.SIGKILL)
 
-    async def _graceful(self, timeout: float, powerdown: bool, was_paused: bool) -> bool:
+    async def _graceful(
+        self,
+        timeout: float,
+        powerdown: bool,
+        was_paused: bool,
+        ended: asyncio.Future[Any],
+        prefix: str,
+    ) -> bool:
         """The power button (if asked) and the wait for the guest, all within
         ``timeout``; True if the VMM has ended."""
-        assert self.control is not None
         try:
             async with asyncio.timeout(timeout):
                 if powerdown:
-                    self.stop_reason = "the guest shut down after the power button"
+                    self._reason(f"{prefix}the guest shut down after the power button")
                     try:
+                        assert self.control is not None
                         if was_paused:
                             await self.control.resume()
                         await self.control.powerdown()
@@ -593,17 +679,10 @@ class Run:
                         # The button cannot reach the guest: waiting for it is pointless.
                         self.log.info("power button not delivered: %s", e)
                         return False
-                await asyncio.shield(self.done)
+                await asyncio.shield(ended)
                 return True
         except TimeoutError:
             return False
-
-    async def wait_done(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(asyncio.shield(self.done), timeout)
-        except TimeoutError:
-            return False
-        return True
 
     async def end(self) -> None:
         """Tear everything down, in reverse order: connections first, then the VMM's things."""
@@ -622,3 +701,12 @@ class Run:
             await self.conns.aclose()
         if self.proc is not None:
             self.proc.close()
+
+
+async def _within(fut: asyncio.Future[Any], timeout: float) -> bool:
+    """True if ``fut`` is done within ``timeout`` (it is not cancelled on expiry)."""
+    try:
+        await asyncio.wait_for(asyncio.shield(fut), timeout)
+    except TimeoutError:
+        return False
+    return True

@@ -8,7 +8,10 @@ held elsewhere stays there, and is offered again when released). A device
 is detached when it is unplugged, when the instance stops, when the grant
 that brought it ends, or on ``DetachUsb``; a device detached by ``DetachUsb``
 is not attached again to that instance until it is plugged in anew.
-``AttachUsb`` attaches any device, wanted or not, to a running instance.
+``AttachUsb`` attaches any device, wanted or not, to a running instance;
+it and ``DetachUsb`` go through the instance (:meth:`UsbService.attach_to`,
+:meth:`UsbService.detach_from`): the lifecycle table says whether the VM can
+take the call, and the call is serialized with the instance's other calls.
 
 For each attach the daemon opens ``/dev/bus/usb/BBB/DDD`` itself and hands
 the VMM a copy of the descriptor (``VmmControl.usb_attach``); it keeps none.
@@ -25,7 +28,7 @@ import logging
 import os
 from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
@@ -43,6 +46,10 @@ from spectrumd.model.types import Resource, UsbResource, VmmKind
 from spectrumd.supervisor.resources import RunContext
 from spectrumd.supervisor.statefile import write_atomically
 from spectrumd.vmm.base import VmmControl, VmmError, VmSpec
+
+if TYPE_CHECKING:
+    # (The instance's start imports this module, through the VM spec.)
+    from spectrumd.supervisor.instance import Instance
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -300,6 +307,20 @@ class UsbService:
         if live is None or live.control is None or live.ended:
             raise InvalidState(f"cannot {what} {name}: it is not running")
         return live
+
+    async def attach_to(self, inst: Instance, untrusted_id: str) -> UsbDevice:
+        """``AttachUsb``: :meth:`attach`, under the instance's lock, if the table lets
+        a control call on it now (running or paused; else InvalidState naming
+        its state). Raises what :meth:`attach` raises."""
+        return await inst.with_control(
+            "attach a USB device to", lambda _control: self.attach(inst.name, untrusted_id)
+        )
+
+    async def detach_from(self, inst: Instance, untrusted_id: str) -> None:
+        """``DetachUsb``: :meth:`detach`, as :meth:`attach_to` does it."""
+        await inst.with_control(
+            "detach a USB device from", lambda _control: self.detach(inst.name, untrusted_id)
+        )
 
     async def attach(self, name: str, untrusted_id: str) -> UsbDevice:
         """Attach the device ``untrusted_id`` to the running instance ``name``.

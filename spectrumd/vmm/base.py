@@ -198,6 +198,10 @@ class VmmBackend(Protocol):
     # if it listens on them (QEMU). The supervisor connects either way: for
     # crosvm, prepare() and attach() put a relay in between.
     vmm_connects: bool
+    # True if the guest's CPUs wait for start_cpus (QEMU's -S); False if they
+    # run as soon as the VMM does (crosvm). A stop during a start presses the
+    # power button only once they may have run.
+    cpus_held: bool
 
     def default_binary(self, arch: str) -> str: ...
 

@@ -86,6 +86,7 @@ class CrosvmBackend:
     kind = VmmKind.crosvm
     # crosvm connects to the console and port sockets (the daemon listens).
     vmm_connects = True
+    cpus_held = False  # no -S: the guest runs from the start
 
     def __init__(self) -> None:
         # Relays listening since prepare(), waiting for attach(), by run directory.

@@ -153,6 +153,7 @@ class QemuBackend:
     kind = VmmKind.qemu
     # QEMU listens on its console and port sockets; the daemon connects.
     vmm_connects = False
+    cpus_held = True  # -S: the CPUs wait for start_cpus
 
     def default_binary(self, arch: str) -> str:
         return _arch(arch).binary

@@ -118,6 +118,7 @@ class SignalRecorder:
 
     def __init__(self) -> None:
         self.messages: list[Message] = []
+        self.arrived: list[float] = []  # time.monotonic() of each, as it came
 
     async def attach(self, c: Client) -> SignalRecorder:
         c.bus.add_message_handler(self._on)
@@ -133,17 +134,28 @@ class SignalRecorder:
     def _on(self, msg: Message) -> bool:
         if msg.member in ("PropertiesChanged", "InterfacesAdded", "InterfacesRemoved"):
             self.messages.append(msg)
+            self.arrived.append(time.monotonic())
         return False
 
-    def states(self, path: str) -> list[str]:
+    def state_changes(self, path: str) -> list[tuple[str, float]]:
+        """(State, monotonic arrival time) of each State change of the instance at ``path``."""
         return [
-            m.body[1]["State"].value
-            for m in self.messages
+            (m.body[1]["State"].value, t)
+            for m, t in zip(self.messages, self.arrived, strict=True)
             if m.member == "PropertiesChanged"
             and m.path == path
             and m.body[0] == INSTANCE_IFACE
             and "State" in m.body[1]
         ]
+
+    def states(self, path: str) -> list[str]:
+        return [state for state, _t in self.state_changes(path)]
+
+    def entered(self, path: str, state: str) -> float:
+        """When the last change to ``state`` arrived (AssertionError if none did)."""
+        times = [t for s, t in self.state_changes(path) if s == state]
+        assert times, f"{path} never became {state}: {self.states(path)}"
+        return times[-1]
 
     def object_events(self) -> list[tuple[str, str, str]]:
         return [

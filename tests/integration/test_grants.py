@@ -27,6 +27,7 @@ from tests.integration.helpers import (
     wait_for,
     wait_log,
 )
+from tests.integration.test_restart import kill_daemon
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -220,6 +221,37 @@ async def test_permanent_grant_survives_restart_and_is_reapplied(
     await asyncio.sleep(0.2)
     (rows,) = await c.manager("ListGrants")
     assert len(rows) == 1, "a permanent grant outlives a stop"
+
+
+async def grant_state(c: Client, path: str) -> str:
+    (state,) = await c.call(
+        path, "org.freedesktop.DBus.Properties", "Get", "ss", [GRANT_IFACE, "State"]
+    )
+    return str(state.value)
+
+
+async def test_a_grant_is_active_on_an_instance_re_adopted_paused(
+    daemon: Daemon, shared_dir: Path
+) -> None:
+    c = await daemon.start(app_config(LISTER))
+    await c.manager("StartInstance", "s", "one")
+    log = Path((await props(c, "one"))["ConsoleLog"])
+    await wait_for(c, "one", lambda p: p["GuestReady"], timeout=90)
+    (path,) = await c.manager("Grant", "ssa{sv}", "one", str(shared_dir), {})
+    await wait_log(log, "marker-from-the-host")
+    await c.instance_call("one", "Pause")
+    await kill_daemon(daemon)
+
+    c = await daemon.start()
+    assert (await props(c, "one"))["State"] == "paused"
+    # The VM taken back paused is up: its grant is applied, not left waiting for a Resume.
+    deadline = time.monotonic() + 10
+    while (state := await grant_state(c, path)) != "active":
+        assert time.monotonic() < deadline, f"the grant is {state}"
+        await asyncio.sleep(0.1)
+    await c.instance_call("one", "Resume")
+    assert "marker-from-the-host" in await output_after(log, 1.0, 2.0)
+    await c.instance_call("one", "Kill")
 
 
 async def test_bad_grants_are_named(daemon: Daemon, shared_dir: Path) -> None:

@@ -245,8 +245,14 @@ async def test_crosvm_usb_through_the_daemon(daemon: Daemon, capsys: Any) -> Non
     await c.call(path_one, "org.spectrum_os.Spectrum1.Instance", "AttachUsb", "s", [mouse])
     assert standin_usb_list(run_one) == "devices 1 1050 0407 2 046d c52b"
 
-    await c.manager("StartInstance", "s", "two")
+    # The instance's table decides: a stopped VM takes no device.
     path_two = await c.instance_path("two")
+    e = await error_of(
+        c.call(path_two, "org.spectrum_os.Spectrum1.Instance", "AttachUsb", "s", [mouse])
+    )
+    assert short(e.name) == "InvalidState", e
+    assert e.message == "cannot attach a USB device to two: it is stopped"
+    await c.manager("StartInstance", "s", "two")
     e = await error_of(
         c.call(path_two, "org.spectrum_os.Spectrum1.Instance", "AttachUsb", "s", ["1050:0407:A1"])
     )

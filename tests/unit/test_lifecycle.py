@@ -7,13 +7,17 @@ from spectrumd.lifecycle import (
     Event,
     ExitFacts,
     State,
+    StopPlan,
+    allowed,
     allowed_events,
     exit_event,
     has_vmm,
+    is_failure,
     is_up,
     next_state,
+    stop_plan,
 )
-from spectrumd.lifecycle.machine import InvalidTransition
+from spectrumd.lifecycle.machine import STOP_PLANS, InvalidTransition
 
 
 def run(*events: Event, start: State = State.stopped) -> State:
@@ -69,8 +73,8 @@ def test_guest_shutdown() -> None:
         (State.failed, Event.stop),
         (State.paused, Event.pause),
         (State.running, Event.resume),
-        (State.starting, Event.stop),
         (State.starting, Event.control),
+        (State.starting, Event.guest_shutdown),
         (State.stopping, Event.control),
         (State.running, Event.lost),
         (State.stopped, Event.pause),
@@ -107,6 +111,49 @@ def test_stop_joins_a_stop_under_way() -> None:
     # stopping; a Stop then joins it rather than being refused.
     assert run(Event.guest_shutdown, Event.stop, Event.exited, start=State.running) is State.stopped
     assert run(Event.kill, Event.stop, Event.exited, start=State.running) is State.stopped
+
+
+def test_a_graceful_stop_works_in_every_state_with_a_vmm() -> None:
+    # Issue 13: "A graceful stop must work in every state that has a VMM."
+    assert {s for s in State if allowed(s, Event.stop)} == {s for s in State if has_vmm(s)}
+    assert set(STOP_PLANS) == {s for s in State if has_vmm(s)}
+    for s in (State.starting, State.running, State.paused, State.stopping):
+        assert run(Event.stop, Event.exited, start=s) is State.stopped
+    # A stop that cannot end the VMM gracefully (it crashed meanwhile) is a failure.
+    assert run(Event.stop, Event.crashed, start=State.starting) is State.failed
+
+
+@pytest.mark.parametrize(
+    ("state", "plan", "waits"),
+    [
+        (State.starting, StopPlan.cancel_start, False),
+        (State.running, StopPlan.button, True),
+        (State.paused, StopPlan.resume_and_button, True),
+        (State.stopping, StopPlan.join, False),
+    ],
+)
+def test_how_a_stop_proceeds(state: State, plan: StopPlan, waits: bool) -> None:
+    assert stop_plan(state) is plan
+    # A start holds its instance until it ends; a stop during it must not wait for that.
+    assert plan.waits_for_calls is waits
+
+
+@pytest.mark.parametrize("state", [State.stopped, State.failed])
+def test_no_stop_without_a_vmm(state: State) -> None:
+    with pytest.raises(InvalidTransition) as e:
+        stop_plan(state)
+    assert str(e.value) == f"stop is not possible while {state.value}"
+
+
+def test_a_guest_exit_during_a_stop_keeps_stopping() -> None:
+    assert run(Event.guest_shutdown, start=State.stopping) is State.stopping
+    assert run(Event.stop, Event.guest_shutdown, Event.exited, start=State.running) is (
+        State.stopped
+    )
+
+
+def test_only_failed_is_a_failure() -> None:
+    assert {s for s in State if is_failure(s)} == {State.failed}
 
 
 def test_control_calls_need_a_vm_that_is_up() -> None:
