@@ -17,16 +17,24 @@ same files on the host:
 
 In the guest, with its page cache out of the way (virtio-fs: ours opens
 every file FOPEN_DIRECT_IO, virtiofsd runs with cache=none; 9p mounts with
-cache=none; and ``drop_caches`` between steps): sequential read of a
-192 MiB host file (busybox ``dd bs=1M``), sequential write of 192 MiB
-(``dd bs=1M`` + ``sync``), ``ls -lR`` of 2,000 files (stat/s), and
-creating 500 empty files (create/s). Times come from the guest's
-``/proc/timer_list`` clock (nanoseconds; a 192 MiB read is only some 130 ms,
-so ``/proc/uptime``'s 10 ms ticks, the fallback, would be 8 % each).
-Targets: ours >= 1.0x virtiofsd on every figure and >= 0.5x 9p on read
-and write. With ``--rounds N`` the
-kinds are booted in turn N times and each figure is the best of N (the
-machine is shared: the best run is the one least disturbed). Prints a table; exits 1
+cache=none; and ``drop_caches`` between steps):
+
+* read: a 192 MiB host file, busybox ``dd bs=1M``;
+* write: 192 MiB with ``dd bs=1M``. With the guest page cache off, each
+  write is in the host's page cache when it returns, on all three paths.
+  The guest's ``sync`` follows, untimed: virtiofsd and ours flush the
+  host's disk then, 9p does not. The host is synced before each boot, so no
+  run inherits another's dirty pages (this machine throttles a writer to
+  its disk's speed once some 200 MiB are dirty);
+* stat: ``ls -lR`` of 2,000 files;
+* create: 500 empty files.
+
+Times come from the guest's ``/proc/timer_list`` clock (nanoseconds; a
+192 MiB read is only some 130 ms, so ``/proc/uptime``'s 10 ms ticks, the
+fallback, would be 8 % each). Targets: ours >= 1.0x virtiofsd on every
+figure and >= 0.5x 9p on read and write. With ``--rounds N`` the kinds are
+booted in turn N times and each figure is the best of N (the machine is
+shared: the best run is the one least disturbed). Prints a table; exits 1
 only if the benchmark could not run. Everything started here is ended by
 pid on the way out.
 """
@@ -72,7 +80,7 @@ cd /
 dc; a=$(t); dd if=$D/big of=/dev/null bs=1M 2>/dev/null || echo "BENCH-ERR read"; b=$(t)
 echo "BENCH read $a $b"
 dc; a=$(t); dd if=/dev/zero of=$D/out bs=1M count=192 2>/dev/null || echo "BENCH-ERR write"
-sync; b=$(t)
+b=$(t); sync
 echo "BENCH write $a $b"
 dc; a=$(t); n=$(ls -lR $D/tree | grep -c '^-'); b=$(t)
 echo "BENCH stat $a $b $n"
@@ -184,6 +192,7 @@ def bench_one(kind: str, guest: Path, initrd: Path, export: Path, uid: int) -> d
             shutil.rmtree(p)
         p.unlink(missing_ok=True)
     vm: Vm | None = None
+    os.sync()  # the last run's written file, off to the disk before this one writes
     try:
         if kind == "9p":
             args = ["-virtfs", f"local,path={export},mount_tag=bench,security_model=none,id=b"]

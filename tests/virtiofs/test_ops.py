@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from spectrumd.virtiofs import ops
 from spectrumd.virtiofs import protocol as P
 from spectrumd.virtiofs.tree import Tree
 
@@ -326,3 +327,27 @@ def test_forget_gets_no_reply_and_unknown_nodes_are_ignored(world: tuple[Client,
     assert c.raw(request(P.FORGET, 12345, struct.pack("<Q", 1))) == (0, b"")
     assert c.raw(request(P.FORGET, 1, struct.pack("<Q", 1 << 60))) == (0, b"")
     assert c.lookup(1, b"rw")[0] > 1  # the root survived its forget
+
+
+def test_a_guest_sync_flushes_what_it_can_write(
+    world: tuple[Client, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SYNCFS (the guest's sync): one syncfs per host file system it can write
+    there, none for a read-only export or a removed one."""
+    c, tmp = world
+    synced: list[tuple[int, int]] = []
+
+    class Libc:
+        def syncfs(self, fd: int) -> int:
+            st = os.fstat(fd)
+            synced.append((st.st_dev, st.st_ino))
+            return 0
+
+    monkeypatch.setattr(ops, "_libc", Libc())
+    assert c.call(P.SYNCFS, 1, bytes(8)) == b""
+    rw = os.stat(tmp / "rw")
+    assert synced == [(rw.st_dev, rw.st_ino)]
+    synced.clear()
+    assert c.tree.remove_export("rw")
+    assert c.call(P.SYNCFS, 1, bytes(8)) == b""
+    assert synced == []
