@@ -63,12 +63,21 @@ def lookup(g: FakeGuest, parent: int, n: bytes) -> int:
     return int(struct.unpack("<Q", g.read(outs[1], 8))[0])
 
 
+def open_node(g: FakeGuest, node: int, op: int = P.OPEN) -> int:
+    """OPEN (or OPENDIR) *node*; returns the handle."""
+    _ln, outs = run(g, [request(op, node, struct.pack("<II", 0, 0))], [16, 16])
+    return int(struct.unpack("<Q", g.read(outs[1], 8))[0])
+
+
+def open_data(g: FakeGuest) -> tuple[int, int]:
+    """The export's file ``data``: its node and an open handle."""
+    data = lookup(g, lookup(g, 1, b"e"), b"data")
+    return data, open_node(g, data)
+
+
 def test_lookup_open_read_scattered(guest: FakeGuest) -> None:
     g = guest
-    e = lookup(g, 1, b"e")
-    data = lookup(g, e, b"data")
-    ln, outs = run(g, [request(P.OPEN, data, struct.pack("<II", 0, 0))], [16, 16])
-    fh = struct.unpack("<Q", g.read(outs[1], 8))[0]
+    _data, fh = open_data(g)
     # The header and args in one buffer, the reply in 16 + 3 pieces.
     ln, outs = run(g, [request(P.READ, 0, read_body(fh, 100, 9000))], [16, 4096, 4096, 4096])
     assert ln == 16 + 9000
@@ -306,10 +315,7 @@ def test_hostile_indirect_tables(guest: FakeGuest, what: str) -> None:
 def test_read_through_an_indirect_table_of_pages(guest: FakeGuest, layout: str) -> None:
     """Linux's layout (sequential table, header buffers, then pages): data lands right."""
     g = guest
-    e = lookup(g, 1, b"e")
-    data = lookup(g, e, b"data")
-    _ln, outs = run(g, [request(P.OPEN, data, struct.pack("<II", 0, 0))], [16, 16])
-    fh = struct.unpack("<Q", g.read(outs[1], 8))[0]
+    _data, fh = open_data(g)
     req = request(P.READ, 0, read_body(fh, 0, 16384))
     a_req, a_hdr = g.alloc(req), g.alloc(16)
     base = g.alloc(8 * 4096)
@@ -397,11 +403,13 @@ def test_the_read_fast_lane_answers_as_the_general_path(
     guest: FakeGuest, which: str, offset: int, size: int, sizes: list[int], extlen: bool
 ) -> None:
     g = guest
-    e = lookup(g, 1, b"e")
-    node = lookup(g, e, b"data") if which != "dir" else e
-    op = P.OPENDIR if which == "dir" else P.OPEN
-    _ln, outs = run(g, [request(op, node, struct.pack("<II", 0, 0))], [16, 16])
-    fh = struct.unpack("<Q", g.read(outs[1], 8))[0] if which != "unknown" else 1 << 40
+    if which == "dir":
+        node = lookup(g, 1, b"e")
+        fh = open_node(g, node, P.OPENDIR)
+    else:
+        node, fh = open_data(g)
+        if which == "unknown":
+            fh = 1 << 40
     req = bytearray(request(P.READ, node, read_body(fh, offset, size)))
     if extlen:
         struct.pack_into("<H", req, 36, 1)
@@ -411,10 +419,7 @@ def test_the_read_fast_lane_answers_as_the_general_path(
 
 def test_the_read_fast_lane_refuses_a_revoked_export(guest: FakeGuest) -> None:
     g = guest
-    e = lookup(g, 1, b"e")
-    data = lookup(g, e, b"data")
-    _ln, outs = run(g, [request(P.OPEN, data, struct.pack("<II", 0, 0))], [16, 16])
-    fh = struct.unpack("<Q", g.read(outs[1], 8))[0]
+    data, fh = open_data(g)
     req = request(P.READ, data, read_body(fh, 0, 4096))
     (ok, _) = _read_both_ways(g, req, [16, 4096])
     assert ok[0] == 16 + 4096 and ok[1][16:] == bytes(range(256)) * 16
