@@ -37,6 +37,7 @@ from spectrumd.supervisor.networks import NetworkService
 from spectrumd.supervisor.portal import PortalDriver
 from spectrumd.supervisor.requests import CONFIRM_TIMEOUT, RequestBroker
 from spectrumd.supervisor.usb import UsbService
+from spectrumd.virtiofs.spin import DEFAULT_POLL_MAX_US
 from spectrumd.vmm import BACKENDS
 from spectrumd.vmm.crosvm import CrosvmBackend
 
@@ -122,6 +123,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="how long a grant request waits for the agent's answer before it ends "
         "(code 2; default: %(default)g)",
     )
+    p.add_argument(
+        "--file-server-poll",
+        type=int,
+        default=DEFAULT_POLL_MAX_US,
+        metavar="MICROSECONDS",
+        help="the longest each file server polls for its guest's next request before "
+        "it sleeps; 0: it always sleeps (default: %(default)d)",
+    )
     p.add_argument("--console-log-size", type=int, default=1024 * 1024, metavar="BYTES")
     p.add_argument("--console-log-keep", type=int, default=3, metavar="N")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -146,7 +155,9 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace, stack: contextlib.AsyncExitStack) -> int:
-    files = FileService(args.state_dir.absolute(), args.control_timeout)
+    files = FileService(
+        args.state_dir.absolute(), args.control_timeout, poll_max_us=max(0, args.file_server_poll)
+    )
     host_networks = HostNetworks(netns=args.netns)
     network = NetworkService(host_networks)
     portal = PortalDriver()

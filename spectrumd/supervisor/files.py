@@ -51,6 +51,7 @@ from spectrumd.supervisor.statefile import write_atomically
 from spectrumd.supervisor.vmrun import RUN_TOKEN
 from spectrumd.virtiofs import jail
 from spectrumd.virtiofs.client import ControlClient, ControlError
+from spectrumd.virtiofs.spin import DEFAULT_POLL_MAX_US
 from spectrumd.vmm.base import FS_VHOST_SOCKET, VMM_DIR, VmSpec
 
 log = logging.getLogger(__name__)
@@ -105,9 +106,16 @@ class _Backend:
 class FileService:
     """A ResourceDriver for directory resources: one backend per running instance."""
 
-    def __init__(self, state_dir: os.PathLike[str] | str, control_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        state_dir: os.PathLike[str] | str,
+        control_timeout: float = 10.0,
+        *,
+        poll_max_us: int = DEFAULT_POLL_MAX_US,
+    ) -> None:
         self.state_dir = os.fspath(state_dir)
         self.control_timeout = control_timeout
+        self.poll_max_us = poll_max_us
         self._live: dict[str, _Backend] = {}
         # The VMM's ends of the vhost-user socketpairs, until the VMM has its copy.
         self._vmm_ends: dict[str, socket.socket] = {}
@@ -149,6 +157,7 @@ class FileService:
             raise Failed(f"cannot start {ctx.name}: {why}") from None
         argv = [sys.executable, "-m", "spectrumd.virtiofs", *vhost_arg]
         argv += ["--control-listen-fd", str(listener.fileno())]
+        argv += ["--poll-max-us", str(self.poll_max_us)]
         if ctx.ids is not None:
             argv += ["--confine", f"{ctx.ids.fileserver}:{ctx.ids.fileserver}"]
         token = secrets.token_hex(16)

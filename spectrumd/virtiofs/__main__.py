@@ -6,7 +6,7 @@
         [--control-fd FD | --control-listen-fd FD] [--export NAME=FD[:rw|:ro]]...
         [--confine UID:GID] [--tag TAG] [--request-queues N] [--max-inodes N]
         [--max-handles N] [--entry-timeout S] [--root-entry-timeout S]
-        [--attr-timeout S] [--max-pages N] [--log-level LEVEL]
+        [--attr-timeout S] [--max-pages N] [--poll-max-us US] [--log-level LEVEL]
 
 One process per instance. It is given descriptors only and opens no path
 (but /proc/self/fd, through which checked inodes are reopened):
@@ -50,12 +50,14 @@ import signal
 import socket
 import struct
 import sys
+import time
 
 from . import jail
 from .control import ControlServer, recv_with_fds
 from .device import Device, fs_config
 from .fusedev import serve_fd
 from .ops import DEFAULT_ATTR_TIMEOUT, DEFAULT_ENTRY_TIMEOUT, FileSystem
+from .spin import DEFAULT_POLL_MAX_US, Spin
 from .tree import ExportError, Tree
 from .vhost import HEADER, MAX_PAYLOAD, Backend, VhostError
 
@@ -100,11 +102,14 @@ def serve_vhost(
     *,
     listener: socket.socket | None = None,
     control_listener: socket.socket | None = None,
+    poll_max: float = 0.0,
 ) -> None:
     """Run until the VMM hangs up. Raises VhostError on a message we cannot use.
 
     Without *sock*, the VMM's one connection is accepted on *listener*
-    first; control commands are served while it has not come yet.
+    first; control commands are served while it has not come yet. After a
+    kick the loop polls for up to *poll_max* seconds before it sleeps
+    (spin.py).
     """
     device = backend.device
     # epoll, so that the kick eventfds can be edge-triggered: a kick is then
@@ -141,9 +146,18 @@ def serve_vhost(
         kicks.clear()
         kicks.update(want)
 
+    spin = Spin(poll_max)
     try:
         while True:
-            for fd, _ev in poller.poll():
+            until = spin.deadline()
+            if until is not None and time.monotonic() < until:
+                events = poller.poll(0)
+                if not events:
+                    os.sched_yield()
+                    continue
+            else:
+                events = poller.poll()
+            for fd, _ev in events:
                 if sock is not None and fd == sock.fileno():
                     msg = recv_message(sock)
                     if msg is None:
@@ -161,7 +175,9 @@ def serve_vhost(
                     listener = None
                     poller.register(sock.fileno(), select.POLLIN)
                 elif fd in kicks:
-                    device.process(device.queues[kicks[fd]])
+                    spin.kicked(time.monotonic())
+                    if device.process(device.queues[kicks[fd]]):
+                        spin.served(time.monotonic())
                 else:
                     ctl.handle(fd)
     finally:
@@ -201,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attr-timeout", type=float, default=DEFAULT_ATTR_TIMEOUT, metavar="SECONDS")
     # Pages per READ/WRITE: at most 256 (1 MiB), the kernel's limit.
     ap.add_argument("--max-pages", type=int, default=256)
+    # The longest the loop polls after a kick before it sleeps (spin.py); 0: never.
+    ap.add_argument("--poll-max-us", type=int, default=DEFAULT_POLL_MAX_US, metavar="US")
     ap.add_argument("--confine", type=_ids, metavar="UID:GID")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
@@ -255,7 +273,12 @@ def main(argv: list[str] | None = None) -> int:
             listener = socket.socket(fileno=args.vhost_listen_fd)
         try:
             serve_vhost(
-                backend, sock, control, listener=listener, control_listener=control_listener
+                backend,
+                sock,
+                control,
+                listener=listener,
+                control_listener=control_listener,
+                poll_max=max(0, args.poll_max_us) / 1e6,
             )
         except (VhostError, OSError, struct.error) as e:
             logger.error("vhost-user connection failed: %s", e)

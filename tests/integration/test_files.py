@@ -153,6 +153,8 @@ async def test_guest_file_operations_and_server_restart(daemon: Daemon, trees: P
     (server,) = file_servers(state_dir).values()
     assert uid_of(server) not in (0, uid_of(vmm)), (uid_of(server), uid_of(vmm))
     assert (work / "sub" / "moved.txt").stat().st_uid == uid_of(server)
+    argv = Path(f"/proc/{server}/cmdline").read_bytes().split(b"\0")
+    assert argv[argv.index(b"--poll-max-us") + 1] == b"1000"  # --file-server-poll's default
 
     # Kill the backend under the running guest: the guest could never reach
     # its files again (a virtio-fs device cannot reconnect), so the VM ends

@@ -62,8 +62,11 @@ class Frontend:
         return self.reply()
 
 
-@pytest.fixture
-def vhost(tmp_path: Path) -> Iterator[tuple[Frontend, socket.socket, Path]]:
+@pytest.fixture(params=[0.0, 1e-3], ids=["sleeping", "polling"])
+def vhost(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[Frontend, socket.socket, Path]]:
+    """The backend's loop in a thread; it sleeps between kicks, or polls 1 ms after each."""
     (tmp_path / "e").mkdir()
     tree = Tree()
     tree.add_export("e", os.open(tmp_path / "e", os.O_PATH | os.O_DIRECTORY), True)
@@ -74,7 +77,7 @@ def vhost(tmp_path: Path) -> Iterator[tuple[Frontend, socket.socket, Path]]:
 
     def serve() -> None:
         try:
-            serve_vhost(backend, ours, ctl_ours)
+            serve_vhost(backend, ours, ctl_ours, poll_max=request.param)
         except BaseException as e:
             errors.append(e)
             ours.shutdown(socket.SHUT_RDWR)  # as the process exiting would
