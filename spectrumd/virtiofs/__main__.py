@@ -34,8 +34,10 @@ One process per instance. It is given descriptors only and opens no path
 
 Everything runs in one thread around epoll(7) (poll(2) for FUSE):
 vhost-user messages, control commands and queue kicks are handled in
-turn, so an export change never races a request. The process exits when the VMM closes its
-end of the vhost-user socket (or the FUSE file system is unmounted).
+turn, so an export change never races a request. After a kick the loop
+polls a little before it sleeps (spin.py, ``--poll-max-us``). The process
+exits when the VMM closes its end of the vhost-user socket (or the FUSE
+file system is unmounted).
 """
 
 from __future__ import annotations
