@@ -44,13 +44,32 @@ _USB_SERIAL_RE = re.compile("[\x21-\x7e]{1,126}")
 DEFAULT_STOP_TIMEOUT = 30.0
 
 
+def shown(untrusted: object, limit: int = 80) -> str:
+    """*untrusted* as JSON for a message: at most *limit* characters of it,
+    escapes included (a character outside the BMP is 12 of them), then "..."."""
+    text = json.dumps(untrusted)
+    if len(text) <= limit:
+        return text
+    if not isinstance(untrusted, str):
+        return text[: limit - 3] + "..."
+    out, used = [], 2  # the quotes
+    for ch in untrusted:
+        piece = json.dumps(ch)[1:-1]  # whole escapes only
+        if used + len(piece) > limit - 3:
+            break
+        out.append(piece)
+        used += len(piece)
+    return '"' + "".join(out) + '..."'
+
+
 def validate_name(path: str, untrusted_name: object) -> str:
     """Return the name if it follows :data:`NAME_RULE`, else raise ConfigError."""
     if not isinstance(untrusted_name, str):
         raise ConfigError(path, f"a name must be a string, not {_json_type(untrusted_name)}")
     if not _NAME_RE.fullmatch(untrusted_name):
-        shown = untrusted_name if len(untrusted_name) <= 80 else untrusted_name[:77] + "..."
-        raise ConfigError(path, f"invalid name {json.dumps(shown)}: names must match {NAME_RULE}")
+        raise ConfigError(
+            path, f"invalid name {shown(untrusted_name)}: names must match {NAME_RULE}"
+        )
     return untrusted_name
 
 
@@ -161,10 +180,10 @@ class _Obj:
             return None
         where = _join(self.path, key)
         if not v.startswith("/"):
-            raise ConfigError(where, f"{json.dumps(v)} is not an absolute path")
+            raise ConfigError(where, f"{shown(v)} is not an absolute path")
         parts = v.split("/")
         if any(p in (".", "..") for p in parts) or "//" in v or (len(v) > 1 and v.endswith("/")):
-            raise ConfigError(where, f"{json.dumps(v)} is not a canonical path")
+            raise ConfigError(where, f"{shown(v)} is not a canonical path")
         return Path(v)
 
     def enum(self, key: str, kind: type[_E], default: _E) -> _E:
@@ -175,7 +194,7 @@ class _Obj:
             return kind(v)
         except ValueError:
             allowed = " or ".join(json.dumps(m.value) for m in kind)
-            raise ConfigError(_join(self.path, key), f"{json.dumps(v)} is not {allowed}") from None
+            raise ConfigError(_join(self.path, key), f"{shown(v)} is not {allowed}") from None
 
     def done(self) -> None:
         unknown = sorted(set(self.value) - self.seen)
@@ -270,7 +289,7 @@ def _usb_id(o: _Obj, key: str) -> str:
     v = o.string(key, required=True)
     assert v is not None
     if not _USB_ID_RE.fullmatch(v):
-        raise ConfigError(_join(o.path, key), f"{json.dumps(v)} is not 4 lower-case hex digits")
+        raise ConfigError(_join(o.path, key), f"{shown(v)} is not 4 lower-case hex digits")
     return v
 
 
@@ -297,7 +316,7 @@ def _parse_resource(name: str, o: _Obj) -> Resource:
     else:
         known = ", ".join(json.dumps(t) for t in RESOURCE_TYPES)
         raise ConfigError(
-            _join(o.path, "type"), f"unknown resource type {json.dumps(kind)} (known: {known})"
+            _join(o.path, "type"), f"unknown resource type {shown(kind)} (known: {known})"
         )
     o.done()
     return res
@@ -324,7 +343,7 @@ def parse_instance(
     app = o.string("application", required=True)
     assert app is not None
     if app not in applications:
-        raise ConfigError(_join(o.path, "application"), f"no application {json.dumps(app)}")
+        raise ConfigError(_join(o.path, "application"), f"no application {shown(app)}")
     raw_res = o._get("resources", False)
     if raw_res is None:
         raw_res = []
@@ -336,9 +355,9 @@ def parse_instance(
         if not isinstance(r, str):
             raise ConfigError(where, f"expected a resource name, got {_json_type(r)}")
         if r not in resources:
-            raise ConfigError(where, f"no resource {json.dumps(r)}")
+            raise ConfigError(where, f"no resource {shown(r)}")
         if r in seen:
-            raise ConfigError(where, f"resource {json.dumps(r)} is listed twice")
+            raise ConfigError(where, f"resource {shown(r)} is listed twice")
         seen.append(r)
     inst = InstanceDef(
         name=name,

@@ -7,7 +7,7 @@ import pytest
 
 from spectrumd.errors import ConfigError
 from spectrumd.model import Accel, VmmKind, load_config, parse_config
-from spectrumd.model.config import resolve_auto_vmm
+from spectrumd.model.config import resolve_auto_vmm, validate_name
 
 GOOD = {
     "defaults": {"vmm": "qemu", "accel": "tcg"},
@@ -167,6 +167,25 @@ def test_every_resource_type() -> None:
 def test_long_name_is_refused() -> None:
     with pytest.raises(ConfigError, match="names must match"):
         parse_config(with_("instances." + "a" * 64, {"application": "shell"}))
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["\U00010000" * 80, "\x07" * 200, "a" * 5000, '"' * 300, "\\" * 300, "a" + "\\" * 300],
+)
+def test_a_bad_value_is_shown_short_whatever_its_escapes(value: str) -> None:
+    # A character outside the BMP is 12 characters of JSON: the cut counts
+    # what is shown, so a message stays short (the fuzzer's D-Bus errors are
+    # at most 1,024 characters).
+    with pytest.raises(ConfigError) as e:
+        validate_name("instances", value)
+    message = str(e.value)
+    assert len(message) < 200, message
+    assert message.startswith('instances: invalid name "') and '..."' in message
+    json.loads(message.split("invalid name ", 1)[1].split(": names must")[0].replace('..."', '"'))
+    with pytest.raises(ConfigError) as e:
+        parse_config(with_("instances.one", {"application": value}))
+    assert len(str(e.value)) < 200, str(e.value)
 
 
 def test_data_file_instances_are_runtime_and_must_not_collide() -> None:
