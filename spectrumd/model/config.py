@@ -45,16 +45,17 @@ DEFAULT_STOP_TIMEOUT = 30.0
 
 
 def shown(untrusted: object, limit: int = 80) -> str:
-    """*untrusted* as JSON for a message: at most *limit* characters of it,
-    escapes included (a character outside the BMP is 12 of them), then "..."."""
-    text = json.dumps(untrusted)
-    if len(text) <= limit:
-        return text
+    """*untrusted* as JSON for a message, its text cut to *limit* characters,
+    escapes counted whole (a character outside the BMP is 12 of them): a
+    longer one keeps ``limit - 3`` and ends in "..." (as nix/check.nix cuts)."""
     if not isinstance(untrusted, str):
-        return text[: limit - 3] + "..."
-    out, used = [], 2  # the quotes
-    for ch in untrusted:
-        piece = json.dumps(ch)[1:-1]  # whole escapes only
+        text = json.dumps(untrusted)
+        return text if len(text) <= limit else text[: limit - 3] + "..."
+    pieces = [json.dumps(ch)[1:-1] for ch in untrusted[: limit + 1]]
+    if sum(map(len, pieces)) <= limit and len(untrusted) <= limit:
+        return '"' + "".join(pieces) + '"'
+    out, used = [], 0
+    for piece in pieces:
         if used + len(piece) > limit - 3:
             break
         out.append(piece)
