@@ -101,6 +101,8 @@ class _Backend:
     # What the backend serves now; None: a name found at re-adoption, as it was.
     exports: dict[str, Export | None] = attrs.Factory(dict)
     lock: asyncio.Lock = attrs.Factory(asyncio.Lock)
+    # Why the daemon ended it (a removal it could not confirm), for the VM's failure.
+    ended_because: str | None = None
 
 
 class FileService:
@@ -245,6 +247,9 @@ class FileService:
             # Adopted: no status. If its VMM went first, the run is ending by then.
             await asyncio.sleep(1.0)
         what = process.describe_exit(rc, f"file server (pid {backend.proc.pid})")
+        if backend.ended_because is not None:
+            ctx.fail(f"{what}: {backend.ended_because}")
+            return
         tail = process.stderr_tail(ctx.run_dir / FS_LOG)
         ctx.fail(
             f"{what}{': ' + tail if tail and rc is not None and rc > 0 else ''}; "
@@ -287,7 +292,9 @@ class FileService:
 
         A removal is done when this returns: the backend refuses the export at
         once, and this waits out the time the guest may still show attributes
-        it held of it (the backend's ``settle``).
+        it held of it (the backend's ``settle``). A backend that does not
+        confirm a removal (no answer within the control timeout, a broken
+        connection) is ended, and with it the VM.
         """
         errors: list[str] = []
         settle = 0.0
@@ -299,10 +306,18 @@ class FileService:
                 try:
                     settle = max(settle, await b.control.remove_export(entry))
                 except ControlError as e:
-                    errors.append(f"cannot remove {entry!r}: {e}")
-                    continue
+                    # It may still serve the export: revocation wins. Ending the
+                    # server ends the VM (failed, saying why).
+                    why = f"it did not confirm the removal of export {entry!r} ({e})"
+                    if b.ended_because is None:
+                        b.ended_because = why
+                        log.error("%s: ending its file server: %s", b.name, why)
+                        b.proc.send_signal(signal.SIGKILL)
+                    errors.append(f"{why}; the file server was ended")
+                    b.exports.clear()
+                    break
                 del b.exports[entry]
-            for entry, want in exports.items():
+            for entry, want in exports.items() if b.ended_because is None else ():
                 if entry in b.exports:
                     if b.exports[entry] is None:
                         b.exports[entry] = want

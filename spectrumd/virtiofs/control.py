@@ -14,7 +14,9 @@ arrived with; unclaimed ones are closed.
 * ``{"op": "remove_export", "name": NAME}``: unreachable at once (see tree.py);
   the reply's ``settle`` is how many seconds the guest may still show
   attributes it holds of it (the attribute timeout, ops.py), which the
-  daemon waits out before it calls the revocation done;
+  daemon waits out before it calls the revocation done. A name not served
+  is removed already (settle 0). The daemon ends a server that does not
+  confirm a removal: revocation wins;
 * ``{"op": "list_exports"}``: ``{"ok": true, "exports": [NAME, ...]}``.
 
 :class:`ControlConnection` is the byte-level state (lines and their fds);
@@ -108,7 +110,7 @@ def command(tree: Tree, line: bytes, fds: list[int], settle: float = 0.0) -> dic
             return {"ok": True}
         if op == "remove_export":
             if not tree.remove_export(name):
-                return {"ok": False, "error": f"no export {name!r}"}
+                return {"ok": True, "settle": 0.0}  # not served: nothing to undo or wait for
             return {"ok": True, "settle": settle}
         return {"ok": False, "error": f"unknown op {op!r}"}
     finally:

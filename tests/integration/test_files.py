@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from spectrumd.errors import Failed
 from spectrumd.supervisor import Environment, Supervisor
 from spectrumd.supervisor.files import Export, FileService
 from tests.conftest import Daemon, kill_leftover_vmms
@@ -264,6 +265,48 @@ async def test_exports_added_and_removed_while_running(
         assert "held-ok" not in tail and "path-ok" not in tail and "extra " not in tail, tail
         assert "attr-ok after" not in after, after
         assert inst.state.value == "running"
+    finally:
+        with contextlib.suppress(Exception):
+            if inst.active:
+                await inst.kill()
+        await sup.close()
+        kill_leftover_vmms(state)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+async def test_a_removal_the_file_server_does_not_confirm_ends_the_vm(
+    guest_dir: Path, short_tmp: Path, trees: Path
+) -> None:
+    # A server that does not answer (stopped here; a compromised or wedged one
+    # alike) might still serve what is being revoked: revocation wins, the
+    # server is ended and the VM with it, and the instance says why.
+    state = Path(tempfile.mkdtemp(prefix="f.", dir=short_tmp))
+    cfg = app_config("sleep 600", live={"application": "app", "resources": ["docs"]})
+    cfg["resources"] = dir_resources(trees, docs=False)
+    (state / "config.json").write_text(json.dumps(cfg))
+    files = FileService(state, control_timeout=2.0)
+    env = Environment(state_dir=state, guest_dir=guest_dir, drivers=(files,))
+    sup = Supervisor(state / "config.json", env)
+    inst = sup.get("live")
+    try:
+        await inst.start()
+        (server,) = file_servers(state).values()
+        (vmm,) = vmms(state).values()
+        failed = asyncio.Event()
+        inst.listeners.append(lambda i, _c: failed.set() if i.state.value == "failed" else None)
+        os.kill(server, signal.SIGSTOP)
+        t = time.monotonic()
+        with pytest.raises(Failed, match="did not confirm the removal of export 'docs'"):
+            await files.set_exports("live", {})
+        assert 2.0 <= time.monotonic() - t < 10
+        await asyncio.wait_for(failed.wait(), 20)
+        assert inst.state.value == "failed", inst.state_reason
+        assert "did not confirm the removal of export 'docs'" in inst.state_reason
+        assert (
+            not Path(f"/proc/{server}").exists()
+            or "zombie" in Path(f"/proc/{server}/status").read_text()
+        )
+        assert vmm not in vmms(state).values()
     finally:
         with contextlib.suppress(Exception):
             if inst.active:
