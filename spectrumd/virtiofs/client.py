@@ -29,6 +29,16 @@ class ControlError(Exception):
     """The backend refused a command, or the control connection failed."""
 
 
+# Exchanges under way whose callers may be gone (a task needs a reference).
+_exchanges: set[asyncio.Task[bytes]] = set()
+
+
+def _exchange_done(task: asyncio.Task[bytes]) -> None:
+    _exchanges.discard(task)
+    if not task.cancelled():
+        task.exception()  # taken: a caller that was cancelled no longer needs it
+
+
 # The most a backend may ask the daemon to wait after a removal (its own
 # attribute timeout is 0.2 s by default): a wrong answer cannot stall a caller.
 MAX_SETTLE = 5.0
@@ -103,6 +113,9 @@ class ControlClient:
         # caller may close its own as it unwinds).
         copies = [os.dup(fd) for fd in fds]
         exchange = asyncio.ensure_future(self._exchange(command, copies))
+        # Held until done, and its outcome taken even when no caller waits any more.
+        _exchanges.add(exchange)
+        exchange.add_done_callback(_exchange_done)
         line = await asyncio.shield(exchange)
         try:
             reply = json.loads(line)

@@ -8,6 +8,7 @@ error naming it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import socket
 from pathlib import Path
@@ -63,3 +64,33 @@ async def test_a_removal_returns_the_settle_time_bounded(
 async def test_a_settle_that_is_not_a_duration_is_an_error(tmp_path: Path, settle: Any) -> None:
     with pytest.raises(ControlError, match="remove_export: a settle that is not a duration"):
         await removal_answered(tmp_path / "c.sock", {"ok": True, "settle": settle})
+
+
+async def test_an_exchange_whose_caller_is_gone_fails_quietly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A Kill cancels the caller; the exchange runs on (the next command must
+    # not read this one's reply) and then times out: nobody is left to take
+    # its error, and asyncio must not report it as never retrieved.
+    path = tmp_path / "c.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    client = ControlClient(timeout=0.3)
+    try:
+        await client.connect(path)
+        conn, _ = listener.accept()  # it reads nothing and answers nothing
+        caller = asyncio.ensure_future(client.remove_export("docs"))
+        await asyncio.sleep(0.05)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        await asyncio.sleep(0.6)  # the exchange's own timeout has passed
+        gc.collect()
+        await asyncio.sleep(0)
+        never = [r for r in caplog.records if "never retrieved" in r.getMessage()]
+        assert never == []
+        conn.close()
+    finally:
+        client.close()
+        listener.close()
