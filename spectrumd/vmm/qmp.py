@@ -22,8 +22,8 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Coroutine, Mapping, Sequence
+from typing import Any, TypeVar
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError, Runstate
 
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 # Our replies are small (query-status, add-fd); nothing legitimate is near this.
 _READ_LIMIT = 1024 * 1024
+T = TypeVar("T")
 _CLOSED = "QMP connection closed"
 
 
@@ -74,12 +75,16 @@ class QmpClient:
         deadline = loop.time() + timeout
         sock = await _connect_unix(where, deadline, timeout)
         qmp = QMPClient(f"qmp {os.path.basename(os.path.dirname(where))}", _READ_LIMIT)
+        # The library's connect is cancelled at most once (a deadline, a Kill):
+        # its own clean-up awaits a disconnect that a second cancellation would
+        # break, which it logs as a bug of its own.
+        connecting = _held(qmp.connect(sock))
         try:
             async with asyncio.timeout_at(deadline):
-                await qmp.connect(sock)
+                await asyncio.shield(connecting)
         except BaseException as e:
-            await _quietly_disconnect(qmp)
-            sock.close()
+            connecting.cancel()
+            await asyncio.shield(_held(_end_connect(qmp, connecting, sock)))
             if isinstance(e, TimeoutError):
                 raise VmmError(f"QMP negotiation on {where} timed out") from None
             if isinstance(e, QMPError | OSError):
@@ -142,7 +147,7 @@ class QmpClient:
     def _end(self) -> asyncio.Task[None]:
         if self._ended is None:
             self._events.cancel()
-            self._ended = _disconnect_task(self._qmp)
+            self._ended = _held(_disconnect(self._qmp))
         return self._ended
 
     async def _end_with_connection(self) -> None:
@@ -187,21 +192,29 @@ async def _connect_unix(where: str, deadline: float, timeout: float) -> socket.s
         delay = min(delay * 2, 0.1)
 
 
-# Disconnects under way whose callers were cancelled: a task needs a reference.
-_disconnecting: set[asyncio.Task[None]] = set()
+# Library calls under way whose callers may be gone: a task needs a reference.
+_under_way: set[asyncio.Task[Any]] = set()
 
 
-def _disconnect_task(qmp: QMPClient) -> asyncio.Task[None]:
-    """The library's disconnect in a task of its own, held until it is done."""
-    task = asyncio.ensure_future(_disconnect(qmp))
-    _disconnecting.add(task)
-    task.add_done_callback(_disconnecting.discard)
+def _held(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    """*coro* in a task of its own, held until it is done, its outcome taken."""
+    task = asyncio.ensure_future(coro)
+    _under_way.add(task)
+    task.add_done_callback(_taken)
     return task
 
 
-async def _quietly_disconnect(qmp: QMPClient) -> None:
-    """Disconnect; a cancelled caller stops waiting, the disconnect runs to its end."""
-    await asyncio.shield(_disconnect_task(qmp))
+def _taken(task: asyncio.Task[Any]) -> None:
+    _under_way.discard(task)
+    if not task.cancelled():
+        task.exception()  # a caller that was cancelled no longer needs it
+
+
+async def _end_connect(qmp: QMPClient, connecting: asyncio.Task[None], sock: socket.socket) -> None:
+    """After a failed or cancelled connect: its own clean-up, then ours."""
+    await asyncio.wait({connecting})
+    await _disconnect(qmp)
+    sock.close()
 
 
 async def _disconnect(qmp: QMPClient) -> None:

@@ -15,6 +15,7 @@ import contextlib
 import gc
 import shutil
 import signal
+import socket
 import tempfile
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -26,7 +27,7 @@ import pytest
 from spectrumd.model.types import Accel
 from spectrumd.vmm.base import PORT_CONTROL, PORT_PORTAL, VmmError, VmSpec
 from spectrumd.vmm.qemu import QemuBackend, QemuControl
-from spectrumd.vmm.qmp import QmpError
+from spectrumd.vmm.qmp import QmpClient, QmpError
 
 pytestmark = [
     pytest.mark.integration,
@@ -247,3 +248,40 @@ async def test_cancelled_close_still_ends_the_connection_quietly() -> None:
     assert [r["message"] for r in reports] == [], [
         (r["message"], repr(r.get("future") or r.get("task"))) for r in reports
     ]
+
+
+async def test_a_connect_cancelled_twice_ends_quietly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A peer that accepts and never greets (a QEMU wedged at start); the
+    # caller is cancelled during the negotiation and again at once (a
+    # deadline, then a Kill). The library's connect is cancelled once and
+    # cleans up: no "bug in the QMP library", no error nobody reads.
+    loop = asyncio.get_running_loop()
+    reports: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: reports.append(context))
+    path = tmp_path / "qmp.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(4)
+    try:
+        for gap in range(4):
+            caller = asyncio.ensure_future(QmpClient.connect(path, lambda n, d: None, 10))
+            await asyncio.sleep(0.2)  # connected, waiting for the greeting
+            caller.cancel()
+            for _ in range(gap):
+                await asyncio.sleep(0)
+            caller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await caller
+            await asyncio.sleep(0.2)
+            del caller
+            gc.collect()
+            await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(previous)
+        listener.close()
+    critical = [r.getMessage()[:80] for r in caplog.records if r.levelname == "CRITICAL"]
+    assert critical == []
+    assert [r["message"] for r in reports] == []
