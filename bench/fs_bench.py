@@ -22,8 +22,8 @@ cache=none; and ``drop_caches`` between steps):
 * read: a 192 MiB host file, busybox ``dd bs=1M``;
 * write: 192 MiB with ``dd bs=1M``. With the guest page cache off, each
   write is in the host's page cache when it returns, on all three paths.
-  The guest's ``sync`` follows, untimed: virtiofsd and ours flush the
-  host's disk then, 9p does not. The host is synced before each boot, so no
+  The guest's ``sync`` follows, untimed: virtiofsd flushes the host's
+  disk then, ours and 9p do not. The host is synced before each boot, so no
   run inherits another's dirty pages (this machine throttles a writer to
   its disk's speed once some 200 MiB are dirty);
 * stat: ``ls -lR`` of 2,000 files;

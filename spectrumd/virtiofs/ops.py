@@ -38,7 +38,10 @@ Rules enforced here for every request, whatever the guest claims:
   chown to another owner and any setuid/setgid bit are refused (EPERM);
 * a read-only export refuses every change (EROFS); the root refuses
   changes too;
-* no xattrs (ENOSYS), no hard links, symlink creation or mknod (ENOSYS).
+* no xattrs (ENOSYS), no hard links, symlink creation or mknod (ENOSYS);
+* no SYNCFS (ENOSYS, and the guest stops asking): a guest's sync(2) would
+  flush the whole host file system, on the one thread that also serves its
+  requests and the daemon's revocations. FSYNC flushes the file.
 """
 
 from __future__ import annotations
@@ -118,7 +121,6 @@ class FileSystem:
             P.READDIR: self._readdir, P.READDIRPLUS: self._readdirplus,
             P.RELEASE: self._release, P.RELEASEDIR: self._release,
             P.FLUSH: self._nothing, P.FSYNC: self._fsync, P.FSYNCDIR: self._fsync,
-            P.SYNCFS: self._syncfs,
             P.MKDIR: self._mkdir, P.UNLINK: self._unlink, P.RMDIR: self._rmdir,
             P.RENAME: self._rename, P.RENAME2: self._rename, P.STATFS: self._statfs,
             P.ACCESS: self._access,
@@ -406,23 +408,6 @@ class FileSystem:
         h = self.tree.handle(req.args)
         if h.export is not None:
             os.fsync(h.fd)
-        return b""
-
-    def _syncfs(self, req: P.Request) -> bytes:
-        """The guest's sync(2): flush the file systems of the exports it can write."""
-        done: set[int] = set()
-        for export in list(self.tree.exports.values()):
-            if not export.writable or export.revoked:
-                continue
-            fd = reopen(export.fd, os.O_RDONLY | os.O_DIRECTORY)  # syncfs takes no O_PATH fd
-            try:
-                dev = os.fstat(fd).st_dev
-                if dev not in done:
-                    done.add(dev)
-                    if _libc.syncfs(fd) != 0:
-                        raise fail(ctypes.get_errno() or errno.EIO)
-            finally:
-                os.close(fd)
         return b""
 
     def _release(self, req: P.Request) -> bytes:
