@@ -23,14 +23,16 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import attrs
 import pytest
 
 from spectrumd.errors import Failed
 from spectrumd.supervisor import Environment, Supervisor
 from spectrumd.supervisor.files import Export, FileService
+from spectrumd.supervisor.instance import Instance
 from tests.conftest import Daemon, kill_leftover_vmms
 from tests.integration.helpers import (
     app_config,
@@ -210,6 +212,41 @@ done
 """
 
 
+@attrs.frozen
+class InProcess:
+    """A Supervisor and its FileService in this process, with instance ``live``."""
+
+    state: Path
+    files: FileService
+    env: Environment
+    inst: Instance
+
+
+@contextlib.asynccontextmanager
+async def in_process(
+    guest_dir: Path, short_tmp: Path, trees: Path, command: str, control_timeout: float = 10.0
+) -> AsyncIterator[InProcess]:
+    """Instance ``live`` running *command* with ``docs`` (read-only); everything
+    it made is gone afterwards, whatever the test did."""
+    state = Path(tempfile.mkdtemp(prefix="f.", dir=short_tmp))
+    cfg = app_config(command, live={"application": "app", "resources": ["docs"]})
+    cfg["resources"] = dir_resources(trees, docs=False)
+    (state / "config.json").write_text(json.dumps(cfg))
+    files = FileService(state, control_timeout=control_timeout)
+    env = Environment(state_dir=state, guest_dir=guest_dir, drivers=(files,))
+    sup = Supervisor(state / "config.json", env)
+    inst = sup.get("live")
+    try:
+        yield InProcess(state, files, env, inst)
+    finally:
+        with contextlib.suppress(Exception):
+            if inst.active:
+                await inst.kill()
+        await sup.close()
+        kill_leftover_vmms(state)
+        shutil.rmtree(state, ignore_errors=True)
+
+
 async def test_exports_added_and_removed_while_running(
     guest_dir: Path, short_tmp: Path, trees: Path
 ) -> None:
@@ -217,17 +254,9 @@ async def test_exports_added_and_removed_while_running(
     extra.mkdir(mode=0o755)
     (extra / "f").write_text("extra-content\n")
     (extra / "f").chmod(0o644)
-    state = Path(tempfile.mkdtemp(prefix="f.", dir=short_tmp))
-    cfg = app_config(WATCHER, live={"application": "app", "resources": ["docs"]})
-    cfg["resources"] = dir_resources(trees, docs=False)
-    (state / "config.json").write_text(json.dumps(cfg))
-    files = FileService(state)
-    env = Environment(state_dir=state, guest_dir=guest_dir, drivers=(files,))
-    sup = Supervisor(state / "config.json", env)
-    inst = sup.get("live")
-    log = env.log_path("live")
     docs_only = {"docs": Export(str(trees / "docs"))}
-    try:
+    async with in_process(guest_dir, short_tmp, trees, WATCHER) as p:
+        files, inst, log = p.files, p.inst, p.env.log_path("live")
         await inst.start()
         line = await wait_after(log, 0, r"^ls \d+: ", timeout=90)
         assert line.split(": ", 1)[1].split() == ["docs"], line
@@ -265,13 +294,6 @@ async def test_exports_added_and_removed_while_running(
         assert "held-ok" not in tail and "path-ok" not in tail and "extra " not in tail, tail
         assert "attr-ok after" not in after, after
         assert inst.state.value == "running"
-    finally:
-        with contextlib.suppress(Exception):
-            if inst.active:
-                await inst.kill()
-        await sup.close()
-        kill_leftover_vmms(state)
-        shutil.rmtree(state, ignore_errors=True)
 
 
 async def test_a_removal_the_file_server_does_not_confirm_ends_the_vm(
@@ -280,15 +302,8 @@ async def test_a_removal_the_file_server_does_not_confirm_ends_the_vm(
     # A server that does not answer (stopped here; a compromised or wedged one
     # alike) might still serve what is being revoked: revocation wins, the
     # server is ended and the VM with it, and the instance says why.
-    state = Path(tempfile.mkdtemp(prefix="f.", dir=short_tmp))
-    cfg = app_config("sleep 600", live={"application": "app", "resources": ["docs"]})
-    cfg["resources"] = dir_resources(trees, docs=False)
-    (state / "config.json").write_text(json.dumps(cfg))
-    files = FileService(state, control_timeout=2.0)
-    env = Environment(state_dir=state, guest_dir=guest_dir, drivers=(files,))
-    sup = Supervisor(state / "config.json", env)
-    inst = sup.get("live")
-    try:
+    async with in_process(guest_dir, short_tmp, trees, "sleep 600", control_timeout=2.0) as p:
+        state, files, inst = p.state, p.files, p.inst
         await inst.start()
         (server,) = file_servers(state).values()
         (vmm,) = vmms(state).values()
@@ -307,13 +322,6 @@ async def test_a_removal_the_file_server_does_not_confirm_ends_the_vm(
             or "zombie" in Path(f"/proc/{server}/status").read_text()
         )
         assert vmm not in vmms(state).values()
-    finally:
-        with contextlib.suppress(Exception):
-            if inst.active:
-                await inst.kill()
-        await sup.close()
-        kill_leftover_vmms(state)
-        shutil.rmtree(state, ignore_errors=True)
 
 
 async def test_a_directory_that_cannot_be_exported_fails_the_start_cleanly(
