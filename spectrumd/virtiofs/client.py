@@ -24,19 +24,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from spectrumd.aio import held
+
 
 class ControlError(Exception):
     """The backend refused a command, or the control connection failed."""
-
-
-# Exchanges under way whose callers may be gone (a task needs a reference).
-_exchanges: set[asyncio.Task[bytes]] = set()
-
-
-def _exchange_done(task: asyncio.Task[bytes]) -> None:
-    _exchanges.discard(task)
-    if not task.cancelled():
-        task.exception()  # taken: a caller that was cancelled no longer needs it
 
 
 # The most a backend may ask the daemon to wait after a removal (its own
@@ -112,11 +104,7 @@ class ControlClient:
         # this one's reply. It runs on, shielded, with copies of the fds (the
         # caller may close its own as it unwinds).
         copies = [os.dup(fd) for fd in fds]
-        exchange = asyncio.ensure_future(self._exchange(command, copies))
-        # Held until done, and its outcome taken even when no caller waits any more.
-        _exchanges.add(exchange)
-        exchange.add_done_callback(_exchange_done)
-        line = await asyncio.shield(exchange)
+        line = await asyncio.shield(held(self._exchange(command, copies)))
         try:
             reply = json.loads(line)
         except ValueError:

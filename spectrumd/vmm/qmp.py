@@ -22,18 +22,18 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Coroutine, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError, Runstate
 
+from spectrumd.aio import held
 from spectrumd.vmm.base import EventHandler, VmmError
 
 log = logging.getLogger(__name__)
 
 # Our replies are small (query-status, add-fd); nothing legitimate is near this.
 _READ_LIMIT = 1024 * 1024
-T = TypeVar("T")
 _CLOSED = "QMP connection closed"
 
 
@@ -78,13 +78,13 @@ class QmpClient:
         # The library's connect is cancelled at most once (a deadline, a Kill):
         # its own clean-up awaits a disconnect that a second cancellation would
         # break, which it logs as a bug of its own.
-        connecting = _held(qmp.connect(sock))
+        connecting = held(qmp.connect(sock))
         try:
             async with asyncio.timeout_at(deadline):
                 await asyncio.shield(connecting)
         except BaseException as e:
             connecting.cancel()
-            await asyncio.shield(_held(_end_connect(qmp, connecting, sock)))
+            await asyncio.shield(held(_end_connect(qmp, connecting, sock)))
             if isinstance(e, TimeoutError):
                 raise VmmError(f"QMP negotiation on {where} timed out") from None
             if isinstance(e, QMPError | OSError):
@@ -147,7 +147,7 @@ class QmpClient:
     def _end(self) -> asyncio.Task[None]:
         if self._ended is None:
             self._events.cancel()
-            self._ended = _held(_disconnect(self._qmp))
+            self._ended = held(_disconnect(self._qmp))
         return self._ended
 
     async def _end_with_connection(self) -> None:
@@ -190,24 +190,6 @@ async def _connect_unix(where: str, deadline: float, timeout: float) -> socket.s
             )
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.1)
-
-
-# Library calls under way whose callers may be gone: a task needs a reference.
-_under_way: set[asyncio.Task[Any]] = set()
-
-
-def _held(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
-    """*coro* in a task of its own, held until it is done, its outcome taken."""
-    task = asyncio.ensure_future(coro)
-    _under_way.add(task)
-    task.add_done_callback(_taken)
-    return task
-
-
-def _taken(task: asyncio.Task[Any]) -> None:
-    _under_way.discard(task)
-    if not task.cancelled():
-        task.exception()  # a caller that was cancelled no longer needs it
 
 
 async def _end_connect(qmp: QMPClient, connecting: asyncio.Task[None], sock: socket.socket) -> None:

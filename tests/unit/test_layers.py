@@ -1,4 +1,4 @@
-"""Imports flow one way: bus → supervisor → (lifecycle, vmm, host, virtiofs) → model/errors.
+"""Imports flow one way: bus → supervisor → (lifecycle, vmm, host, virtiofs) → model/errors/aio.
 
 An AST walk over every module of the package: each import of a spectrumd
 module must go to a part its own part may use (docs/architecture.md draws
@@ -13,11 +13,12 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "spectrumd"
 
-BASE = {"model", "errors"}
+BASE = {"model", "errors", "aio"}
 LOW = {"lifecycle", "vmm", "host", "virtiofs"}
 # Which parts each part may import (besides itself).
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
+    "aio": set(),
     "model": {"errors"},
     "lifecycle": set(),
     "vmm": BASE,
