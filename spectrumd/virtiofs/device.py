@@ -21,7 +21,7 @@ import struct
 from . import protocol as P
 from .memory import GuestMemory
 from .ops import FileSystem
-from .serve import Reply, answer, total, trim
+from .serve import Reply, answer, trim
 from .virtqueue import Chain, ChainError, Virtqueue
 
 logger = logging.getLogger(__name__)
@@ -164,9 +164,8 @@ class Device:
         if fields[7]:  # extlen: extensions are not negotiated
             return None
         unique, fh, offset, size = fields[2], fields[9], fields[10], fields[11]
-        bufs = writable[1:]
         try:
-            n = fs.read(fh, offset, trim(bufs, size) if total(bufs) > size else bufs)
+            n = fs.read(fh, offset, trim(writable[1:], size))
         except OSError as e:
             return scatter(writable, P.out_header(unique, e.errno or errno.EIO, 0))
         P.OUT_HEADER.pack_into(writable[0], 0, OUT_H + n, 0, unique)
