@@ -47,6 +47,12 @@ DEFAULT_STATE_DIR = Path("/var/lib/spectrumd")
 DEFAULT_GUEST_DIR = Path("/var/cache/spectrumd/guest")
 
 
+def _microseconds(text: str) -> int:
+    if not text.isdigit() or int(text) > 10**6:
+        raise argparse.ArgumentTypeError(f"{text} is not a number of microseconds (0 to 1000000)")
+    return int(text)
+
+
 def _seconds(text: str) -> float:
     value = float(text)
     if not 0 < value < 1e9:
@@ -125,7 +131,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--file-server-poll",
-        type=int,
+        type=_microseconds,
         default=DEFAULT_POLL_MAX_US,
         metavar="MICROSECONDS",
         help="the longest each file server polls for its guest's next request before "
@@ -156,7 +162,7 @@ async def serve(args: argparse.Namespace) -> int:
 
 async def _serve(args: argparse.Namespace, stack: contextlib.AsyncExitStack) -> int:
     files = FileService(
-        args.state_dir.absolute(), args.control_timeout, poll_max_us=max(0, args.file_server_poll)
+        args.state_dir.absolute(), args.control_timeout, poll_max_us=args.file_server_poll
     )
     host_networks = HostNetworks(netns=args.netns)
     network = NetworkService(host_networks)

@@ -7,6 +7,7 @@ from dbus_fast import Variant
 
 from spectrumd.bus import validate
 from spectrumd.bus.names import escape_path_element, instance_path, unescape_path_element
+from spectrumd.daemon.main import parse_args
 from spectrumd.errors import InvalidArgument
 from spectrumd.supervisor.console import ConsoleLog
 
@@ -46,3 +47,18 @@ def test_validate_names_and_options() -> None:
         validate.options({"colour": Variant("s", "red")})
     with pytest.raises(InvalidArgument, match=r"options\.accel: wrong type"):
         validate.options({"accel": Variant("u", 1)})
+
+
+@pytest.mark.parametrize("value", ["-5", "1.5", "x", "2000000"])
+def test_a_bad_file_server_poll_is_refused_naming_it(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--config", "c.json", "--file-server-poll", value])
+    assert e.value.code == 2
+    assert f"--file-server-poll: {value} is not a number of microseconds" in capsys.readouterr().err
+
+
+def test_the_file_server_poll_defaults_to_a_millisecond() -> None:
+    assert parse_args(["--config", "c.json"]).file_server_poll == 1000
+    assert parse_args(["--config", "c.json", "--file-server-poll", "0"]).file_server_poll == 0
