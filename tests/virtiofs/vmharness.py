@@ -117,14 +117,16 @@ class Vm:
     """One q35 guest; ``fs_args`` adds the file-system devices to QEMU's argv."""
 
     def __init__(self, guest: Path, run: Path, fs_args: list[str], *, initrd: Path | None = None,
-                 pass_fds: tuple[int, ...] = (), append: str = "") -> None:  # fmt: skip
+                 pass_fds: tuple[int, ...] = (), append: str = "",
+                 prealloc: bool = False) -> None:  # fmt: skip
         self.run = run
         self.console = bytearray()
         self.argv = [
             QEMU, "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-S",
             "-machine", "q35,memory-backend=mem", "-accel", "tcg", "-smp", "1",
             "-m", f"{MEM_MIB}M",
-            "-object", f"memory-backend-memfd,id=mem,size={MEM_MIB}M,share=on",
+            "-object", f"memory-backend-memfd,id=mem,size={MEM_MIB}M,share=on"
+            + (",prealloc=on" if prealloc else ""),
             "-kernel", str(guest / "vmlinuz"),
             "-initrd", str(initrd or guest / "initramfs.img"),
             "-append", "console=ttyS0 panic=-1 quiet" + append,
@@ -204,11 +206,12 @@ class Vm:
 
 
 def virtiofs_args(
-    fd: int | None = None, tag: str = "spectrum", *, path: Path | None = None
+    fd: int | None = None, tag: str = "spectrum", *, path: Path | None = None, name: str = "fs"
 ) -> list[str]:
-    """QEMU's vhost-user-fs device on the connected socket *fd*, or connecting to *path*."""
+    """QEMU's vhost-user-fs device on the connected socket *fd*, or connecting
+    to *path*; *name* is its chardev's id (one per device)."""
     where = f"fd={fd}" if path is None else f"path={path}"
     return [
-        "-chardev", f"socket,id=fs,{where}",
-        "-device", f"vhost-user-fs-pci,queue-size=1024,chardev=fs,tag={tag}",
+        "-chardev", f"socket,id={name},{where}",
+        "-device", f"vhost-user-fs-pci,queue-size=1024,chardev={name},tag={tag}",
     ]  # fmt: skip
