@@ -355,7 +355,7 @@ async def test_list_instances_is_current_and_keeps_dbus_rules(daemon: Daemon) ->
         member="ListInstances",
         flags=MessageFlag.NO_REPLY_EXPECTED,
     )
-    assert await c.bus.call(quiet) is None
+    await c.bus.send(quiet)  # no reply comes; the daemon answers the next calls as before
 
     await c.manager("CreateInstance", "ssasa{sv}", "scratch", "app", [], {})
     (rows,) = await c.manager("ListInstances")
