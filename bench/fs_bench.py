@@ -313,7 +313,6 @@ def bench(
             script += [f"step_{s} {k} {MOUNTS[k][1]} {r}" for s in STEPS for k in turn]
         script.append("echo BENCH-DONE")
         text = vm.run_script("\n".join(script) + "\n", "BENCH-DONE", timeout=120 + 60 * rounds)
-        Path("/tmp/fsb-console.txt").write_text(text)  # DEBUG
         if "BENCH-ERR" in text:
             raise RuntimeError(f"the guest script failed:\n{text[-3000:]}")
         for k in kinds:
