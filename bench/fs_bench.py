@@ -401,20 +401,26 @@ def print_table(results: dict[str, list[dict[str, float]]], load: float, rounds:
     for n in NAMES:
         row = f"{n:14}" + "".join(f"{med[k][n]:11.1f}" for k in kinds)
         verdicts = []  # one per peer in this run: a target without its peer is not judged
+        unjudged = []  # the target's peers not in this run
         for peer, floor in (("virtiofsd", 1.0), ("9p", 0.5)):
+            counts = peer == "virtiofsd" or n.endswith("MB/s")
             if "ours" not in results or peer not in results:
                 row += f"{'-':>17}"
+                if counts:
+                    unjudged.append(peer)
                 continue
             ratios = [a[n] / b[n] for a, b in zip(results["ours"], results[peer], strict=True)]
             r = statistics.median(ratios)
             row += f"{r:6.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
-            if peer == "virtiofsd" or n.endswith("MB/s"):
+            if counts:
                 verdicts.append(r >= floor)
         if n == "new file MB/s":  # the host's first touch of memory, not the transport
             print(row + "  none (see the docstring)")
             continue
         target = ">= 1.0x vfsd, 0.5x 9p" if n.endswith("MB/s") else ">= 1.0x vfsd"
         verdict = "not judged" if not verdicts else "ok" if all(verdicts) else "MISSED"
+        if verdicts and unjudged:
+            verdict += f" ({', '.join(unjudged)} not run)"
         print(row + f"  {target} {verdict}")
     print(
         f"(medians of {rounds} rounds in one guest, every server in each round; ratios: the "
