@@ -124,7 +124,7 @@ warm() {  # the first requests after boot are slower (cold caches in guest and h
 """
 
 
-def make_files(base: Path) -> Path:
+def make_files(base: Path, kinds: list[str]) -> Path:
     """The files, on a tmpfs of their own (unmounted by the caller) at base/export."""
     export = base / "export"
     export.mkdir(mode=0o777)
@@ -132,7 +132,7 @@ def make_files(base: Path) -> Path:
                    check=True)  # fmt: skip
     chunk = os.urandom(MIB)
     # Read, and overwritten by each server's write step (a file each).
-    for name in ["big", *(f"out-{k}" for k in KINDS)]:
+    for name in ["big", *(f"out-{k}" for k in kinds)]:
         with open(export / name, "wb") as f:
             for _ in range(BIG_MIB):
                 f.write(chunk)
@@ -360,7 +360,7 @@ def main() -> int:
     work.chmod(0o755)
     load = os.getloadavg()[0]
     try:
-        export = make_files(work)
+        export = make_files(work, kinds)
         # Our backend runs confined, as the daemon runs it: as a uid of its own,
         # which owns the tree here (the other servers run as root).
         (uid,) = unused_ids(1)
