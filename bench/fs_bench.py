@@ -247,18 +247,22 @@ def figures(text: str, kinds: list[str], rounds: int) -> dict[str, list[dict[str
     return out
 
 
+# Each kind's mount tag ("spectrum": the one the guest's init mounts itself).
+TAGS = {"ours": "spectrum", "unconfined": "raw", "virtiofsd": "vfsd", "9p": "bench"}
 # Where each kind is mounted in the guest, and the directory its steps use.
 MOUNTS = {
-    "ours": ("", "/mnt/spectrum/b"),  # the guest's init mounts the tag "spectrum"
-    "unconfined": ("mkdir -p /mnt/raw; mount -t virtiofs raw /mnt/raw", "/mnt/raw/b"),
-    "virtiofsd": ("mkdir -p /mnt/vfsd; mount -t virtiofs vfsd /mnt/vfsd", "/mnt/vfsd"),
+    "ours": ("", "/mnt/spectrum/b"),
+    "unconfined": (f"mkdir -p /mnt/raw; mount -t virtiofs {TAGS['unconfined']} /mnt/raw",
+                   "/mnt/raw/b"),
+    "virtiofsd": (f"mkdir -p /mnt/vfsd; mount -t virtiofs {TAGS['virtiofsd']} /mnt/vfsd",
+                  "/mnt/vfsd"),
     "9p": (
         "for m in " + " ".join(NINEP_MODULES) + "; do insmod /lib/modules/$m.ko; done; "
         "mkdir -p /mnt/9p; mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288,"
-        "cache=none bench /mnt/9p",
+        f"cache=none {TAGS['9p']} /mnt/9p",
         "/mnt/9p",
     ),
-}
+}  # fmt: skip
 
 
 def bench(
@@ -275,7 +279,8 @@ def bench(
     try:
         for kind in kinds:
             if kind == "9p":
-                args += ["-virtfs", f"local,path={export},mount_tag=bench,security_model=none,id=b"]
+                local = f"local,path={export},mount_tag={TAGS[kind]},security_model=none,id=b"
+                args += ["-virtfs", local]
             elif kind == "virtiofsd":
                 path = run / "vfsd.sock"
                 servers[kind] = subprocess.Popen(
@@ -285,7 +290,7 @@ def bench(
                     stderr=open(run / "virtiofsd.log", "wb"),  # noqa: SIM115
                 )  # fmt: skip
                 wait_socket(path, servers[kind])
-                args += virtiofs_args(tag="vfsd", path=path, name="vfsd")
+                args += virtiofs_args(tag=TAGS[kind], path=path, name=kind)
             else:
                 ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
                 passed.append(theirs)
@@ -296,8 +301,7 @@ def bench(
                 finally:
                     os.close(efd)
                     ours.close()
-                tag = "spectrum" if kind == "ours" else "raw"
-                args += virtiofs_args(theirs.fileno(), tag, name=tag)
+                args += virtiofs_args(theirs.fileno(), TAGS[kind], name=kind)
         vm = Vm(guest, run, args, initrd=initrd, prealloc=True,
                 pass_fds=tuple(sock.fileno() for sock in passed))  # fmt: skip
         try:
