@@ -147,12 +147,13 @@ class FileSystem:
             raise fail(errno.EISDIR)
         return os.preadv(h.fd, bufs, offset)
 
-    def write(self, req: P.Request, bufs: Sequence[Any]) -> int:
-        h = self.tree.handle(req.args.fh)
+    def write(self, fh: int, offset: int, bufs: Sequence[Any]) -> int:
+        """pwritev *bufs* (trimmed to the request's size) at *offset* of handle *fh*'s file."""
+        h = self.tree.handle(fh)
         if h.export is None or h.entries is not None:
             raise fail(errno.EBADF)
         h.export.check_writable()
-        return os.pwritev(h.fd, bufs, req.args.offset)
+        return os.pwritev(h.fd, bufs, offset)
 
     # -- helpers --
 

@@ -85,7 +85,8 @@ def answer(
             data = trim(payload, req.args.size)
             if total(data) != req.args.size:
                 return Reply(unique, errno.EINVAL)
-            return Reply(unique, 0, P.encode_write(fs.write(req, data)))
+            n = fs.write(req.args.fh, req.args.offset, data)
+            return Reply(unique, 0, P.encode_write(n))
         body = fs.dispatch(req)
     except OSError as e:
         return Reply(unique, e.errno or errno.EIO)

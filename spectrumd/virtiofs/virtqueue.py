@@ -33,6 +33,8 @@ MAX_TABLES = 256
 MAX_TABLE_BYTES = 256 << 10
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
+# A parsed indirect table: its bytes, the readable and writable views, the readable bytes.
+_Parsed = tuple[bytes, list[memoryview], list[memoryview], int]
 
 
 class ChainError(Exception):
@@ -40,12 +42,15 @@ class ChainError(Exception):
 
 
 class Chain:
-    __slots__ = ("head", "readable", "writable")
+    __slots__ = ("head", "readable", "readable_len", "writable")
 
-    def __init__(self, head: int, readable: list[memoryview], writable: list[memoryview]) -> None:
+    def __init__(
+        self, head: int, readable: list[memoryview], writable: list[memoryview], readable_len: int
+    ) -> None:
         self.head = head
         self.readable = readable
         self.writable = writable
+        self.readable_len = readable_len  # bytes in *readable*, all told
 
 
 class Virtqueue:
@@ -64,8 +69,9 @@ class Virtqueue:
         self.desc: memoryview | None = None
         self.avail: memoryview | None = None
         self.used: memoryview | None = None
-        # Indirect tables already parsed, by their bytes (see _walk).
-        self.tables: dict[bytes, tuple[list[memoryview], list[memoryview]]] = {}
+        # Indirect tables already parsed, by their address and length: their
+        # bytes and the chain's parts (see _walk).
+        self.tables: dict[tuple[int, int], _Parsed] = {}
         self.table_bytes = 0
         self.table_hits = self.table_misses = 0  # for tuning (logged at DEBUG)
 
@@ -154,13 +160,18 @@ class Virtqueue:
                     # request structs), so the same table comes again and
                     # again. Its views depend on nothing but these bytes
                     # and the memory table, which clears the cache (map).
-                    known = self.tables.get(raw)
-                    if known is not None:
+                    # Found by address, and used only if the bytes are the
+                    # same (a compare costs less than hashing them).
+                    known = self.tables.get((addr, length))
+                    if known is not None and known[0] == raw:
                         self.table_hits += 1
-                        return Chain(head, *known)
+                        return Chain(head, known[1], known[2], known[3])
                     self.table_misses += 1
                     fast = _sequential_table(mem, head, raw)
                     if fast is not None:
+                        old = self.tables.pop((addr, length), None)
+                        if old is not None:
+                            self.table_bytes -= len(old[0])
                         if (
                             len(self.tables) >= MAX_TABLES
                             or self.table_bytes + length > MAX_TABLE_BYTES
@@ -168,7 +179,8 @@ class Virtqueue:
                             self.tables.clear()
                             self.table_bytes = 0
                         if length <= MAX_TABLE_BYTES:
-                            self.tables[raw] = (fast.readable, fast.writable)
+                            parsed = (raw, fast.readable, fast.writable, fast.readable_len)
+                            self.tables[addr, length] = parsed
                             self.table_bytes += length
                         return fast
                 entries = list(DESC.iter_unpack(raw))
@@ -201,7 +213,7 @@ class Virtqueue:
             i = nxt
         if cur is not None:
             (writable if cur_w else readable).append(cur[cur_start:cur_end])
-        return Chain(head, readable, writable)
+        return Chain(head, readable, writable, sum(map(len, readable)))
 
     def push(self, head: int, length: int) -> None:
         """Return chain *head* with *length* bytes written; signal with :meth:`notify`."""
@@ -249,6 +261,7 @@ def _sequential_table(mem: GuestMemory, head: int, raw: bytes) -> Chain | None:
     writable: list[memoryview] = []
     out = readable
     seen_w = False
+    readable_len = 0
     # The run being merged, [cs, ce) in the region; cs < 0: none yet.
     cs = ce = -1
     i = 0
@@ -271,6 +284,8 @@ def _sequential_table(mem: GuestMemory, head: int, raw: bytes) -> Chain | None:
                 out = writable
         elif seen_w:
             return None  # a readable entry after a writable one
+        else:
+            readable_len += length
         if not length:
             continue
         # Runs contiguous in guest memory merge (a guest's pages mostly are:
@@ -285,4 +300,4 @@ def _sequential_table(mem: GuestMemory, head: int, raw: bytes) -> Chain | None:
         out.append(v[cs:ce])
     if seen_w and v.readonly:
         return None  # buffers to write in read-only memory: the general walk refuses them
-    return Chain(head, readable, writable)
+    return Chain(head, readable, writable, readable_len)

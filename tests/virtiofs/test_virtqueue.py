@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,14 @@ from spectrumd.virtiofs.memory import GuestMemory
 from spectrumd.virtiofs.ops import FileSystem
 from spectrumd.virtiofs.serve import answer
 from spectrumd.virtiofs.tree import Tree
-from spectrumd.virtiofs.virtqueue import F_INDIRECT, F_NEXT, F_WRITE, MAX_TABLE_BYTES, MAX_TABLES
+from spectrumd.virtiofs.virtqueue import (
+    F_INDIRECT,
+    F_NEXT,
+    F_WRITE,
+    MAX_TABLE_BYTES,
+    MAX_TABLES,
+    Chain,
+)
 
 from .fusereq import init_body, name, read_body, request
 from .guestmem import BASE, QSIZE, SIZE, FakeGuest
@@ -118,7 +126,8 @@ def test_indirect_table(guest: FakeGuest) -> None:
 def test_an_indirect_table_seen_before_is_checked_against_the_current_memory(
     guest: FakeGuest,
 ) -> None:
-    # The queue keeps the chains of tables it parsed, by their bytes: the
+    # The queue keeps the chains of tables it parsed (found by address, used
+    # only if their bytes are the same): the
     # same table again is answered the same, and after a new memory table
     # (here, one that no longer holds the reply buffers) it is checked anew.
     g = guest
@@ -165,7 +174,31 @@ def test_a_guest_sending_ever_new_tables_keeps_the_parsed_ones_bounded(guest: Fa
         g.device.process(g.vq)
         assert g.used()[-1] == (10, 16) and reply_error(g, a_hdr) == errno.EINVAL  # no room
         assert len(g.vq.tables) <= MAX_TABLES
-        assert sum(map(len, g.vq.tables)) == g.vq.table_bytes <= MAX_TABLE_BYTES
+        assert sum(n for _addr, n in g.vq.tables) == g.vq.table_bytes <= MAX_TABLE_BYTES
+
+
+def test_a_table_changed_in_place_is_parsed_anew(guest: FakeGuest) -> None:
+    # The parsed tables are found by their address: one the guest rewrote
+    # there is used as it is now, not as it was (the reply goes to the
+    # buffers the current table names).
+    g = guest
+    req = request(P.LOOKUP, 1, name(b"e"))
+    a_req, a_table = g.alloc(req), g.alloc(48)
+    bufs = [(g.alloc(16), g.alloc(128)) for _ in range(2)]
+    for k in (0, 1, 0, 1):
+        a_hdr, a_ent = bufs[k]
+        other = bufs[1 - k][0]
+        g.mv[g.off(other) : g.off(other) + 16] = b"\xee" * 16
+        g.mv[g.off(a_table) : g.off(a_table) + 48] = b"".join([
+            struct.pack("<QIHH", a_req, len(req), F_NEXT, 1),
+            struct.pack("<QIHH", a_hdr, 16, F_NEXT | F_WRITE, 2),
+            struct.pack("<QIHH", a_ent, 128, F_WRITE, 0),
+        ])  # fmt: skip
+        g.desc(10, a_table, 48, F_INDIRECT)
+        g.offer(10)
+        g.device.process(g.vq)
+        assert g.used()[-1] == (10, 144) and reply_error(g, a_hdr) == 0
+        assert g.read(other, 16) == b"\xee" * 16  # the old table's buffer: untouched
 
 
 HOSTILE = [
@@ -427,3 +460,112 @@ def test_the_read_fast_lane_refuses_a_revoked_export(guest: FakeGuest) -> None:
     fast, general = _read_both_ways(g, req, [16, 4096])
     assert fast == general and fast[0] == 16
     assert P.OUT_HEADER.unpack(fast[1][:16])[1] == -errno.EIO
+
+
+def _write_both_ways(
+    g: FakeGuest, file: Path, readable: list[bytes], sizes: list[int], indirect: bool
+) -> tuple[list[tuple[int, bytes, bytes]], bool]:
+    """The WRITE in *readable* (its buffers) answered by the fast lane and by
+    the general path, each on the same file: (used length, every byte of the
+    reply buffers, the file after) of each, and whether the lane answered."""
+    out = []
+    answered = []
+    for lane in (True, False):
+        file.write_bytes(bytes(range(256)) * 64)
+        if indirect:  # as Linux lays it out: one sequential table
+            addrs = [g.alloc(r) for r in readable] + [g.alloc(n) for n in sizes]
+            lens = [len(r) for r in readable] + sizes
+            rows = [
+                struct.pack("<QIHH", a, n, (F_WRITE if k >= len(readable) else 0)
+                            | (F_NEXT if k < len(addrs) - 1 else 0), k + 1)
+                for k, (a, n) in enumerate(zip(addrs, lens, strict=True))
+            ]  # fmt: skip
+            table = b"".join(rows)
+            head, outs = 40, addrs[len(readable) :]
+            g.desc(head, g.alloc(table), len(table), F_INDIRECT)
+        else:
+            head, outs = g.chain(readable, sizes)
+        for at, n in zip(outs, sizes, strict=True):
+            g.mv[g.off(at) : g.off(at) + n] = b"\xee" * n  # what the guest had there
+        g.offer(head)
+        lane_off = g.device._write
+
+        def watched(chain: Chain, lane_off: Callable[[Chain], int | None] = lane_off) -> int | None:
+            answered.append(lane_off(chain))
+            return answered[-1]
+
+        g.device._write = watched if lane else lambda _c: None  # type: ignore[method-assign]
+        try:
+            g.device.process(g.vq)
+        finally:
+            g.device._write = lane_off  # type: ignore[method-assign]
+        assert g.used()[-1][0] == head
+        written = b"".join(g.read(at, n) for at, n in zip(outs, sizes, strict=True))
+        out.append((g.used()[-1][1], written, file.read_bytes()))
+    return out, answered == [None]
+
+
+@given(
+    which=st.sampled_from(["file", "read-only", "dir", "unknown", "revoked"]),
+    offset=st.integers(0, 20000),
+    size=st.integers(0, 20000),
+    extra=st.sampled_from([0, 0, 0, -1, 1, 4096]),  # payload bytes beyond the announced size
+    pieces=st.integers(1, 4),
+    head_layout=st.sampled_from([[40, 40], [80], [40, 20, 20], [16, 64]]),
+    sizes=st.sampled_from([[16, 8], [24], [16], [8, 8, 8], [16, 4096]]),
+    extlen=st.booleans(),
+    indirect=st.booleans(),
+)
+@FUZZ
+def test_the_write_fast_lane_answers_as_the_general_path(
+    guest: FakeGuest, tmp_path: Path, which: str, offset: int, size: int, extra: int,
+    pieces: int, head_layout: list[int], sizes: list[int], extlen: bool, indirect: bool,
+) -> None:  # fmt: skip
+    g = guest
+    data = lookup(g, lookup(g, 1, b"e"), b"data")
+    if which == "dir":
+        fh = open_node(g, lookup(g, 1, b"e"), P.OPENDIR)
+    elif which == "read-only":
+        if lookup(g, 1, b"e") and not (tmp_path / "r").exists():
+            (tmp_path / "r").mkdir()
+            (tmp_path / "r" / "f").write_bytes(b"ro")
+            fd = os.open(tmp_path / "r", os.O_PATH | os.O_DIRECTORY)
+            g.device.fs.tree.add_export("r", fd, False)
+        fh = open_node(g, lookup(g, lookup(g, 1, b"r"), b"f"))
+    else:
+        _ln, outs = run(g, [request(P.OPEN, data, struct.pack("<II", os.O_RDWR, 0))], [16, 16])
+        fh = int(struct.unpack("<Q", g.read(outs[1], 8))[0])
+        if which == "unknown":
+            fh = 1 << 40
+    total = max(0, size + extra)
+    payload = bytes((offset + i) % 251 for i in range(total))
+    cut = [total * k // pieces for k in range(pieces + 1)]
+    req = bytearray(request(P.WRITE, data, struct.pack("<QQIIQII", fh, offset, size, 0, 0, 0, 0)))
+    struct.pack_into("<I", req, 0, len(req) + size)
+    if extlen:
+        struct.pack_into("<H", req, 36, 1)
+    at = [sum(head_layout[:k]) for k in range(len(head_layout) + 1)]
+    readable = [bytes(req[a:b]) for a, b in itertools.pairwise(at)]
+    readable += [payload[a:b] for a, b in itertools.pairwise(cut) if b > a]
+    if which == "revoked":
+        assert g.device.fs.tree.remove_export("e")
+    try:
+        (fast, general), fell_back = _write_both_ways(
+            g, tmp_path / "e" / "data", readable, sizes, indirect
+        )
+    finally:
+        if which == "revoked":
+            fd = os.open(tmp_path / "e", os.O_PATH | os.O_DIRECTORY)
+            g.device.fs.tree.add_export("e", fd, True)
+    assert fast == general
+    # Linux's layout takes the lane, whatever the handle; anything else the general path.
+    linux = head_layout == [40, 40] and extra == 0 and not extlen and sum(sizes) >= 24
+    assert fell_back == (not linux)
+    length, err, unique = P.OUT_HEADER.unpack(fast[1][:16])
+    if which == "file" and not extlen and extra >= 0 and sum(sizes) >= 24:
+        assert (fast[0], length, err, unique) == (24, 24, 0, 7)  # written, and said so
+        assert struct.unpack_from("<I", fast[1], 16)[0] == size
+        want = bytearray(bytes(range(256)) * 64)
+        want[len(want) : offset] = bytes(max(0, offset - len(want)))
+        want[offset : offset + size] = payload[:size]
+        assert fast[2] == want
