@@ -121,8 +121,8 @@ class Device:
             # Only forgets (and INTERRUPT, which we do not support) travel here.
             return 0
         done = None
-        if opcode == P.READ and length == P.READ_REQUEST.size:
-            done = self._read(readable, writable)
+        if opcode == P.READ and length == P.IN_HEADER.size + P.READ_IN.size:
+            done = self._read(chain)
         elif opcode == P.WRITE:
             done = self._write(chain)
         if done is not None:
@@ -153,23 +153,33 @@ class Device:
             return OUT_H + reply.data_len
         return scatter(writable, hdr + reply.body)
 
-    def _read(self, readable: list[memoryview], writable: list[memoryview]) -> int | None:
-        """READ in Linux's layout, with no request or reply objects: the data
-        path's fast lane (a 1 MiB read is one such request). None: anything
-        else (another layout, an extension, not yet initialized), for the
-        general path, which answers the same."""
+    def _read(self, chain: Chain) -> int | None:
+        """READ in Linux's layout (the header, then fuse_read_in, in buffers
+        of their own; the reply's header, then the data), with no request or
+        reply objects: the data path's fast lane (a 1 MiB read is one such
+        request). None: anything else (another layout, an extension, not yet
+        initialized), for the general path, which answers the same."""
         fs = self.fs
-        if not fs.initialized or not writable or len(writable[0]) != OUT_H:
+        readable, writable = chain.readable, chain.writable
+        if (
+            not fs.initialized
+            or len(readable) != 2
+            or len(readable[0]) != P.IN_HEADER.size
+            or len(readable[1]) != P.READ_IN.size
+            or not writable
+            or len(writable[0]) != OUT_H
+        ):
             return None
-        head = copy_out(readable, P.READ_REQUEST.size)
-        if len(head) < P.READ_REQUEST.size:
-            return None
-        fields = P.READ_REQUEST.unpack(head)
+        # unpack reads each field once: the guest cannot change them under us.
+        fields = P.IN_HEADER.unpack(readable[0])
         if fields[7]:  # extlen: extensions are not negotiated
             return None
-        unique, fh, offset, size = fields[2], fields[9], fields[10], fields[11]
+        fh, offset, size = P.READ_IN.unpack(readable[1])[:3]
+        room = chain.writable_len - OUT_H
+        into = writable[1:] if room == size else trim(writable[1:], min(size, room))
+        unique = fields[2]
         try:
-            n = fs.read(fh, offset, trim(writable[1:], size))
+            n = fs.read(fh, offset, into)
         except OSError as e:
             return scatter(writable, P.out_header(unique, e.errno or errno.EIO, 0))
         P.OUT_HEADER.pack_into(writable[0], 0, OUT_H + n, 0, unique)
@@ -187,7 +197,7 @@ class Device:
             or len(readable) < 2
             or len(readable[0]) != P.IN_HEADER.size
             or len(readable[1]) != P.WRITE_IN.size
-            or sum(map(len, writable)) < WRITE_REPLY.size
+            or chain.writable_len < WRITE_REPLY.size
         ):
             return None
         # unpack reads each field once: the guest cannot change them under us.

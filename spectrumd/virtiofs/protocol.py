@@ -142,9 +142,7 @@ _U64 = struct.Struct("<Q")
 _Q_II = struct.Struct("<QII")
 _INIT = struct.Struct("<IIII")
 _SETATTR = struct.Struct("<IIQQQQQQIIIIIIII")
-_READ = struct.Struct("<QQIIQII")
-# A whole READ request (header and fuse_read_in), for the data path's fast lane.
-READ_REQUEST = struct.Struct("<IIQQIIIHHQQIIQII")
+READ_IN = struct.Struct("<QQIIQII")  # fh offset size read_flags lock_owner flags pad
 _OPEN = struct.Struct("<II")
 _CREATE = struct.Struct("<IIII")
 _RELEASE = struct.Struct("<QIIQ")
@@ -172,7 +170,7 @@ def _args(opcode: int, data: bytes) -> Any:
     if opcode in (OPEN, OPENDIR):
         return _fixed(_OPEN, data, "open")[0]
     if opcode in (READ, READDIR, READDIRPLUS):
-        fh, offset, size, _rf, _lo, flags, _ = _fixed(_READ, data, "read")
+        fh, offset, size, _rf, _lo, flags, _ = _fixed(READ_IN, data, "read")
         return ReadIn(fh, offset, size, flags)
     if opcode == WRITE:
         fh, offset, size, _wf, _lo, flags, _ = _fixed(WRITE_IN, data, "write")

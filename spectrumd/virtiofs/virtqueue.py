@@ -33,8 +33,8 @@ MAX_TABLES = 256
 MAX_TABLE_BYTES = 256 << 10
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
-# A parsed indirect table: its bytes, the readable and writable views, the readable bytes.
-_Parsed = tuple[bytes, list[memoryview], list[memoryview], int]
+# A parsed indirect table: its bytes, and the chain's parts (see Chain).
+_Parsed = tuple[bytes, list[memoryview], list[memoryview], int, int]
 
 
 class ChainError(Exception):
@@ -42,15 +42,21 @@ class ChainError(Exception):
 
 
 class Chain:
-    __slots__ = ("head", "readable", "readable_len", "writable")
+    __slots__ = ("head", "readable", "readable_len", "writable", "writable_len")
 
     def __init__(
-        self, head: int, readable: list[memoryview], writable: list[memoryview], readable_len: int
+        self,
+        head: int,
+        readable: list[memoryview],
+        writable: list[memoryview],
+        readable_len: int,
+        writable_len: int,
     ) -> None:
         self.head = head
         self.readable = readable
         self.writable = writable
         self.readable_len = readable_len  # bytes in *readable*, all told
+        self.writable_len = writable_len
 
 
 class Virtqueue:
@@ -165,7 +171,7 @@ class Virtqueue:
                     known = self.tables.get((addr, length))
                     if known is not None and known[0] == raw:
                         self.table_hits += 1
-                        return Chain(head, known[1], known[2], known[3])
+                        return Chain(head, known[1], known[2], known[3], known[4])
                     self.table_misses += 1
                     fast = _sequential_table(mem, head, raw)
                     if fast is not None:
@@ -179,7 +185,13 @@ class Virtqueue:
                             self.tables.clear()
                             self.table_bytes = 0
                         if length <= MAX_TABLE_BYTES:
-                            parsed = (raw, fast.readable, fast.writable, fast.readable_len)
+                            parsed = (
+                                raw,
+                                fast.readable,
+                                fast.writable,
+                                fast.readable_len,
+                                fast.writable_len,
+                            )
                             self.tables[addr, length] = parsed
                             self.table_bytes += length
                         return fast
@@ -213,7 +225,7 @@ class Virtqueue:
             i = nxt
         if cur is not None:
             (writable if cur_w else readable).append(cur[cur_start:cur_end])
-        return Chain(head, readable, writable, sum(map(len, readable)))
+        return Chain(head, readable, writable, sum(map(len, readable)), sum(map(len, writable)))
 
     def push(self, head: int, length: int) -> None:
         """Return chain *head* with *length* bytes written; signal with :meth:`notify`."""
@@ -261,7 +273,7 @@ def _sequential_table(mem: GuestMemory, head: int, raw: bytes) -> Chain | None:
     writable: list[memoryview] = []
     out = readable
     seen_w = False
-    readable_len = 0
+    readable_len = writable_len = 0
     # The run being merged, [cs, ce) in the region; cs < 0: none yet.
     cs = ce = -1
     i = 0
@@ -282,6 +294,7 @@ def _sequential_table(mem: GuestMemory, head: int, raw: bytes) -> Chain | None:
                     cs = -1
                 seen_w = True
                 out = writable
+            writable_len += length
         elif seen_w:
             return None  # a readable entry after a writable one
         else:
@@ -300,4 +313,4 @@ def _sequential_table(mem: GuestMemory, head: int, raw: bytes) -> Chain | None:
         out.append(v[cs:ce])
     if seen_w and v.readonly:
         return None  # buffers to write in read-only memory: the general walk refuses them
-    return Chain(head, readable, writable, readable_len)
+    return Chain(head, readable, writable, readable_len, writable_len)
