@@ -1,4 +1,4 @@
-"""File-system benchmark: ``.venv/bin/python bench/fs_bench.py [--rounds N]``.
+"""File-system benchmark: ``.venv/bin/python bench/fs_bench.py [--rounds N] [--reps N]``.
 
 One guest (the embedded guest, q35, TCG, 1 vCPU, 256 MiB of shared memfd
 RAM, preallocated) is booted with every file server at once, each on its
@@ -45,11 +45,13 @@ each step):
 
 Times come from the guest's ``/proc/timer_list`` clock in nanoseconds,
 read by the shell with no fork (0.3 ms under TCG; a ``$(...)`` costs some
-10 ms, 10 % of a read). Each figure is the median over the rounds, and
-each ratio the median of the rounds' ratios (both servers measured
-seconds apart in the same round), with their range. Targets: ours >= 1.0x
-virtiofsd on every figure but new file, and >= 0.5x 9p on read and write.
-Prints a table, and each round's figures on stderr; exits 1 only if the
+10 ms, 10 % of a read). Read and write run ``--reps`` times a round (each
+takes a tenth of a second, in which this machine's speed can change by
+half). Each figure is the median of its samples, and each ratio the median
+of the ratios of samples taken seconds apart (the n-th of each server in
+the same round), with the middle half of those ratios. Targets: ours >=
+1.0x virtiofsd on every figure but new file, and >= 0.5x 9p on read and
+write. Prints a table, and every sample on stderr; exits 1 only if the
 benchmark could not run. Everything started here is ended by pid, and the
 tmpfs unmounted, on the way out.
 """
@@ -83,6 +85,11 @@ CACHE = Path("/var/cache/spectrumd/bench")
 # "unconfined": ours without its jail (as root), to show what the jail costs.
 KINDS = ["ours", "unconfined", "virtiofsd", "9p"]
 STEPS = ["read", "write", "new", "stat", "create"]
+NAMES = ["read MB/s", "write MB/s", "new file MB/s", "stat/s", "create/s"]  # one per step
+# Steps run several times a round (--reps): each takes a tenth of a second,
+# within which this machine's speed can change by half, so one pair of
+# samples a round leaves the median ratio to chance.
+REPEATED = ("read", "write")
 
 # Run in the guest with the servers' mounts made. "step_STEP KIND DIR ROUND"
 # (STEP one of STEPS) prints one "BENCH kind round step start end [count]"
@@ -219,31 +226,30 @@ def seconds(fields: list[str]) -> float:
     return max(int(fields[1]) - int(fields[0]), 10**6) / 1e9
 
 
-def figures(text: str, kinds: list[str], rounds: int) -> dict[str, list[dict[str, float]]]:
-    """Each kind's figures, one dict per round, from the guest's BENCH lines."""
+def figures(
+    text: str, kinds: list[str], rounds: int, reps: int
+) -> dict[str, dict[str, list[float]]]:
+    """Each kind's samples of each figure, from the guest's BENCH lines: the
+    same order for every kind, so that the n-th samples of two kinds were
+    taken seconds apart. Read and write have *reps* samples a round."""
     got: dict[tuple[str, int, str], list[str]] = {}
     for m in re.finditer(r"BENCH (\S+) (\d+) (\w+) ([\d ]+)", text):
         got[m[1], int(m[2]), m[3]] = m[4].split()
-    out: dict[str, list[dict[str, float]]] = {}
+    io = BIG_MIB * MIB / 1e6
+    out: dict[str, dict[str, list[float]]] = {}
     for k in kinds:
-        for r in range(rounds):
-            f: dict[str, list[str]] = {}
-            for step in STEPS:
-                if (k, r, step) not in got:
-                    raise RuntimeError(f"{k}: round {r} printed no {step}")
-                f[step] = got[k, r, step]
-            if int(f["stat"][2]) != N_DIRS * N_FILES:
-                raise RuntimeError(f"{k}: ls -lR saw {f['stat'][2]} files, not {N_DIRS * N_FILES}")
-            if int(f["new"][2]) != BIG_MIB * MIB:
-                raise RuntimeError(f"{k}: the new file has {f['new'][2]} bytes")
-            io = BIG_MIB * MIB / 1e6
-            out.setdefault(k, []).append({
-                "read MB/s": io / seconds(f["read"]),
-                "write MB/s": io / seconds(f["write"]),
-                "new file MB/s": io / seconds(f["new"]),
-                "stat/s": N_DIRS * N_FILES / seconds(f["stat"]),
-                "create/s": N_CREATE / seconds(f["create"]),
-            })  # fmt: skip
+        mine = out[k] = {n: [] for n in NAMES}
+        for step, name in zip(STEPS, NAMES, strict=True):
+            for i in range(rounds * (reps if step in REPEATED else 1)):
+                if (k, i, step) not in got:
+                    raise RuntimeError(f"{k}: sample {i} printed no {step}")
+                f = got[k, i, step]
+                if step == "stat" and int(f[2]) != N_DIRS * N_FILES:
+                    raise RuntimeError(f"{k}: ls -lR saw {f[2]} files, not {N_DIRS * N_FILES}")
+                if step == "new" and int(f[2]) != BIG_MIB * MIB:
+                    raise RuntimeError(f"{k}: the new file has {f[2]} bytes")
+                amount = {"stat": N_DIRS * N_FILES, "create": N_CREATE}.get(step, io)
+                mine[name].append(amount / seconds(f))
     return out
 
 
@@ -266,10 +272,10 @@ MOUNTS = {
 
 
 def bench(
-    kinds: list[str], rounds: int, guest: Path, initrd: Path, export: Path, uid: int
-) -> tuple[dict[str, list[dict[str, float]]], dict[str, float]]:
-    """One guest with every server in *kinds*; their figures per round, and
-    the CPU time each server used over the boot."""
+    kinds: list[str], rounds: int, reps: int, guest: Path, initrd: Path, export: Path, uid: int
+) -> tuple[dict[str, dict[str, list[float]]], dict[str, float]]:
+    """One guest with every server in *kinds*; their samples (figures()),
+    and the CPU time each server used over the boot."""
     run = Path(tempfile.mkdtemp(prefix="fsb-run.", dir="/tmp"))
     servers: dict[str, subprocess.Popen[bytes]] = {}
     args: list[str] = []
@@ -314,16 +320,21 @@ def bench(
         script += [f"warm {k} {MOUNTS[k][1]}" for k in kinds]
         for r in range(rounds):  # each step by every server in turn, in an order that rotates
             turn = kinds[r % len(kinds) :] + kinds[: r % len(kinds)]
-            script += [f"step_{s} {k} {MOUNTS[k][1]} {r}" for s in STEPS for k in turn]
+            for s in STEPS:
+                n = reps if s in REPEATED else 1
+                script += [
+                    f"step_{s} {k} {MOUNTS[k][1]} {r * n + i}" for i in range(n) for k in turn
+                ]
         script.append("echo BENCH-DONE")
-        text = vm.run_script("\n".join(script) + "\n", "BENCH-DONE", timeout=120 + 60 * rounds)
+        timeout = 120 + (50 + 5 * reps) * rounds
+        text = vm.run_script("\n".join(script) + "\n", "BENCH-DONE", timeout=timeout)
         if "BENCH-ERR" in text:
             raise RuntimeError(f"the guest script failed:\n{text[-3000:]}")
         for k in kinds:
             if k != "9p" and servers[k].poll() is not None:
                 raise RuntimeError(f"{k}: the file server exited ({servers[k].returncode})")
         cpu = {k: cpu_seconds(p.pid) for k, p in servers.items()}
-        return figures(text, kinds, rounds), cpu
+        return figures(text, kinds, rounds, reps), cpu
     finally:
         if vm is not None:
             vm.close()
@@ -347,6 +358,9 @@ def main() -> int:
     )
     ap.add_argument("--only", choices=KINDS, action="append")
     ap.add_argument("--rounds", type=int, default=5, help="rounds of every step (default 5)")
+    ap.add_argument(
+        "--reps", type=int, default=4, help="read and write steps in each round (default 4)"
+    )
     args = ap.parse_args()
     guest: Path = args.guest_dir
     if not (guest / "vmlinuz").exists():
@@ -356,8 +370,8 @@ def main() -> int:
         if shutil.which(tool) is None:
             print(f"fs_bench needs {tool}", file=sys.stderr)
             return 1
-    if args.rounds < 1:
-        print("fs_bench: --rounds must be at least 1", file=sys.stderr)
+    if args.rounds < 1 or args.reps < 1:
+        print("fs_bench: --rounds and --reps must be at least 1", file=sys.stderr)
         return 1
     kinds = [k for k in KINDS if k in (args.only or KINDS)]
     work = Path(tempfile.mkdtemp(prefix="fsb.", dir="/tmp"))
@@ -373,10 +387,10 @@ def main() -> int:
                 os.chown(n, uid, uid)
         initrd = virtfs_initrd(guest, work)
         t = time.monotonic()
-        results, cpu = bench(kinds, args.rounds, guest, initrd, export, uid)
-        for r in range(args.rounds):
-            print(f"round {r}: " + "; ".join(
-                f"{k} " + " ".join(f"{v:.0f}" for v in results[k][r].values()) for k in kinds
+        results, cpu = bench(kinds, args.rounds, args.reps, guest, initrd, export, uid)
+        for n in NAMES:
+            print(f"{n}: " + "; ".join(
+                f"{k} " + " ".join(f"{v:.0f}" for v in results[k][n]) for k in kinds
             ), file=sys.stderr)  # fmt: skip
         print(f"one guest, {args.rounds} rounds, in {time.monotonic() - t:.0f} s", file=sys.stderr)
     except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
@@ -386,7 +400,7 @@ def main() -> int:
         if os.path.ismount(work / "export"):
             subprocess.run(["umount", str(work / "export")], check=False)
         shutil.rmtree(work, ignore_errors=True)
-    print_table(results, load, args.rounds)
+    print_table(results, load, args.rounds, args.reps)
     print(
         "file server CPU time over the boot (all rounds): "
         + ", ".join(f"{k} {v:.2f} s" for k, v in cpu.items())
@@ -394,12 +408,11 @@ def main() -> int:
     return 0
 
 
-NAMES = ["read MB/s", "write MB/s", "new file MB/s", "stat/s", "create/s"]
-
-
-def print_table(results: dict[str, list[dict[str, float]]], load: float, rounds: int) -> None:
+def print_table(
+    results: dict[str, dict[str, list[float]]], load: float, rounds: int, reps: int
+) -> None:
     kinds = list(results)
-    med = {k: {n: statistics.median(r[n] for r in results[k]) for n in NAMES} for k in kinds}
+    med = {k: {n: statistics.median(results[k][n]) for n in NAMES} for k in kinds}
     head = f"{'':14}" + "".join(f"{k:>11}" for k in kinds)
     print(head + f"{'ours/vfsd':>17}{'ours/9p':>17}  target")
     for n in NAMES:
@@ -413,9 +426,17 @@ def print_table(results: dict[str, list[dict[str, float]]], load: float, rounds:
                 if counts:
                     unjudged.append(peer)
                 continue
-            ratios = [a[n] / b[n] for a, b in zip(results["ours"], results[peer], strict=True)]
+            pairs = zip(results["ours"][n], results[peer][n], strict=True)
+            ratios = [a / b for a, b in pairs]
             r = statistics.median(ratios)
-            row += f"{r:6.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+            # The middle half of the ratios: one slow moment of the machine
+            # is one outlier, not the range.
+            lo, _, hi = (
+                statistics.quantiles(ratios, n=4, method="inclusive")
+                if len(ratios) > 1
+                else ratios * 3
+            )
+            row += f"{r:6.2f} ({lo:.2f}-{hi:.2f})"
             if counts:
                 verdicts.append(r >= floor)
         if n == "new file MB/s":  # the host's first touch of memory, not the transport
@@ -427,8 +448,9 @@ def print_table(results: dict[str, list[dict[str, float]]], load: float, rounds:
             verdict += f" ({', '.join(unjudged)} not run)"
         print(row + f"  {target} {verdict}")
     print(
-        f"(medians of {rounds} rounds in one guest, every server in each round; ratios: the "
-        f"median of the rounds' ratios (range). {BIG_MIB} MiB with dd bs=1M; stat: ls -lR of "
+        f"(medians of {rounds} rounds in one guest, every server in each round, read and "
+        f"write {reps} times a round; ratios: the median of the ratios of samples taken "
+        f"seconds apart (the middle half of them). {BIG_MIB} MiB with dd bs=1M; stat: ls -lR of "
         f"{N_DIRS * N_FILES} files; create: {N_CREATE} empty files; guest page cache off; "
         f"q35, TCG, 1 vCPU; 1-min load at start {load:.2f})"
     )
