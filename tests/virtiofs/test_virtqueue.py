@@ -401,6 +401,24 @@ def test_replies_never_go_to_read_only_guest_memory(guest: FakeGuest) -> None:
         os.close(fd)
 
 
+def _process_with_lane(g: FakeGuest, name: str, on: bool) -> list[int | None]:
+    """process() with the device's fast lane *name* (``_read``, ``_write``)
+    watched, or switched off (*on* false); what the lane answered, call by call."""
+    lane: Callable[[Chain], int | None] = getattr(g.device, name)
+    answered: list[int | None] = []
+
+    def watched(chain: Chain) -> int | None:
+        answered.append(lane(chain))
+        return answered[-1]
+
+    setattr(g.device, name, watched if on else lambda _c: None)
+    try:
+        g.device.process(g.vq)
+    finally:
+        delattr(g.device, name)  # the class's method again
+    return answered
+
+
 def _read_both_ways(
     g: FakeGuest, req: bytes, sizes: list[int], split: bool = True
 ) -> tuple[list[tuple[int, bytes]], bool]:
@@ -415,17 +433,7 @@ def _read_both_ways(
         for at, n in zip(outs, sizes, strict=True):
             g.mv[g.off(at) : g.off(at) + n] = b"\xee" * n  # what the guest had there
         g.offer(head)
-        lane_on = g.device._read
-
-        def watched(chain: Chain, lane_on: Callable[[Chain], int | None] = lane_on) -> int | None:
-            answered.append(lane_on(chain))
-            return answered[-1]
-
-        g.device._read = watched if lane else lambda _c: None  # type: ignore[method-assign]
-        try:
-            g.device.process(g.vq)
-        finally:
-            g.device._read = lane_on  # type: ignore[method-assign]
+        answered += _process_with_lane(g, "_read", lane)
         assert g.used()[-1][0] == head
         written = b"".join(g.read(at, n) for at, n in zip(outs, sizes, strict=True))
         out.append((g.used()[-1][1], written))
@@ -500,17 +508,7 @@ def _write_both_ways(
         for at, n in zip(outs, sizes, strict=True):
             g.mv[g.off(at) : g.off(at) + n] = b"\xee" * n  # what the guest had there
         g.offer(head)
-        lane_off = g.device._write
-
-        def watched(chain: Chain, lane_off: Callable[[Chain], int | None] = lane_off) -> int | None:
-            answered.append(lane_off(chain))
-            return answered[-1]
-
-        g.device._write = watched if lane else lambda _c: None  # type: ignore[method-assign]
-        try:
-            g.device.process(g.vq)
-        finally:
-            g.device._write = lane_off  # type: ignore[method-assign]
+        answered += _process_with_lane(g, "_write", lane)
         assert g.used()[-1][0] == head
         written = b"".join(g.read(at, n) for at, n in zip(outs, sizes, strict=True))
         out.append((g.used()[-1][1], written, file.read_bytes()))
