@@ -401,9 +401,17 @@ def test_replies_never_go_to_read_only_guest_memory(guest: FakeGuest) -> None:
         os.close(fd)
 
 
-def _process_with_lane(g: FakeGuest, name: str, on: bool) -> list[int | None]:
-    """process() with the device's fast lane *name* (``_read``, ``_write``)
-    watched, or switched off (*on* false); what the lane answered, call by call."""
+def _answer_with_lane(
+    g: FakeGuest, name: str, on: bool, head: int, outs: list[int], sizes: list[int]
+) -> tuple[int, bytes, list[int | None]]:
+    """Offer chain *head* (reply buffers at *outs*, of *sizes*, filled with
+    what the guest had there first) and process it with the device's fast
+    lane *name* (``_read``, ``_write``) watched, or switched off (*on*
+    false): the used length, every byte of the reply buffers, and what the
+    lane answered, call by call."""
+    for at, n in zip(outs, sizes, strict=True):
+        g.mv[g.off(at) : g.off(at) + n] = b"\xee" * n
+    g.offer(head)
     lane: Callable[[Chain], int | None] = getattr(g.device, name)
     answered: list[int | None] = []
 
@@ -416,7 +424,9 @@ def _process_with_lane(g: FakeGuest, name: str, on: bool) -> list[int | None]:
         g.device.process(g.vq)
     finally:
         delattr(g.device, name)  # the class's method again
-    return answered
+    assert g.used()[-1][0] == head
+    written = b"".join(g.read(at, n) for at, n in zip(outs, sizes, strict=True))
+    return g.used()[-1][1], written, answered
 
 
 def _read_both_ways(
@@ -430,13 +440,9 @@ def _read_both_ways(
     answered = []
     for lane in (True, False):
         head, outs = g.chain([req[:40], req[40:]] if split else [req], sizes)
-        for at, n in zip(outs, sizes, strict=True):
-            g.mv[g.off(at) : g.off(at) + n] = b"\xee" * n  # what the guest had there
-        g.offer(head)
-        answered += _process_with_lane(g, "_read", lane)
-        assert g.used()[-1][0] == head
-        written = b"".join(g.read(at, n) for at, n in zip(outs, sizes, strict=True))
-        out.append((g.used()[-1][1], written))
+        used, written, laned = _answer_with_lane(g, "_read", lane, head, outs, sizes)
+        answered += laned
+        out.append((used, written))
     return out, answered not in ([], [None])
 
 
@@ -505,13 +511,9 @@ def _write_both_ways(
             g.desc(head, g.alloc(table), len(table), F_INDIRECT)
         else:
             head, outs = g.chain(readable, sizes)
-        for at, n in zip(outs, sizes, strict=True):
-            g.mv[g.off(at) : g.off(at) + n] = b"\xee" * n  # what the guest had there
-        g.offer(head)
-        answered += _process_with_lane(g, "_write", lane)
-        assert g.used()[-1][0] == head
-        written = b"".join(g.read(at, n) for at, n in zip(outs, sizes, strict=True))
-        out.append((g.used()[-1][1], written, file.read_bytes()))
+        used, written, laned = _answer_with_lane(g, "_write", lane, head, outs, sizes)
+        answered += laned
+        out.append((used, written, file.read_bytes()))
     return out, answered == [None]
 
 
