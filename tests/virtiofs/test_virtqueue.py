@@ -240,17 +240,31 @@ def test_head_beyond_the_ring_and_a_runaway_avail_index(guest: FakeGuest) -> Non
     assert g.vq.broken  # the guest broke its ring: the queue stops until reset
 
 
-def test_hiprio_queue_takes_forgets_only(guest: FakeGuest) -> None:
+def test_hiprio_queue_takes_forgets_only(guest: FakeGuest, tmp_path: Path) -> None:
     g = guest
     e = lookup(g, 1, b"e")
+    data = lookup(g, e, b"data")
+    _ln, outs = run(g, [request(P.OPEN, data, struct.pack("<II", os.O_RDWR, 0))], [16, 16])
+    fh = int(struct.unpack("<Q", g.read(outs[1], 8))[0])
+    before = (tmp_path / "e" / "data").read_bytes()
     # Queue 0 over the same rings (the fake has one set): a LOOKUP there is
-    # returned unanswered, a FORGET is acted on.
+    # returned unanswered, and so are a READ and a WRITE in the layout the
+    # data path's fast lanes take; a FORGET is acted on.
     hiprio = g.device.queues[0]
     hiprio.__dict__.update({**g.vq.__dict__, "index": 0})
-    head, _outs = g.chain([request(P.LOOKUP, 1, name(b"e"))], [16, 128])
-    g.offer(head)
-    g.device.process(hiprio)
-    assert g.used()[-1] == (head, 0)
+    write = request(P.WRITE, data, struct.pack("<QQIIQII", fh, 0, 5, 0, 0, 0, 0))
+    write = struct.pack("<I", len(write) + 5) + write[4:]
+    for readable, sizes in (
+        ([request(P.LOOKUP, 1, name(b"e"))], [16, 128]),
+        ([(r := request(P.READ, data, read_body(fh, 0, 4096)))[:40], r[40:]], [16, 4096]),
+        ([write[:40], write[40:], b"owned"], [16, 8]),
+    ):
+        head, outs = g.chain(readable, sizes)
+        g.offer(head)
+        g.device.process(hiprio)
+        assert g.used()[-1] == (head, 0)
+        assert g.read(outs[0], 16) == bytes(16)  # no reply header written
+    assert (tmp_path / "e" / "data").read_bytes() == before
     head, _ = g.chain([request(P.FORGET, e, struct.pack("<Q", 1))], [])
     g.offer(head)
     g.device.process(hiprio)
