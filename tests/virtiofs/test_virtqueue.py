@@ -71,9 +71,9 @@ def lookup(g: FakeGuest, parent: int, n: bytes) -> int:
     return int(struct.unpack("<Q", g.read(outs[1], 8))[0])
 
 
-def open_node(g: FakeGuest, node: int, op: int = P.OPEN) -> int:
-    """OPEN (or OPENDIR) *node*; returns the handle."""
-    _ln, outs = run(g, [request(op, node, struct.pack("<II", 0, 0))], [16, 16])
+def open_node(g: FakeGuest, node: int, op: int = P.OPEN, flags: int = os.O_RDONLY) -> int:
+    """OPEN (or OPENDIR) *node* with open(2) *flags*; returns the handle."""
+    _ln, outs = run(g, [request(op, node, struct.pack("<II", flags, 0))], [16, 16])
     return int(struct.unpack("<Q", g.read(outs[1], 8))[0])
 
 
@@ -244,8 +244,7 @@ def test_hiprio_queue_takes_forgets_only(guest: FakeGuest, tmp_path: Path) -> No
     g = guest
     e = lookup(g, 1, b"e")
     data = lookup(g, e, b"data")
-    _ln, outs = run(g, [request(P.OPEN, data, struct.pack("<II", os.O_RDWR, 0))], [16, 16])
-    fh = int(struct.unpack("<Q", g.read(outs[1], 8))[0])
+    fh = open_node(g, data, flags=os.O_RDWR)
     before = (tmp_path / "e" / "data").read_bytes()
     # Queue 0 over the same rings (the fake has one set): a LOOKUP there is
     # returned unanswered, and so are a READ and a WRITE in the layout the
@@ -559,8 +558,7 @@ def test_the_write_fast_lane_answers_as_the_general_path(
             g.device.fs.tree.add_export("r", fd, False)
         fh = open_node(g, lookup(g, lookup(g, 1, b"r"), b"f"))
     else:
-        _ln, outs = run(g, [request(P.OPEN, data, struct.pack("<II", os.O_RDWR, 0))], [16, 16])
-        fh = int(struct.unpack("<Q", g.read(outs[1], 8))[0])
+        fh = open_node(g, data, flags=os.O_RDWR)
         if which == "unknown":
             fh = 1 << 40
     total = max(0, size + extra)
