@@ -91,9 +91,15 @@ NAMES = ["read MB/s", "write MB/s", "new file MB/s", "stat/s", "create/s"]  # on
 # samples a round leaves the median ratio to chance.
 REPEATED = ("read", "write")
 
-# Run in the guest with the servers' mounts made. "step_STEP KIND DIR ROUND"
-# (STEP one of STEPS) prints one "BENCH kind round step start end [count]"
-# line.
+
+def per_round(step: str, reps: int) -> int:
+    """How many times *step* runs a round; sample r * per_round + i is round r's i-th."""
+    return reps if step in REPEATED else 1
+
+
+# Run in the guest with the servers' mounts made. "step_STEP KIND DIR SAMPLE"
+# (STEP one of STEPS, SAMPLE numbered as per_round says) prints one
+# "BENCH kind sample step start end [count]" line.
 GUEST_SCRIPT = r"""
 t() {  # $now: nanoseconds since boot, read with no fork (0.3 ms; a $(...) costs some 10 ms)
   { read -r _; read -r _; read -r _ _ now _; } < /proc/timer_list
@@ -236,11 +242,13 @@ def figures(
     for m in re.finditer(r"BENCH (\S+) (\d+) (\w+) ([\d ]+)", text):
         got[m[1], int(m[2]), m[3]] = m[4].split()
     io = BIG_MIB * MIB / 1e6
+    amounts = {"stat": N_DIRS * N_FILES, "create": N_CREATE}  # else MB
     out: dict[str, dict[str, list[float]]] = {}
     for k in kinds:
         mine = out[k] = {n: [] for n in NAMES}
         for step, name in zip(STEPS, NAMES, strict=True):
-            for i in range(rounds * (reps if step in REPEATED else 1)):
+            amount = amounts.get(step, io)
+            for i in range(rounds * per_round(step, reps)):
                 if (k, i, step) not in got:
                     raise RuntimeError(f"{k}: sample {i} printed no {step}")
                 f = got[k, i, step]
@@ -248,7 +256,6 @@ def figures(
                     raise RuntimeError(f"{k}: ls -lR saw {f[2]} files, not {N_DIRS * N_FILES}")
                 if step == "new" and int(f[2]) != BIG_MIB * MIB:
                     raise RuntimeError(f"{k}: the new file has {f[2]} bytes")
-                amount = {"stat": N_DIRS * N_FILES, "create": N_CREATE}.get(step, io)
                 mine[name].append(amount / seconds(f))
     return out
 
@@ -321,7 +328,7 @@ def bench(
         for r in range(rounds):  # each step by every server in turn, in an order that rotates
             turn = kinds[r % len(kinds) :] + kinds[: r % len(kinds)]
             for s in STEPS:
-                n = reps if s in REPEATED else 1
+                n = per_round(s, reps)
                 script += [
                     f"step_{s} {k} {MOUNTS[k][1]} {r * n + i}" for i in range(n) for k in turn
                 ]
