@@ -35,7 +35,9 @@ One process per instance. It is given descriptors only and opens no path
 Everything runs in one thread around epoll(7) (poll(2) for FUSE):
 vhost-user messages, control commands and queue kicks are handled in
 turn, so an export change never races a request. After a kick the loop
-polls a little before it sleeps (spin.py, ``--poll-max-us``). The process
+polls a little before it sleeps (spin.py, ``--poll-max-us``), unless it
+has lately waited for a CPU (another task wants it: polling would only
+delay the next request). The process
 exits when the VMM closes its end of the vhost-user socket (or the FUSE
 file system is unmounted).
 """
@@ -59,7 +61,7 @@ from .control import ControlServer, recv_with_fds
 from .device import Device, fs_config
 from .fusedev import serve_fd
 from .ops import DEFAULT_ATTR_TIMEOUT, DEFAULT_ENTRY_TIMEOUT, FileSystem
-from .spin import DEFAULT_POLL_MAX_US, Spin
+from .spin import DEFAULT_POLL_MAX_US, RunDelay, Spin
 from .tree import ExportError, Tree
 from .vhost import HEADER, MAX_PAYLOAD, Backend, VhostError
 
@@ -149,6 +151,7 @@ def serve_vhost(
         kicks.update(want)
 
     spin = Spin(poll_max)
+    waits = RunDelay()
     try:
         while True:
             until = spin.deadline()
@@ -177,12 +180,13 @@ def serve_vhost(
                     listener = None
                     poller.register(sock.fileno(), select.POLLIN)
                 elif fd in kicks:
-                    spin.kicked(time.monotonic())
+                    spin.kicked(time.monotonic(), waits.since_last())
                     if device.process(device.queues[kicks[fd]]):
                         spin.served(time.monotonic())
                 else:
                     ctl.handle(fd)
     finally:
+        waits.close()
         ctl.close()
         poller.close()
         if accepted is not None:

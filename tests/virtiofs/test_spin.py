@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from spectrumd.virtiofs.spin import MIN_WINDOW, Spin
+import os
+import subprocess
+import sys
+import time
+
+from spectrumd.virtiofs.spin import MAX_BACKOFF, MIN_BACKOFF, MIN_WINDOW, SHARED, RunDelay, Spin
 
 US = 1e-6
 
@@ -59,3 +64,83 @@ def test_no_maximum_no_polling() -> None:
     pace(spin, 10 * US, 20)
     assert spin.window == 0.0 and spin.deadline() is None
     assert MIN_WINDOW > 0
+
+
+def test_a_wait_for_the_cpu_stops_polling_for_a_quiet_time_that_doubles() -> None:
+    spin = Spin(1000 * US)
+    now = pace(spin, 450 * US, 10)
+    spin.served(now)
+    assert spin.deadline() is not None  # polling
+    # The next kick finds the process waited 2 ms for a CPU: another task wants it.
+    now += 450 * US
+    spin.kicked(now, waited=SHARED * 2)
+    assert spin.backoff == MIN_BACKOFF
+    spin.served(now)
+    assert spin.deadline() is None  # blocks, for the quiet time
+    quiet_end = now + MIN_BACKOFF
+    while now + 450 * US < quiet_end:
+        now += 450 * US
+        spin.kicked(now)
+        spin.served(now)
+        assert spin.deadline() is None
+    now = quiet_end
+    spin.kicked(now)
+    spin.served(now)
+    assert spin.deadline() is not None  # polls again
+    # Still shared: the quiet time doubles, up to its maximum.
+    for want in [2 * MIN_BACKOFF, 4 * MIN_BACKOFF]:
+        now += 450 * US
+        spin.kicked(now, waited=SHARED * 2)
+        assert spin.backoff == want
+    for _ in range(20):
+        spin.kicked(now, waited=SHARED * 2)
+    assert spin.backoff == MAX_BACKOFF
+
+
+def test_windows_polled_without_a_wait_shorten_the_quiet_time() -> None:
+    spin = Spin(1000 * US)
+    now = pace(spin, 450 * US, 10)
+    for _ in range(3):
+        spin.kicked(now, waited=SHARED * 2)  # 10, 20, 40 ms
+    assert spin.backoff == 4 * MIN_BACKOFF
+    now += 4 * MIN_BACKOFF
+    halvings = [2 * MIN_BACKOFF, MIN_BACKOFF, 0.0]
+    for want in halvings:
+        spin.served(now)
+        assert spin.deadline() is not None
+        now += 450 * US
+        spin.kicked(now, waited=50 * US)  # a wait no longer than an idle machine's
+        assert spin.backoff == want
+
+
+def test_a_short_wait_is_not_a_shared_cpu() -> None:
+    spin = Spin(1000 * US)
+    now = pace(spin, 450 * US, 10)
+    spin.kicked(now, waited=SHARED)
+    spin.served(now)
+    assert spin.backoff == 0.0 and spin.deadline() is not None
+
+
+def test_run_delay_reads_the_time_this_process_waited_for_a_cpu() -> None:
+    """A busy process on the CPU this one is pinned to: the wait shows."""
+    waits = RunDelay()
+    assert waits.fd >= 0, "no /proc/self/schedstat"
+    cpu = min(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    hog = subprocess.Popen(
+        [sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"]
+    )
+    try:
+        os.sched_setaffinity(0, {cpu})
+        time.sleep(0.2)  # the hog pins itself and runs
+        waits.since_last()
+        end = time.monotonic() + 0.3
+        while time.monotonic() < end:  # runnable all along: the hog takes about half
+            pass
+        waited = waits.since_last()
+    finally:
+        os.sched_setaffinity(0, before)
+        hog.kill()
+        hog.wait()
+        waits.close()
+    assert 0.05 < waited < 0.3
