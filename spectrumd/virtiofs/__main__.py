@@ -151,7 +151,7 @@ def serve_vhost(
         kicks.update(want)
 
     spin = Spin(poll_max)
-    waits = RunDelay()
+    waits = RunDelay(enabled=poll_max > 0)  # no read per kick where nothing polls
     try:
         while True:
             until = spin.deadline()

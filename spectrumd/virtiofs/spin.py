@@ -94,11 +94,14 @@ class RunDelay:
     """How long this process waited for a CPU: the kernel's ``run_delay``
     (the second field of /proc/self/schedstat, nanoseconds spent runnable
     but not running). Without the file (a kernel without
-    CONFIG_SCHED_INFO), it reads 0: polling then never backs off."""
+    CONFIG_SCHED_INFO), or not *enabled* (a loop that never polls), it
+    reads 0: polling then never backs off."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
         self.fd = -1
         self._last = 0
+        if not enabled:
+            return
         try:
             # Through the /proc/self/fd the jail keeps (resolve.proc_fd).
             self.fd = os.open("../schedstat", os.O_RDONLY | os.O_CLOEXEC, dir_fd=resolve.proc_fd())
