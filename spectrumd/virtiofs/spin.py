@@ -120,6 +120,7 @@ class RunDelay:
         try:
             now = self._read()
         except (OSError, ValueError, IndexError):
+            self.close()  # as if it never opened: no failing read at every kick
             return 0.0
         waited, self._last = now - self._last, now
         return waited / 1e9
