@@ -37,7 +37,9 @@ vhost-user messages, control commands and queue kicks are handled in
 turn, so an export change never races a request. After a kick the loop
 polls a little before it sleeps (spin.py, ``--poll-max-us``), unless it
 has lately waited for a CPU (another task wants it: polling would only
-delay the next request). The process
+delay the next request); in that time it also warms the CPU's caches
+with the block a sequential read or write will most likely ask for next
+(warm.py). The process
 exits when the VMM closes its end of the vhost-user socket (or the FUSE
 file system is unmounted).
 """
@@ -152,13 +154,17 @@ def serve_vhost(
 
     spin = Spin(poll_max)
     waits = RunDelay(enabled=poll_max > 0)  # no read per kick where nothing polls
+    warmer = device.warmer
     try:
         while True:
             until = spin.deadline()
-            if until is not None and time.monotonic() < until:
+            if warmer.plan is not None or (until is not None and time.monotonic() < until):
                 events = poller.poll(0)
                 if not events:
-                    os.sched_yield()
+                    if warmer.plan is not None:
+                        warmer.step()  # a chunk of the next block, then a look for kicks
+                    else:
+                        os.sched_yield()
                     continue
             else:
                 events = poller.poll()
@@ -180,9 +186,12 @@ def serve_vhost(
                     listener = None
                     poller.register(sock.fileno(), select.POLLIN)
                 elif fd in kicks:
-                    spin.kicked(time.monotonic(), waits.since_last())
+                    now = time.monotonic()
+                    spin.kicked(now, waits.since_last())
                     if device.process(device.queues[kicks[fd]]):
                         spin.served(time.monotonic())
+                    if poll_max <= 0 or spin.shared(now):
+                        warmer.cancel()  # warm only where the loop would poll
                 else:
                     ctl.handle(fd)
     finally:
@@ -291,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         logger.info("the VMM closed the vhost-user connection")
         logger.debug("requests by opcode: %s", dict(backend.device.counts.most_common()))
+        logger.debug("warmed %d bytes", backend.device.warmer.warmed)
         for vq in backend.device.queues:
             logger.debug(
                 "queue %d: parsed tables reused %d times, parsed anew %d",

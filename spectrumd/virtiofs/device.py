@@ -23,6 +23,7 @@ from .memory import GuestMemory
 from .ops import FileSystem
 from .serve import Reply, answer, trim
 from .virtqueue import Chain, ChainError, Virtqueue
+from .warm import Warmer
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,8 @@ class Device:
         self.mem = GuestMemory()
         self.queues = [Virtqueue(i) for i in range(num_queues)]
         self.counts: collections.Counter[int] = collections.Counter()  # requests by opcode
+        # What the loop may warm next (warm.py): the fast lanes say what they served.
+        self.warmer = Warmer(fs.tree)
 
     def process(self, vq: Virtqueue) -> int:
         """Answer every available chain on *vq*; returns how many."""
@@ -183,6 +186,7 @@ class Device:
         except OSError as e:
             return scatter(writable, P.out_header(unique, e.errno or errno.EIO, 0))
         P.OUT_HEADER.pack_into(writable[0], 0, OUT_H + n, 0, unique)
+        self.warmer.after(fh, offset, n, False)
         return OUT_H + n
 
     def _write(self, chain: Chain) -> int | None:
@@ -211,6 +215,7 @@ class Device:
             n = fs.write(fh, offset, data)
         except OSError as e:
             return scatter(writable, P.out_header(unique, e.errno or errno.EIO, 0))
+        self.warmer.after(fh, offset, n, True)
         return scatter(writable, WRITE_REPLY.pack(WRITE_REPLY.size, 0, unique, n, 0))
 
     def reset(self) -> None:

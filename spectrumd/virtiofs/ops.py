@@ -89,6 +89,10 @@ _SUID = stat.S_ISUID | stat.S_ISGID
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+def _readable(flags: int) -> bool:
+    return flags & os.O_ACCMODE != os.O_WRONLY
+
+
 def _renameat2(olddir: int, old: bytes, newdir: int, new: bytes, flags: int) -> None:
     if _libc.renameat2(olddir, old, newdir, new, ctypes.c_uint(flags)) != 0:
         raise fail(ctypes.get_errno())
@@ -315,7 +319,8 @@ class FileSystem:
         if flags & os.O_ACCMODE != os.O_RDONLY or req.args & os.O_TRUNC:
             ino.export.check_writable()
         fd = self._reopen(ino, flags | (req.args & os.O_TRUNC), stat.S_IFREG)
-        return P.encode_open(self.tree.open_handle(fd, ino), _FILE_OPEN)
+        fh = self.tree.open_handle(fd, ino, readable=_readable(flags))
+        return P.encode_open(fh, _FILE_OPEN)
 
     def _opendir(self, req: P.Request) -> bytes:
         ino = self.tree.inode(req.nodeid)
@@ -353,7 +358,7 @@ class FileSystem:
                 os.close(fd)
                 raise
         try:
-            fh = self.tree.open_handle(fd, ino)
+            fh = self.tree.open_handle(fd, ino, readable=_readable(flags))
         except BaseException:
             self.tree.forget(ino.nodeid, 1)
             raise

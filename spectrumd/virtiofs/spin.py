@@ -65,6 +65,11 @@ class Spin:
             return None
         return self._idle_since + self.window
 
+    def shared(self, now: float) -> bool:
+        """Whether the CPU is taken as shared at *now* (in a quiet time):
+        nothing speculative (polling, warming) should run then."""
+        return now < self._quiet_until
+
     def served(self, now: float) -> None:
         """A kick's requests were answered at *now*: the window starts."""
         self._idle_since = now

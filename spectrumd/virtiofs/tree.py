@@ -40,6 +40,13 @@ def fail(err: int) -> OSError:
     return OSError(err, os.strerror(err))
 
 
+def _close_fds(h: Handle) -> None:
+    for fd in (h.fd, h.warm_fd):
+        if fd >= 0:
+            os.close(fd)
+    h.fd = h.warm_fd = -1
+
+
 class ExportError(Exception):
     """An export cannot be added; the message says why."""
 
@@ -80,6 +87,10 @@ class Handle:
     export: Export | None
     # Directory handles: the listing snapshot taken at offset 0.
     entries: list[tuple[bytes, int, int]] | None = None
+    readable: bool = True  # opened for reading (not O_WRONLY)
+    # A write-only handle's read-only twin, for warming (warm.py): -1 not
+    # opened yet, -2 cannot be. Closed with the handle.
+    warm_fd: int = -1
 
 
 @dataclass
@@ -137,9 +148,8 @@ class Tree:
             return False
         export.revoked = True
         for h in self.handles.values():
-            if h.export is export and h.fd >= 0:
-                os.close(h.fd)
-                h.fd = -1
+            if h.export is export:
+                _close_fds(h)
         for ino in self.inodes.values():
             if ino.export is export and ino.fd >= 0:
                 os.close(ino.fd)
@@ -192,14 +202,14 @@ class Tree:
 
     # -- handles --
 
-    def open_handle(self, fd: int, inode: Inode) -> int:
+    def open_handle(self, fd: int, inode: Inode, readable: bool = True) -> int:
         if len(self.handles) >= self.max_handles:
             if fd >= 0:
                 os.close(fd)
             raise fail(errno.EMFILE)
         fh = self._next_fh
         self._next_fh += 1
-        self.handles[fh] = Handle(fd, inode, inode.export)
+        self.handles[fh] = Handle(fd, inode, inode.export, readable=readable)
         return fh
 
     def handle(self, fh: int) -> Handle:
@@ -210,10 +220,23 @@ class Tree:
             h.export.check()
         return h
 
+    def read_fd(self, h: Handle) -> int:
+        """A descriptor to read *h*'s file with, for the server's own use
+        (warming); -1: none. A write-only handle gets a read-only twin
+        (the inode behind its fd never changes: no name is resolved)."""
+        if h.readable or h.fd < 0:
+            return h.fd
+        if h.warm_fd == -1:
+            try:
+                h.warm_fd = reopen(h.fd, os.O_RDONLY | os.O_NONBLOCK)
+            except OSError:
+                h.warm_fd = -2  # not readable by us: no warming for it
+        return h.warm_fd if h.warm_fd >= 0 else -1
+
     def release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)
-        if h is not None and h.fd >= 0:
-            os.close(h.fd)
+        if h is not None:
+            _close_fds(h)
 
     def reset(self) -> None:
         """Forget every node and handle (FUSE DESTROY, or a new INIT)."""

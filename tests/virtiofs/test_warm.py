@@ -1,0 +1,192 @@
+"""Warming (warm.py): after two READs or WRITEs in a row, the next block is
+read into the CPU's caches; the guest still gets what the file holds when
+it asks, and nothing is read of a handle that is gone or an export revoked.
+
+Driven through the device on a fake guest (a memfd as its RAM), in Linux's
+request layout, so the fast lanes that plan the warming are the ones used.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from spectrumd.virtiofs import protocol as P
+from spectrumd.virtiofs.device import Device
+from spectrumd.virtiofs.ops import FileSystem
+from spectrumd.virtiofs.tree import Tree
+from spectrumd.virtiofs.warm import CHUNK, MIN_RUN
+
+from .fusereq import init_body, read_body, request
+from .guestmem import FakeGuest
+from .test_virtqueue import lookup, open_node, reply_error, run
+
+pytestmark = pytest.mark.timeout(60)
+K = MIN_RUN  # one request's size: 64 KiB
+SIZE = 8 * K
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[tuple[FakeGuest, Path, Tree]]:
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "data").write_bytes(os.urandom(SIZE))
+    tree = Tree()
+    tree.add_export("e", os.open(tmp_path / "e", os.O_PATH | os.O_DIRECTORY), True)
+    g = FakeGuest(Device(FileSystem(tree), 2))
+    head, _ = g.chain([request(P.INIT, 0, init_body(), 1)], [80])
+    g.offer(head)
+    g.device.process(g.vq)
+    yield g, tmp_path / "e" / "data", tree
+    g.close()
+
+
+def read(g: FakeGuest, fh: int, offset: int, size: int = K) -> bytes:
+    r = request(P.READ, 0, read_body(fh, offset, size))
+    n, outs = run(g, [r[:40], r[40:]], [16, size])  # the fast lane's layout
+    assert reply_error(g, outs[0]) == 0
+    return g.read(outs[1], n - 16)
+
+
+def write(g: FakeGuest, fh: int, offset: int, data: bytes) -> None:
+    body = struct.pack("<QQIIQII", fh, offset, len(data), 0, 0, 0, 0)
+    r = bytearray(request(P.WRITE, 0, body))
+    struct.pack_into("<I", r, 0, len(r) + len(data))
+    _n, outs = run(g, [bytes(r[:40]), bytes(r[40:]), data], [16, 8])
+    assert reply_error(g, outs[0]) == 0
+    assert struct.unpack("<I", g.read(outs[1], 4))[0] == len(data)
+
+
+def warm_all(g: FakeGuest) -> int:
+    """Step the plan to its end, as the loop does between polls; returns the bytes warmed."""
+    w = g.device.warmer
+    before, steps = w.warmed, 0
+    while w.plan is not None:
+        w.step()
+        steps += 1
+        assert steps <= 1 + K // CHUNK + 1
+    return w.warmed - before
+
+
+def open_fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_sequential_reads_warm_the_next_block_and_the_guest_still_gets_the_file(
+    world: tuple[FakeGuest, Path, Tree],
+) -> None:
+    g, path, _tree = world
+    fh = open_node(g, lookup(g, lookup(g, 1, b"e"), b"data"))
+    data = path.read_bytes()
+    assert read(g, fh, 0) == data[:K]
+    assert g.device.warmer.plan is None  # one request says nothing about the next
+    assert read(g, fh, K) == data[K : 2 * K]
+    assert g.device.warmer.plan == (fh, False, 2 * K, 3 * K)
+    assert warm_all(g) == K
+    # The host changes the warmed range before the guest asks for it: the
+    # guest gets the new bytes (warming throws what it read away).
+    new = os.urandom(K)
+    with open(path, "r+b") as f:
+        f.seek(2 * K)
+        f.write(new)
+    assert read(g, fh, 2 * K) == new
+    assert warm_all(g) == K  # and the stream goes on
+    # At the end of the file the plan stops at what there is.
+    assert read(g, fh, 3 * K, SIZE - 3 * K) == data[3 * K :]
+    assert warm_all(g) == 0
+
+
+def test_small_or_scattered_reads_warm_nothing(world: tuple[FakeGuest, Path, Tree]) -> None:
+    g, _path, _tree = world
+    fh = open_node(g, lookup(g, lookup(g, 1, b"e"), b"data"))
+    for off in (0, 4096, 8192):  # in order, but 4 KiB at a time
+        read(g, fh, off, 4096)
+        assert g.device.warmer.plan is None
+    read(g, fh, 0)
+    read(g, fh, 4 * K)  # a jump
+    assert g.device.warmer.plan is None
+    read(g, fh, 5 * K)
+    assert g.device.warmer.plan is not None
+    read(g, fh, 0, 4096)  # a different request cancels the plan
+    assert g.device.warmer.plan is None
+
+
+def test_a_write_only_handle_warms_through_a_read_only_twin_closed_with_it(
+    world: tuple[FakeGuest, Path, Tree],
+) -> None:
+    g, path, tree = world
+    node = lookup(g, lookup(g, 1, b"e"), b"data")
+    before = open_fd_count()
+    fh = open_node(g, node, flags=os.O_WRONLY)
+    a, b = os.urandom(K), os.urandom(K)
+    write(g, fh, 0, a)
+    write(g, fh, K, b)
+    assert g.device.warmer.plan == (fh, True, 2 * K, 3 * K)
+    assert warm_all(g) == K  # through its twin: the handle's own fd cannot read
+    assert open_fd_count() == before + 2  # the handle's fd and its twin
+    assert path.read_bytes()[: 2 * K] == a + b
+    _n, outs = run(g, [request(P.RELEASE, node, struct.pack("<QIIQ", fh, 0, 0, 0))], [16])
+    assert reply_error(g, outs[0]) == 0
+    assert open_fd_count() == before  # both gone with the handle
+    assert fh not in tree.handles
+
+
+def test_a_file_the_server_may_not_read_is_written_and_not_warmed(
+    world: tuple[FakeGuest, Path, Tree],
+) -> None:
+    g, path, _tree = world
+    if os.geteuid() == 0:
+        pytest.skip("root reads a file of mode 0200")  # pragma: no cover
+    node = lookup(g, lookup(g, 1, b"e"), b"data")
+    path.chmod(0o200)
+    fh = open_node(g, node, flags=os.O_WRONLY)
+    write(g, fh, 0, b"x" * K)
+    write(g, fh, K, b"y" * K)
+    assert warm_all(g) == 0
+    path.chmod(0o600)
+    assert path.read_bytes()[: 2 * K] == b"x" * K + b"y" * K
+
+
+def test_nothing_is_warmed_of_a_released_handle_or_a_revoked_export(
+    world: tuple[FakeGuest, Path, Tree],
+) -> None:
+    g, _path, tree = world
+    node = lookup(g, lookup(g, 1, b"e"), b"data")
+    fh = open_node(g, node)
+    read(g, fh, 0)
+    read(g, fh, K)
+    tree.release(fh)  # as RELEASE would, between the reply and the loop's next step
+    assert warm_all(g) == 0
+    fh = open_node(g, node, flags=os.O_WRONLY)
+    write(g, fh, 0, b"a" * K)
+    write(g, fh, K, b"b" * K)
+    before = open_fd_count()
+    assert tree.remove_export("e")
+    assert open_fd_count() < before
+    assert warm_all(g) == 0
+
+
+def test_warming_never_waits_for_the_disk(world: tuple[FakeGuest, Path, Tree]) -> None:
+    g, path, _tree = world
+    fh = open_node(g, lookup(g, lookup(g, 1, b"e"), b"data"))
+    read(g, fh, 0)
+    read(g, fh, K)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # out of the page cache
+        try:
+            os.preadv(fd, [bytearray(1)], 2 * K, os.RWF_NOWAIT)
+        except BlockingIOError:
+            pass
+        except OSError as e:  # pragma: no cover - depends on the test's file system
+            pytest.skip(f"the file system of {path} cannot say what is cached: {e}")
+        else:  # pragma: no cover
+            pytest.skip(f"the page cache kept {path}")
+        assert warm_all(g) == 0  # gave up at once: the range is not in memory
+        assert os.preadv(fd, [bytearray(1)], 2 * K) == 1  # (and still there to read)
+    finally:
+        os.close(fd)
