@@ -214,6 +214,18 @@ def run_delay():
     waits.close()
 
 
+def reopen_to_read():
+    fd = os.open("new", os.O_WRONLY, dir_fd=mine)  # its own, made just before
+    try:
+        twin = resolve.reopen(fd, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            os.pread(twin, 5, 0)
+        finally:
+            os.close(twin)
+    finally:
+        os.close(fd)
+
+
 def fork():
     pid = os.fork()
     if pid == 0:
@@ -227,6 +239,7 @@ attempt("append to the victim", lambda: open(cfg["victim"], "a").write("pwned"))
 attempt("read through the inherited fd", lambda: read("file", dir_fd=mine))
 attempt("create through the inherited fd",
         lambda: os.close(os.open("new", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600, dir_fd=mine)))
+attempt("reopen a write-only file to read it", reopen_to_read)
 attempt("climb out of the inherited fd", lambda: read("../victim", dir_fd=mine))
 attempt("reach the host's /proc from the kept one",
         lambda: read("../../1/status", dir_fd=resolve.proc_fd()))
@@ -303,6 +316,8 @@ def test_an_attacker_in_the_jail_reaches_nothing_outside(world: Path) -> None:
             "append to the victim": "ENOENT",
             "read through the inherited fd": "ok",  # the point of the fd
             "create through the inherited fd": "ok",
+            # what warming reads a write-only handle's file with (warm.py, Tree.read_fd)
+            "reopen a write-only file to read it": "ok",
             "climb out of the inherited fd": "ENOENT",  # '..' of a detached mount is itself
             "reach the host's /proc from the kept one": "ENOENT",
             "connect to a unix socket in /tmp": "EPERM",
