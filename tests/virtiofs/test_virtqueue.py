@@ -36,16 +36,22 @@ pytestmark = pytest.mark.timeout(60)
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 
 
-@pytest.fixture
-def guest(tmp_path: Path) -> Iterator[FakeGuest]:
+def initialized_guest(tmp_path: Path, data: bytes) -> tuple[FakeGuest, Tree]:
+    """A guest past INIT, with one writable export "e" holding the file "data"."""
     (tmp_path / "e").mkdir()
-    (tmp_path / "e" / "data").write_bytes(bytes(range(256)) * 64)  # 16 KiB
+    (tmp_path / "e" / "data").write_bytes(data)
     tree = Tree()
     tree.add_export("e", os.open(tmp_path / "e", os.O_PATH | os.O_DIRECTORY), True)
     g = FakeGuest(Device(FileSystem(tree), 2))
     head, _ = g.chain([request(P.INIT, 0, init_body(), 1)], [80])
     g.offer(head)
     g.device.process(g.vq)
+    return g, tree
+
+
+@pytest.fixture
+def guest(tmp_path: Path) -> Iterator[FakeGuest]:
+    g, _ = initialized_guest(tmp_path, bytes(range(256)) * 64)  # 16 KiB
     yield g
     g.close()
 

@@ -16,14 +16,12 @@ from pathlib import Path
 import pytest
 
 from spectrumd.virtiofs import protocol as P
-from spectrumd.virtiofs.device import Device
-from spectrumd.virtiofs.ops import FileSystem
 from spectrumd.virtiofs.tree import Tree
 from spectrumd.virtiofs.warm import CHUNK, MIN_RUN
 
-from .fusereq import init_body, read_body, request
+from .fusereq import read_body, request
 from .guestmem import FakeGuest
-from .test_virtqueue import lookup, open_node, reply_error, run
+from .test_virtqueue import initialized_guest, lookup, open_node, reply_error, run
 
 pytestmark = pytest.mark.timeout(60)
 K = MIN_RUN  # one request's size: 64 KiB
@@ -32,14 +30,7 @@ SIZE = 8 * K
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[tuple[FakeGuest, Path, Tree]]:
-    (tmp_path / "e").mkdir()
-    (tmp_path / "e" / "data").write_bytes(os.urandom(SIZE))
-    tree = Tree()
-    tree.add_export("e", os.open(tmp_path / "e", os.O_PATH | os.O_DIRECTORY), True)
-    g = FakeGuest(Device(FileSystem(tree), 2))
-    head, _ = g.chain([request(P.INIT, 0, init_body(), 1)], [80])
-    g.offer(head)
-    g.device.process(g.vq)
+    g, tree = initialized_guest(tmp_path, os.urandom(SIZE))
     yield g, tmp_path / "e" / "data", tree
     g.close()
 
