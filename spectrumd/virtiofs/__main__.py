@@ -187,8 +187,11 @@ def serve_vhost(
                     poller.register(sock.fileno(), select.POLLIN)
                 elif fd in kicks:
                     now = time.monotonic()
+                    answered = device.process(device.queues[kicks[fd]])
+                    # Learning from the kick (run_delay is a procfs read)
+                    # waits until the guest has its replies.
                     spin.kicked(now, waits.since_last())
-                    if device.process(device.queues[kicks[fd]]):
+                    if answered:
                         spin.served(time.monotonic())
                     if poll_max <= 0 or spin.shared(now):
                         warmer.cancel()  # warm only where the loop would poll
