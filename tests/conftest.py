@@ -19,6 +19,7 @@ import hypothesis  # noqa: F401 (imported now, not by its plugin at the session'
 import pytest
 
 from spectrumd.cli.client import Client, connect
+from spectrumd.supervisor import process
 
 # CPython 3.11.7 can fail to compile a module imported late in a session
 # ("AST constructor recursion depth mismatch"); hypothesis's plugin imports the
@@ -154,13 +155,9 @@ def kill_leftover_vmms(state_dir: Path) -> None:
     run = state_dir / "run"
     if not run.exists():
         return
-    for pidfile in run.glob("*/vmm.pid"):
-        with contextlib.suppress(ValueError, ProcessLookupError, OSError, IndexError):
-            os.kill(int(pidfile.read_text().split()[0]), signal.SIGKILL)
-    # File servers end with their VMM; one that did not is ended here.
-    for record in run.glob("*/fs.json"):
-        with contextlib.suppress(ValueError, ProcessLookupError, OSError, KeyError, TypeError):
-            os.kill(int(json.loads(record.read_text())["pid"]), signal.SIGKILL)
+    for pidfile in run.glob("*/*.pid"):
+        # Each child recorded itself (pid and start time): only that very process.
+        process.end_recorded(pidfile, f"leftover {pidfile.name} of {pidfile.parent.name}")
 
 
 @pytest.fixture

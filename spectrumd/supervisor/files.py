@@ -48,7 +48,7 @@ from spectrumd.model.types import DirectoryResource, Resource, VmmKind
 from spectrumd.supervisor import process
 from spectrumd.supervisor.resources import RunContext
 from spectrumd.supervisor.statefile import write_atomically
-from spectrumd.supervisor.vmrun import RUN_TOKEN
+from spectrumd.supervisor.vmrun import FS_PID_FILE, RUN_TOKEN
 from spectrumd.virtiofs import jail
 from spectrumd.virtiofs.client import ControlClient, ControlError
 from spectrumd.virtiofs.spin import DEFAULT_POLL_MAX_US
@@ -170,6 +170,7 @@ class FileService:
                 ctx.run_dir / FS_LOG,
                 None,  # it confines itself once its modules are loaded
                 {RUN_TOKEN: token, ENV_INSTANCE: ctx.name, "SPECTRUM_STATE_DIR": self.state_dir},
+                pid_file=ctx.run_dir / FS_PID_FILE,
             )
         except OSError as e:
             raise Failed(f"cannot start {ctx.name}: cannot start its file server: {e}") from None

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -48,7 +47,7 @@ from spectrumd.supervisor import process
 from spectrumd.supervisor.env import Environment
 from spectrumd.supervisor.instance import Instance
 from spectrumd.supervisor.statefile import write_atomically
-from spectrumd.supervisor.vmrun import PID_FILE, BadRecord, RunRecord, read_record
+from spectrumd.supervisor.vmrun import PID_FILES, BadRecord, RunRecord, read_record
 from spectrumd.vmm import crosvm_available
 
 log = logging.getLogger(__name__)
@@ -347,52 +346,23 @@ class Supervisor:
                 log.error("cannot read a run record, not re-adopting it: %s", e)
                 continue
             if rec is None:
-                # A start that never completed: its VMM, if it got that far, is ended.
-                self._end_unrecorded(run_dir)
+                # A start that never completed: what it spawned, if it got that far.
+                self._end_run(run_dir, "its start never completed")
                 continue
             if run_dir.name not in self.instances:
-                self._end_orphan(run_dir, rec)
+                why = "it is no longer configured"
+                process.end_if_same(rec.pid, rec.start_time, f"vmm of {run_dir.name}: {why}")
+                self._end_run(run_dir, why)
                 continue
             records[run_dir.name] = rec
         return records
 
     @staticmethod
-    def _end_unrecorded(run_dir: Path) -> None:
-        """End the VMM of a start cut short: the pid in vmm.pid, if it still carries the
-        run's token (so never another process that got the pid since)."""
-        try:
-            pid_text, token = (run_dir / PID_FILE).read_text().split()
-            pid = int(pid_text)
-        except (OSError, ValueError):
-            pid, token = 0, ""
-        if pid > 0:
-            try:
-                pidfd = os.pidfd_open(pid)
-            except OSError:
-                pidfd = -1
-            if pidfd >= 0:
-                try:
-                    if process.is_run(pid, token):
-                        log.warning(
-                            "ending the VMM (pid %d) of a start of %s that never completed",
-                            pid,
-                            run_dir.name,
-                        )
-                        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-                finally:
-                    os.close(pidfd)
-        shutil.rmtree(run_dir, ignore_errors=True)
-
-    @staticmethod
-    def _end_orphan(run_dir: Path, rec: RunRecord) -> None:
-        """A VMM of an instance no longer configured: end it, if it is still that process."""
-        proc = process.adopt(rec.pid, rec.start_time, rec.token, rec.exe)
-        if proc is not None:
-            log.warning(
-                "ending the VMM (pid %d) of %s: it is no longer configured", rec.pid, run_dir.name
-            )
-            proc.send_signal(signal.SIGKILL)
-            proc.close()
+    def _end_run(run_dir: Path, why: str) -> None:
+        """End what a run spawned (its VMM, its file server), each if it is still that
+        process, and wait until they are gone; then remove the run's directory."""
+        for name in PID_FILES:
+            process.end_recorded(run_dir / name, f"{name.split('.')[0]} of {run_dir.name}: {why}")
         shutil.rmtree(run_dir, ignore_errors=True)
 
     async def adopt_all(self, records: dict[str, RunRecord]) -> None:

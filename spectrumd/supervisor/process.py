@@ -6,21 +6,36 @@ child. A VMM outlives the daemon (it runs in its own session, and its stderr
 goes to a file, not a pipe that would break), so a restarted daemon adopts
 it: it checks that the pid still names the same process (its start time) and
 watches it through a pidfd, which also makes signals safe from pid reuse.
+
+A daemon can also die in the middle of a spawn, between the fork and the
+moment it learns the child's pid. So that the next daemon still finds that
+child, the child records itself: before anything else it writes its pid and
+start time into a *pid file* that the parent holds locked (flock) from before
+the fork; the child shares the lock until its exec. The next daemon takes the
+lock before it reads the file (:func:`end_recorded`), so it reads it only
+once every child that could write it has written it or is gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
+import select
 import signal
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 TAIL_BYTES = 4096
+# How long the next daemon waits for a spawn cut short to reach its exec (the
+# lock), and for a process it ended to be gone.
+LOCK_WAIT = 5.0
+EXIT_WAIT = 10.0
 
 
 def start_time(pid: int) -> int | None:
@@ -125,6 +140,7 @@ async def spawn(
     stderr_path: Path,
     confine: Callable[[], None] | None,
     env: Mapping[str, str],
+    pid_file: Path | None = None,
 ) -> VmmProcess:
     """Start a VMM in its own session (crosvm SIGKILLs its whole process group on exit).
 
@@ -132,9 +148,22 @@ async def spawn(
     O_CLOEXEC; the child inherits exactly these. Its stderr goes to
     ``stderr_path``. ``confine`` runs in the child before the exec (its uid,
     namespaces, Landlock: ``sandbox.Prepared.enter``). ``env`` is added to a
-    minimal environment. Raises OSError from exec, SubprocessError if the
-    confinement failed.
+    minimal environment. With ``pid_file`` (in a root-only directory), the
+    child records itself there first (see the module's text). Raises OSError
+    from exec, SubprocessError if the confinement failed.
     """
+    lock = -1
+    if pid_file is not None:
+        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+        lock = os.open(pid_file, flags, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+
+    def preexec() -> None:
+        if lock >= 0:
+            _record_self(lock)
+        if confine is not None:
+            confine()
+
     err = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -145,12 +174,71 @@ async def spawn(
             stderr=err,
             start_new_session=True,
             close_fds=True,
-            preexec_fn=confine,
+            preexec_fn=preexec if lock >= 0 or confine is not None else None,
             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env},
         )
     finally:
         os.close(err)
+        if lock >= 0:
+            os.close(lock)
     return VmmProcess(proc.pid, child=proc)
+
+
+def _record_self(fd: int) -> None:
+    """In the child, before its exec: "PID START_TIME" into the pid file ``fd``."""
+    pid = os.getpid()
+    started = start_time(pid)
+    os.pwrite(fd, f"{pid} {started}\n".encode(), 0)
+
+
+def end_recorded(pid_file: Path, what: str) -> None:
+    """End the process a pid file names, if it is still that process, and wait until
+    it is gone (the next daemon, for a run that was never completed or is no
+    longer wanted). A missing or unreadable file is nothing to end."""
+    try:
+        fd = os.open(pid_file, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    log.warning("%s: a spawn still holds it; reading it as it is", pid_file)
+                    break
+                time.sleep(0.01)
+        text = os.pread(fd, 64, 0).decode(errors="replace").split()
+    finally:
+        os.close(fd)
+    try:
+        pid, started = int(text[0]), int(text[1])
+    except (IndexError, ValueError):
+        return  # the child never got as far as recording itself: it is gone
+    end_if_same(pid, started, what)
+
+
+def end_if_same(pid: int, started: int, what: str) -> None:
+    """SIGKILL ``pid`` if it still has start time ``started``; wait until it is gone."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return
+    try:
+        # Checked once the pidfd is open: the pid cannot name another process now.
+        if start_time(pid) != started:
+            return
+        log.warning("ending %s (pid %d)", what, pid)
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        # Readable once it has exited: what it held (a tap, a uid) is free then.
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        if not poller.poll(int(EXIT_WAIT * 1000)):
+            log.error("%s (pid %d) did not exit within %.0f s of SIGKILL", what, pid, EXIT_WAIT)
+    finally:
+        os.close(pidfd)
 
 
 def adopt(pid: int, expected_start: int, token: str, exe: str) -> VmmProcess | None:

@@ -51,7 +51,6 @@ from spectrumd.supervisor.env import Environment
 from spectrumd.supervisor.guest import GuestChannel, encode_run
 from spectrumd.supervisor.resources import RunContext
 from spectrumd.supervisor.spec import build_spec
-from spectrumd.supervisor.statefile import write_atomically
 from spectrumd.supervisor.vmrun import (
     PID_FILE,
     RUN_TOKEN,
@@ -270,8 +269,6 @@ class Run:
         proc = await self._spawn(argv, spec, self._confine(spec, Path(binary)))
         self._cpus_may_have_run = not backend.cpus_held
         self.events.vmm_spawned(proc.pid)
-        # Recorded so that a test's cleanup can find our child even if we died.
-        write_atomically(spec.run_dir / PID_FILE, f"{proc.pid} {self.token}\n")
         if self.env.machines is not None:
             await self.env.machines.register(self.name, proc.pid)
 
@@ -383,6 +380,7 @@ class Run:
                     "SPECTRUM_INSTANCE": self.name,
                     "SPECTRUM_STATE_DIR": str(self.env.state_dir),
                 },
+                pid_file=spec.run_dir / PID_FILE,
             )
         )
         try:

@@ -23,8 +23,12 @@ RECORD = "state.json"
 VMM_LOG = "vmm.log"
 # The environment variable that carries a run's token into its VMM.
 RUN_TOKEN = "SPECTRUM_RUN"
-# "PID TOKEN" of a VMM spawned, before its start has completed (and its record).
+# "PID START_TIME" of the run's VMM and of its file server, written by each
+# child itself before its exec (process.spawn): what the next daemon ends of a
+# start that never completed.
 PID_FILE = "vmm.pid"
+FS_PID_FILE = "fs.pid"
+PID_FILES = (PID_FILE, FS_PID_FILE)
 
 
 def snapshot(definition: InstanceDef, application: Application, res: tuple[Resource, ...]) -> str:
