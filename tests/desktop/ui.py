@@ -128,6 +128,21 @@ class UI:
     def focus(self, title: str) -> None:
         self.display.xdotool("windowfocus", "--sync", self.x_window(title))
 
+    def unfocus(self) -> None:
+        """Give the keyboard focus to the root window: every window loses it."""
+        root = self.display.xdotool("search", "--maxdepth", "0", "--name", "").split()[0]
+        self.display.xdotool("windowfocus", root)
+
+    async def focus_and_click(self, title: str, acc: Any) -> None:
+        """Focus the X window named ``title`` and click ``acc``'s centre at once: one
+        xdotool run, so the application gets the two events back to back however
+        slow this test is."""
+        x, y = await self.run(self.centre, acc)
+        wid = self.x_window(title)
+        self.display.xdotool(
+            "windowfocus", "--sync", wid, "mousemove", "--window", wid, str(x), str(y), "click", "1"
+        )
+
     def type(self, text: str) -> None:
         """Type ``text`` into whatever has the keyboard focus."""
         self.display.xdotool("type", "--delay", "50", text)
