@@ -129,9 +129,14 @@ class UI:
         self.display.xdotool("windowfocus", "--sync", self.x_window(title))
 
     def unfocus(self) -> None:
-        """Give the keyboard focus to the root window: every window loses it."""
+        """Give the keyboard focus to the root window: every window loses it. The
+        pointer goes to the screen's far corner first (no window is there): with
+        the focus on the root, GTK takes a window under the pointer as focused."""
+        width, height = self.display.xdotool("getdisplaygeometry").split()
         root = self.display.xdotool("search", "--maxdepth", "0", "--name", "").split()[0]
-        self.display.xdotool("windowfocus", root)
+        self.display.xdotool(
+            "mousemove", str(int(width) - 1), str(int(height) - 1), "windowfocus", root
+        )
 
     async def focus_and_click(self, title: str, acc: Any) -> None:
         """Focus the X window named ``title`` and click ``acc``'s centre at once: one
