@@ -91,13 +91,24 @@ async def wait_for(
 
 
 async def wait_log(path: Path, text: str, timeout: float = 60) -> str:
+    return await wait_log_any(path, (text,), timeout)
+
+
+async def wait_log_any(path: Path, texts: tuple[str, ...], timeout: float = 60) -> str:
+    """The log's complete lines once they hold one of ``texts``. A console line
+    reaches the log in pieces (as the serial port gives them), so a line is
+    looked at only once its newline has come: a test that waits for
+    ``"rc="`` then reads the whole line."""
     deadline = time.monotonic() + timeout
     while True:
         content = path.read_text(errors="replace") if path.exists() else ""
-        if text in content:
+        content = content[: content.rfind("\n") + 1]
+        if any(t in content for t in texts):
             return content
         if time.monotonic() > deadline:
-            raise AssertionError(f"{text!r} not in {path} after {timeout}s:\n{content[-2000:]}")
+            raise AssertionError(
+                f"none of {texts!r} in {path} after {timeout}s:\n{content[-2000:]}"
+            )
         await asyncio.sleep(0.2)
 
 
