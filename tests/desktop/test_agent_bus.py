@@ -89,10 +89,13 @@ async def test_restart_second_agent_intruder_and_failed_grant(
         await wait_sensitive(ui, allow)
         ui.focus("Spectrum: two asks for access")
         await wait_sensitive(ui, allow, want=False, timeout=2)
-        ui.focus(TITLE)
+        # Timed from before the focus: the second starts when GTK sees it, which a
+        # slow xdotool may report after GTK has.
         back = time.monotonic()
-        assert await wait_sensitive(ui, allow) >= 0.8, "armed again too soon after refocus"
-        assert time.monotonic() - back < 3
+        ui.focus(TITLE)
+        await wait_sensitive(ui, allow)
+        again = time.monotonic() - back
+        assert 0.9 <= again < 3, f"armed again {again:.2f} s after the refocus"
         ui.key(TITLE, "Escape")
         assert await wait_code(c, req) == 1, "Escape denies"
         await ui.wait_window(AGENT, TITLE, gone=True)
