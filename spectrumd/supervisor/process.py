@@ -46,17 +46,18 @@ def start_time(pid: int) -> int | None:
     reaped yet) is not alive.
     """
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    fields = stat[stat.rfind(")") + 2 :].split()
-    try:
-        if fields[0] in ("Z", "X"):
+        fields = _stat_fields(Path(f"/proc/{pid}/stat").read_bytes())
+        if fields[0] in (b"Z", b"X"):
             return None
         return int(fields[19])
-    except (IndexError, ValueError):
+    except (OSError, IndexError, ValueError):
         return None
+
+
+def _stat_fields(stat: bytes) -> list[bytes]:
+    """/proc/PID/stat's fields from the third (the state) on: the command name
+    (field 2) may hold spaces and parentheses, so split after the last ')'."""
+    return stat[stat.rfind(b")") + 2 :].split()
 
 
 class VmmProcess:
@@ -193,8 +194,7 @@ def _record_self(fd: int) -> None:
         stat = os.read(stat_fd, 4096)
     finally:
         os.close(stat_fd)
-    # As start_time(): field 22, counted after the command name's last ')'.
-    started = stat[stat.rfind(b")") + 2 :].split()[19]
+    started = _stat_fields(stat)[19]  # field 22, as start_time() reads it
     os.pwrite(fd, b"%d %s\n" % (os.getpid(), started), 0)
 
 

@@ -9,7 +9,6 @@ child and nothing else.
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -20,38 +19,31 @@ from pathlib import Path
 import pytest
 
 from spectrumd.supervisor import process
+from tests.integration.helpers import vmm_list
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# argv: DIR PREEXEC_SECONDS MARK. The child sleeps in its preexec (as a slow
-# confinement would), then execs `sleep 600` carrying MARK in its environment.
+# argv: DIR PREEXEC_SECONDS. The child sleeps in its preexec (as a slow
+# confinement would), then execs `sleep 600` with the environment a VMM gets.
 DAEMON = """
 import asyncio, sys, time
 from pathlib import Path
 from spectrumd.supervisor import process
-d, slow, mark = Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+from tests.integration.helpers import vmm_list
+d, slow = Path(sys.argv[1]), float(sys.argv[2])
 async def main():
     await process.spawn(["sleep", "600"], (), d / "err", lambda: time.sleep(slow),
-                        {"SPAWN_MARK": mark}, pid_file=d / "vmm.pid")
+                        {"SPECTRUM_STATE_DIR": str(d), "SPECTRUM_INSTANCE": "a"},
+                        pid_file=d / "vmm.pid")
     print("spawned", flush=True)
     await asyncio.sleep(600)
 asyncio.run(main())
 """
 
 
-def marked(mark: str) -> list[int]:
-    """Live (not zombie) processes with SPAWN_MARK=mark in their environment."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"SPAWN_MARK={mark}".encode() in env and process.start_time(int(entry)) is not None:
-            found.append(int(entry))
-    return found
+def marked(d: Path) -> list[int]:
+    """The daemon's live (not zombie) children, by the environment it gave them."""
+    return [pid for _name, pid in vmm_list(d)]
 
 
 def children(pid: int) -> list[int]:
@@ -63,16 +55,15 @@ def children(pid: int) -> list[int]:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[tuple[Path, str]]:
-    mark = secrets.token_hex(8)
-    yield tmp_path, mark
-    for pid in marked(mark):  # what a failed test left
+def world(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path
+    for pid in marked(tmp_path):  # what a failed test left
         os.kill(pid, signal.SIGKILL)
 
 
-def start_daemon(d: Path, mark: str, slow: float) -> subprocess.Popen[str]:
+def start_daemon(d: Path, slow: float) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-c", DAEMON, str(d), str(slow), mark],
+        [sys.executable, "-c", DAEMON, str(d), str(slow)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
@@ -86,48 +77,48 @@ def until(cond: object, timeout: float = 20.0) -> None:
         time.sleep(0.01)
 
 
-def test_a_daemon_killed_between_fork_and_exec_leaves_nothing(world: tuple[Path, str]) -> None:
-    d, mark = world
-    daemon = start_daemon(d, mark, slow=1.5)
+def test_a_daemon_killed_between_fork_and_exec_leaves_nothing(world: Path) -> None:
+    d = world
+    daemon = start_daemon(d, slow=1.5)
     until(lambda: children(daemon.pid))  # forked: the child is in its preexec now
     daemon.send_signal(signal.SIGKILL)
     daemon.wait()
     # The daemon never learnt the child's pid, and the child has not exec'd yet.
-    assert marked(mark) == []
+    assert marked(d) == []
     t0 = time.monotonic()
     process.end_recorded(d / "vmm.pid", "test's child")
     waited = time.monotonic() - t0
-    assert marked(mark) == [], "the child lived on after its exec"
+    assert marked(d) == [], "the child lived on after its exec"
     assert waited > 0.5, f"read the pid file after {waited:.2f} s, before the child's exec"
 
 
-def test_a_daemon_killed_after_the_exec_leaves_nothing(world: tuple[Path, str]) -> None:
-    d, mark = world
-    daemon = start_daemon(d, mark, slow=0)
+def test_a_daemon_killed_after_the_exec_leaves_nothing(world: Path) -> None:
+    d = world
+    daemon = start_daemon(d, slow=0)
     assert daemon.stdout is not None
     assert daemon.stdout.readline() == "spawned\n"
-    (child,) = marked(mark)
+    (child,) = marked(d)
     daemon.send_signal(signal.SIGKILL)
     daemon.wait()
-    assert marked(mark) == [child]  # a VMM outlives its daemon
+    assert marked(d) == [child]  # a VMM outlives its daemon
     process.end_recorded(d / "vmm.pid", "test's child")
-    assert marked(mark) == [], "end_recorded returned before the child was gone"
+    assert marked(d) == [], "end_recorded returned before the child was gone"
 
 
-def test_a_pid_that_names_another_process_now_is_left_alone(world: tuple[Path, str]) -> None:
-    d, mark = world
-    daemon = start_daemon(d, mark, slow=0)
+def test_a_pid_that_names_another_process_now_is_left_alone(world: Path) -> None:
+    d = world
+    daemon = start_daemon(d, slow=0)
     try:
         assert daemon.stdout is not None
         assert daemon.stdout.readline() == "spawned\n"
-        (child,) = marked(mark)
+        (child,) = marked(d)
         pid, started = (d / "vmm.pid").read_text().split()
         assert (int(pid), int(started)) == (child, process.start_time(child))
         # The recorded process has gone and its pid names another one (same pid,
         # another start time): that one is not ours to end.
         (d / "vmm.pid").write_text(f"{pid} {int(started) + 1}\n")
         process.end_recorded(d / "vmm.pid", "test's child")
-        assert marked(mark) == [child]
+        assert marked(d) == [child]
         # Neither is garbage, a missing file, or a symlink put in its place.
         (d / "vmm.pid").write_text("garbage")
         process.end_recorded(d / "vmm.pid", "test's child")
@@ -136,7 +127,7 @@ def test_a_pid_that_names_another_process_now_is_left_alone(world: tuple[Path, s
         (d / "elsewhere").write_text(f"{pid} {started}\n")
         (d / "vmm.pid").symlink_to(d / "elsewhere")
         process.end_recorded(d / "vmm.pid", "test's child")
-        assert marked(mark) == [child]
+        assert marked(d) == [child]
     finally:
         daemon.kill()
         daemon.wait()
