@@ -34,20 +34,22 @@ One process per instance. It is given descriptors only and opens no path
 
 Everything runs in one thread around epoll(7) (poll(2) for FUSE):
 vhost-user messages, control commands and queue kicks are handled in
-turn, so an export change never races a request. After a kick the loop
-polls a little before it sleeps (spin.py, ``--poll-max-us``), unless it
-has lately waited for a CPU (another task wants it: polling would only
-delay the next request); in that time it also warms the CPU's caches
+turn, so an export change never races a request. After a kick a
+companion process keeps a CPU awake a little, at idle priority, while the
+loop sleeps (spin.py, ``--poll-max-us``; forked before the jail, it enters
+its own), unless the loop has lately waited for a CPU (another task wants
+it: no CPU goes idle); in that time the loop also warms the CPU's caches
 with the block a sequential read or write will most likely ask for next
-(warm.py). The process
-exits when the VMM closes its end of the vhost-user socket (or the FUSE
-file system is unmounted).
+(warm.py). The process exits when the VMM closes its end of the
+vhost-user socket (or the FUSE file system is unmounted), and its
+companion with it.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import resource
@@ -63,7 +65,7 @@ from .control import ControlServer, recv_with_fds
 from .device import Device, fs_config
 from .fusedev import serve_fd
 from .ops import DEFAULT_ATTR_TIMEOUT, DEFAULT_ENTRY_TIMEOUT, FileSystem
-from .spin import DEFAULT_POLL_MAX_US, RunDelay, Spin
+from .spin import DEFAULT_POLL_MAX_US, KeepAwake, RunDelay, Spin
 from .tree import ExportError, Tree
 from .vhost import HEADER, MAX_PAYLOAD, Backend, VhostError
 
@@ -109,13 +111,13 @@ def serve_vhost(
     listener: socket.socket | None = None,
     control_listener: socket.socket | None = None,
     poll_max: float = 0.0,
+    awake: KeepAwake | None = None,
 ) -> None:
     """Run until the VMM hangs up. Raises VhostError on a message we cannot use.
 
     Without *sock*, the VMM's one connection is accepted on *listener*
     first; control commands are served while it has not come yet. After a
-    kick the loop polls for up to *poll_max* seconds before it sleeps
-    (spin.py).
+    kick *awake* keeps a CPU awake for up to *poll_max* seconds (spin.py).
     """
     device = backend.device
     # epoll, so that the kick eventfds can be edge-triggered: a kick is then
@@ -158,13 +160,12 @@ def serve_vhost(
     try:
         while True:
             until = spin.deadline()
-            if warmer.plan is not None or (until is not None and time.monotonic() < until):
+            if until is not None and awake is not None:
+                awake.until(until)
+            if warmer.plan is not None:
                 events = poller.poll(0)
                 if not events:
-                    if warmer.plan is not None:
-                        warmer.step()  # a chunk of the next block, then a look for kicks
-                    else:
-                        os.sched_yield()
+                    warmer.step()  # a chunk of the next block, then a look for kicks
                     continue
             else:
                 events = poller.poll()
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attr-timeout", type=float, default=DEFAULT_ATTR_TIMEOUT, metavar="SECONDS")
     # Pages per READ/WRITE: at most 256 (1 MiB), the kernel's limit.
     ap.add_argument("--max-pages", type=int, default=256)
-    # The longest the loop polls after a kick before it sleeps (spin.py); 0: never.
+    # The longest a CPU is kept awake after a kick (spin.py); 0: never, no companion.
     ap.add_argument("--poll-max-us", type=int, default=DEFAULT_POLL_MAX_US, metavar="US")
     ap.add_argument("--confine", type=_ids, metavar="UID:GID")
     ap.add_argument("--log-level", default="INFO")
@@ -263,6 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, ValueError, OSError) as e:
         logger.error("cannot start: %s", e)
         return 1
+    awake = None
+    if args.fuse_fd is None and args.poll_max_us > 0:
+        # Forked before the jail, which allows no fork; it enters its own.
+        confine = None if args.confine is None else functools.partial(jail.enter, *args.confine)
+        awake = KeepAwake.start(confine)
     if args.confine is not None:
         try:
             jail.enter(*args.confine)
@@ -297,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                 listener=listener,
                 control_listener=control_listener,
                 poll_max=max(0, args.poll_max_us) / 1e6,
+                awake=awake,
             )
         except (VhostError, OSError, struct.error) as e:
             logger.error("vhost-user connection failed: %s", e)
@@ -313,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         # A SIGTERM from here on just ends the process (no SystemExit mid-teardown).
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if awake is not None:
+            awake.close()
         tree.close()
 
 

@@ -20,8 +20,10 @@ order:
    one and ``umount2(".", MNT_DETACH)`` drops it with every mount under it.
    From here no path names anything, so every module the process will
    ever import must be imported already (nothing here imports late);
-5. limits: no core dumps, one task for the uid (no thread, no fork), not
-   dumpable (no ptrace by the uid's other processes, /proc/PID is root's);
+5. limits: no core dumps, one task for the uid (no thread, no fork; the
+   polling companion, spin.KeepAwake, forked before and in a jail of its
+   own, is the uid's other process), not dumpable (no ptrace by the uid's
+   other processes, /proc/PID is root's);
 6. no supplementary groups, then gid, then uid (real, effective, saved),
    and a check that the drop sticks: setuid(0) fails and no capability is
    left;

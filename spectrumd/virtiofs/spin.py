@@ -1,11 +1,17 @@
-"""Adaptive polling: stay awake a little after a request, as QEMU's own
-event loops do (``poll-max-ns``).
+"""Adaptive polling: keep a CPU awake a little after a request, as QEMU's
+own event loops do (``poll-max-ns``).
 
 A guest's next request often comes soon after the reply to its last one (a
-``dd`` or a ``find``: one request at a time). Sleeping in epoll_wait costs
-that request a wake-up, and a cold cache for the Python that serves it. So
-after serving a kick the loop polls without blocking (yielding the CPU
-between polls) for a *window*, and blocks only once the window has passed.
+``dd`` or a ``find``: one request at a time). If the server's CPU goes idle
+in between, the next request waits for it to wake: on a machine that is
+itself a VM, an idle CPU is slow to wake (its host must run it again). So
+after serving a kick the server keeps a CPU busy for a *window*: not
+itself, which sleeps in epoll_wait as before, but a companion process
+(:class:`KeepAwake`) that spins at ``SCHED_IDLE`` until the window's end.
+The scheduler counts a CPU that runs only ``SCHED_IDLE`` work as idle: any
+task that wakes, the server on its next kick or QEMU's threads, takes it at
+once, and never waits for the spinner. Nothing the server does waits for
+the companion either: if it is gone, nothing polls.
 
 The window adapts to what the guest does. When the next request came later
 than the window but within ``max_window``, the window doubles (from
@@ -13,27 +19,25 @@ than the window but within ``max_window``, the window doubles (from
 window halves, down to nothing. A busy guest thus gets a window that covers
 its pace; an idle one costs no polling.
 
-Polling pays only on a CPU nobody else wants. The scheduler (EEVDF) charges
-the time spent polling against the process, so while other tasks want the
-CPU, a process that polled is not let back at once when the next kick
-wakes it: it waits until the others have had their share, milliseconds,
-where one that slept in epoll_wait all along runs within microseconds.
-Measured with two busy processes on this machine's two cores, the server
-read at 0.6x virtiofsd polling and at 0.9x without, and answered stats at
-1.5-1.7x against 3.1-4.3x. So the loop reads how long it waited for a CPU
-between two kicks (``run_delay``, /proc/self/schedstat, see
-:class:`RunDelay`); above ``SHARED`` the CPU is shared, and no window
+A CPU nobody else wants is all polling is for. The server reads how long
+it waited for a CPU between two kicks (``run_delay``, /proc/self/schedstat,
+see :class:`RunDelay`); above ``SHARED`` the CPU is shared, and no window
 opens for a quiet time that doubles while that goes on, from
-``MIN_BACKOFF`` up to ``MAX_BACKOFF``, and halves with each window polled
-without such a wait. With that, the same load left reads at 0.84-0.86x
-and stats at 2.9-3.3x, and an idle machine's figures as they were.
+``MIN_BACKOFF`` up to ``MAX_BACKOFF``, and halves with each window opened
+without such a wait. Nothing speculative then runs (warm.py neither).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import os
+import resource
+import signal
+import struct
+import time
+from collections.abc import Callable
 
 from . import resolve
 
@@ -135,3 +139,146 @@ class RunDelay:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
             self.fd = -1
+
+
+# The page the server and its companion share: the window's end (monotonic
+# seconds), and whether the companion sleeps (then a byte down the pipe wakes it).
+_DEADLINE = struct.Struct("d")
+_PARKED = _DEADLINE.size
+# What SCHED_IDLE → SCHED_OTHER needs without privilege: RLIMIT_NICE of at
+# least 20 - nice (nice 0 here); it allows no nice below 0.
+_NICE_LIMIT = 20
+# How long close() waits to reap the companion.
+REAP_WAIT = 0.5
+# Spins between two looks whether the server still lives (a few hundred µs).
+_LOOK_EVERY = 0x3FF
+
+
+class KeepAwake:
+    """The server's companion: a process that spins at ``SCHED_IDLE`` while
+    a window is open, and sleeps otherwise (see the module docstring).
+
+    :meth:`start` forks it; call it before the server confines itself
+    (``confine`` then makes the companion enter the same jail). The
+    companion keeps no descriptor but the read end of a pipe from the
+    server: a byte wakes it, end of file (the server closed it or died)
+    ends it. It shares one page with the server, and reads nothing from
+    it but a deadline. It sleeps at ``SCHED_OTHER`` and spins at
+    ``SCHED_IDLE``, so that it ends at once when the server does, however
+    busy the CPUs are.
+    """
+
+    def __init__(self, pid: int, shm: mmap.mmap, wake_fd: int) -> None:
+        self.pid = pid
+        self._shm = shm
+        self._wake_fd = wake_fd
+        self._until = 0.0
+
+    @classmethod
+    def start(cls, confine: Callable[[], None] | None = None) -> KeepAwake | None:
+        """Fork the companion; None (logged) if it cannot be."""
+        shm = mmap.mmap(-1, mmap.PAGESIZE)  # MAP_SHARED, anonymous: shared with the child
+        shm[_PARKED] = 1
+        try:
+            r, w = os.pipe2(os.O_CLOEXEC)
+        except OSError as e:
+            logger.warning("no polling: cannot make the companion's pipe: %s", e)
+            return None
+        server = os.getpid()
+        try:
+            pid = os.fork()
+        except OSError as e:
+            os.close(r)
+            os.close(w)
+            logger.warning("no polling: cannot fork the companion: %s", e)
+            return None
+        if pid == 0:  # the child; tested through what it does
+            code = 0
+            try:
+                _become_companion(r, confine)
+            except BaseException as e:
+                code = 1
+                with contextlib.suppress(BaseException):
+                    logger.warning("the polling companion cannot start (no polling): %s", e)
+            else:
+                with contextlib.suppress(BaseException):
+                    _companion(shm, 0, server)
+            os._exit(code)
+        os.close(r)
+        os.set_blocking(w, False)
+        return cls(pid, shm, w)
+
+    def until(self, deadline: float) -> None:
+        """Keep a CPU awake until *deadline* (``time.monotonic``)."""
+        if deadline == self._until or self._wake_fd < 0:
+            return
+        self._until = deadline
+        _DEADLINE.pack_into(self._shm, 0, deadline)
+        if self._shm[_PARKED]:
+            try:
+                os.write(self._wake_fd, b"\0")
+            except BlockingIOError:
+                pass  # wake-ups pending: it will look anyway
+            except OSError as e:  # BrokenPipeError: it is gone
+                logger.warning("the polling companion is gone (%s): no polling from here", e)
+                self.close()
+
+    def close(self) -> None:
+        """End the companion (no window, then its pipe's end of file) and reap
+        it if it ends within ``REAP_WAIT`` (else init will: a companion left
+        spinning at SCHED_IDLE on a busy host may take a while to run)."""
+        if self._wake_fd < 0:
+            return
+        _DEADLINE.pack_into(self._shm, 0, 0.0)
+        os.close(self._wake_fd)
+        self._wake_fd = -1
+        end = time.monotonic() + REAP_WAIT
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(self.pid, os.WNOHANG) == (0, 0) and time.monotonic() < end:
+                time.sleep(0.001)
+
+
+def _become_companion(pipe: int, confine: Callable[[], None] | None) -> None:
+    """In the fresh child: nothing held but *pipe* (as fd 0), then the jail."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    top = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    os.dup2(pipe, 0)  # dup2 clears O_CLOEXEC; nothing is executed anyway
+    os.closerange(3, top)  # exports, sockets, the pipe's other end
+    with contextlib.suppress(OSError, ValueError):
+        resource.setrlimit(resource.RLIMIT_NICE, (_NICE_LIMIT, _NICE_LIMIT))
+    if confine is not None:
+        confine()
+    # Then its output (an orphan must not keep a log's reader waiting) and
+    # what the jail opened (its /proc/self/fd).
+    os.closerange(1, top)
+
+
+def _companion(shm: mmap.mmap, pipe: int, server: int) -> None:
+    """Sleep until woken, spin at SCHED_IDLE until the deadline, again; until
+    EOF on *pipe*, or until *server* is no longer the parent (it died while
+    a window was open, however long)."""
+    deadline = _DEADLINE.unpack_from
+    now = time.monotonic
+    param = os.sched_param(0)
+    can_unidle = True
+    while True:
+        if not os.read(pipe, 64):
+            return  # the server is gone
+        shm[_PARKED] = 0
+        os.sched_setscheduler(0, os.SCHED_IDLE, param)
+        while True:
+            spins = 0
+            while now() < deadline(shm, 0)[0]:
+                spins += 1
+                if not spins & _LOOK_EVERY and os.getppid() != server:
+                    return
+            shm[_PARKED] = 1
+            if now() >= deadline(shm, 0)[0]:
+                break  # no window opened meanwhile: sleep
+            shm[_PARKED] = 0
+        if can_unidle:
+            try:
+                os.sched_setscheduler(0, os.SCHED_OTHER, param)
+            except PermissionError:  # no RLIMIT_NICE of 20 (started unprivileged)
+                can_unidle = False

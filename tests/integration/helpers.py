@@ -53,24 +53,27 @@ def vmm_list(state_dir: Path, var: bytes = b"SPECTRUM_INSTANCE=") -> list[tuple[
 
     Found by the environment spectrumd gives every VMM (``SPECTRUM_STATE_DIR``,
     ``SPECTRUM_INSTANCE``; a file server has ``SPECTRUM_FILESERVER``); zombies
-    (exited, not reaped by PID 1 here) are gone.
+    (exited, not reaped by PID 1 here) are gone, and so are the children
+    that inherited it (a file server's polling companion): only what spectrumd
+    started.
     """
     mark = f"SPECTRUM_STATE_DIR={state_dir.absolute()}".encode()
-    found: list[tuple[str, int]] = []
+    found: list[tuple[str, int, int]] = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if mark not in environ or state in ("Z", "X"):
+        if mark not in environ or fields[0] in ("Z", "X"):
             continue
         for item in environ:
             if item.startswith(var):
-                found.append((item.split(b"=", 1)[1].decode(), int(entry)))
-    return found
+                found.append((item.split(b"=", 1)[1].decode(), int(entry), int(fields[1])))
+    pids = {pid for _name, pid, _parent in found}
+    return [(name, pid) for name, pid, parent in found if parent not in pids]
 
 
 async def props(c: Client, name: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,6 +46,17 @@ def status(pid: int) -> dict[str, str]:
     return {k: v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
 
 
+def assert_jailed(pid: int) -> None:
+    """*pid* runs as UID alone, with no capability, the seccomp filter, an empty root."""
+    st = status(pid)
+    assert st["Uid"].split() == [str(UID)] * 4
+    assert st["Gid"].split() == [str(UID)] * 4
+    assert st["Groups"] == ""
+    assert st["Seccomp"] == "2" and st["NoNewPrivs"] == "1"
+    assert st["CapPrm"] == st["CapEff"] == st["CapAmb"] == "0000000000000000"
+    assert os.listdir(f"/proc/{pid}/root") == []
+
+
 @pytest.fixture
 def confined(tmp_path: Path) -> Iterator[Mounted]:
     m = Mounted(tmp_path, confine=(UID, UID), control="listen")
@@ -62,13 +74,7 @@ def confined(tmp_path: Path) -> Iterator[Mounted]:
 def test_the_confined_backend_has_its_uid_no_groups_no_root_no_network(confined: Mounted) -> None:
     assert sorted(os.listdir(confined.mnt)) == ["ro", "rw"]  # answered, so confined by now
     pid = confined.proc.pid
-    st = status(pid)
-    assert st["Uid"].split() == [str(UID)] * 4
-    assert st["Gid"].split() == [str(UID)] * 4
-    assert st["Groups"] == ""
-    assert st["Seccomp"] == "2" and st["NoNewPrivs"] == "1"
-    assert st["CapPrm"] == st["CapEff"] == st["CapAmb"] == "0000000000000000"
-    assert os.listdir(f"/proc/{pid}/root") == []
+    assert_jailed(pid)
     # Beyond stdin, stdout and stderr: /dev/fuse, sockets, the exports (each the
     # root of a detached mount, so its path is "/") and its own /proc/PID/fd.
     links = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")
@@ -373,6 +379,69 @@ def test_a_detached_export_has_no_way_up(tmp_path: Path) -> None:
                 os.close(fd)
     finally:
         os.close(plain)
+
+
+def test_the_polling_companion_is_confined_as_its_server_and_ends_with_it(tmp_path: Path) -> None:
+    """The vhost-user backend forks its companion (spin.KeepAwake) before the
+    jail; the companion enters the same jail and keeps nothing but its pipe."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "vhost.sock"))
+    listener.listen(1)
+    log = (tmp_path / "log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "spectrumd.virtiofs", "--vhost-listen-fd", str(listener.fileno()),
+         "--confine", f"{UID}:{UID}"],
+        cwd=ROOT, pass_fds=(listener.fileno(),), env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdout=log, stderr=log,
+    )  # fmt: skip
+    listener.close()
+    companion = 0
+    try:
+
+        def confined() -> bool:
+            nonlocal companion
+            kids = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
+            if len(kids) == 1:
+                companion = int(kids[0])
+            return (
+                companion > 0
+                and status(server.pid).get("Seccomp") == "2"
+                and os.listdir(f"/proc/{companion}/fd") == ["0"]
+            )
+
+        end = time.monotonic() + 30
+        while not confined():
+            assert server.poll() is None, (tmp_path / "log").read_text()
+            assert time.monotonic() < end, (tmp_path / "log").read_text()
+            time.sleep(0.02)
+        assert_jailed(companion)
+        assert os.readlink(f"/proc/{companion}/fd/0").startswith("pipe:")
+        for ns in ("mnt", "net", "ipc"):  # namespaces of its own, not the host's nor the server's
+            mine = os.readlink(f"/proc/{companion}/ns/{ns}")
+            assert mine not in (os.readlink(f"/proc/self/ns/{ns}"),
+                                os.readlink(f"/proc/{server.pid}/ns/{ns}")), ns  # fmt: skip
+        devices = Path(f"/proc/{companion}/net/dev").read_text().splitlines()[2:]
+        assert [d.split(":")[0].strip() for d in devices] == ["lo"]
+        assert os.sched_getscheduler(companion) == os.SCHED_OTHER  # asleep: no request yet
+        server.terminate()
+        assert server.wait(10) == 0
+        end = time.monotonic() + 3
+        while Path(f"/proc/{companion}").exists() and "Z" not in _state(companion):
+            assert time.monotonic() < end, "the companion outlived its server"
+            time.sleep(0.01)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        log.close()
+    assert "Traceback" not in (tmp_path / "log").read_text()
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "Z"  # reaped already
 
 
 @pytest.mark.parametrize("privileged", [True, False], ids=["uid-0", "no-CAP_SYS_ADMIN"])

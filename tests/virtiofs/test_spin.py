@@ -1,13 +1,27 @@
-"""The adaptive polling window (spin.py), on a clock the test moves."""
+"""The adaptive polling window (spin.py), on a clock the test moves; the
+companion that keeps a CPU awake (KeepAwake), a real process."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
-from spectrumd.virtiofs.spin import MAX_BACKOFF, MIN_BACKOFF, MIN_WINDOW, SHARED, RunDelay, Spin
+import pytest
+
+from spectrumd.virtiofs.spin import (
+    MAX_BACKOFF,
+    MIN_BACKOFF,
+    MIN_WINDOW,
+    SHARED,
+    KeepAwake,
+    RunDelay,
+    Spin,
+)
 
 US = 1e-6
 
@@ -144,3 +158,90 @@ def test_run_delay_reads_the_time_this_process_waited_for_a_cpu() -> None:
         hog.wait()
         waits.close()
     assert 0.05 < waited < 0.3
+
+
+# -- the companion ---------------------------------------------------------------------------
+
+
+def on_cpu(pid: int) -> float:
+    """Seconds *pid* has run so far (the first field of /proc/PID/schedstat)."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+
+
+def state(pid: int) -> str:
+    """The one-letter state of *pid*; "" once it is gone (reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return ""
+
+
+def until(what: Callable[[], bool], timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def awake() -> Iterator[KeepAwake]:
+    a = KeepAwake.start()
+    assert a is not None
+    try:
+        yield a
+    finally:
+        a.close()
+    assert state(a.pid) == ""  # close() ended and reaped it
+
+
+def test_the_companion_holds_nothing_and_sleeps_until_a_window_opens(awake: KeepAwake) -> None:
+    until(lambda: os.listdir(f"/proc/{awake.pid}/fd") == ["0"])  # its output closed too
+    assert os.readlink(f"/proc/{awake.pid}/fd/0").startswith("pipe:")
+    until(lambda: state(awake.pid) == "S")
+    ran = on_cpu(awake.pid)
+    time.sleep(0.3)
+    assert on_cpu(awake.pid) - ran < 0.01
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root: RLIMIT_NICE for the way back from SCHED_IDLE")
+def test_in_a_window_the_companion_spins_at_idle_priority_then_sleeps(awake: KeepAwake) -> None:
+    until(lambda: state(awake.pid) == "S")
+    assert os.sched_getscheduler(awake.pid) == os.SCHED_OTHER  # asleep: woken at once when it ends
+    awake.until(time.monotonic() + 0.6)
+    until(lambda: os.sched_getscheduler(awake.pid) == os.SCHED_IDLE)
+    ran = on_cpu(awake.pid)
+    time.sleep(0.2)
+    assert on_cpu(awake.pid) - ran > 0.1  # of 0.2 s; this test sleeps, the CPU is free
+    until(lambda: state(awake.pid) == "S" and os.sched_getscheduler(awake.pid) == os.SCHED_OTHER)
+    ran = on_cpu(awake.pid)
+    time.sleep(0.3)
+    assert on_cpu(awake.pid) - ran < 0.01  # the window has passed: no more spinning
+
+
+SERVER = """
+import sys, time
+from spectrumd.virtiofs.spin import KeepAwake
+a = KeepAwake.start()
+if sys.argv[1] == "window":
+    a.until(time.monotonic() + 60)
+print(a.pid, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("when", ["asleep", "window"])
+def test_the_companion_ends_when_its_server_is_killed(when: str) -> None:
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERVER, when], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None
+        companion = int(server.stdout.readline())
+        policy = os.SCHED_IDLE if when == "window" else os.SCHED_OTHER
+        until(lambda: os.sched_getscheduler(companion) == policy)
+        server.send_signal(signal.SIGKILL)  # no close(), no end of file from it
+        server.wait()
+        until(lambda: state(companion) in ("", "Z"), timeout=3)  # init reaps it
+    finally:
+        server.kill()
+        server.wait()

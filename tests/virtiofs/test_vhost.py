@@ -21,6 +21,7 @@ from spectrumd.virtiofs.__main__ import serve_vhost
 from spectrumd.virtiofs.control import send_command
 from spectrumd.virtiofs.device import Device, fs_config
 from spectrumd.virtiofs.ops import FileSystem
+from spectrumd.virtiofs.spin import KeepAwake
 from spectrumd.virtiofs.tree import Tree
 from spectrumd.virtiofs.virtqueue import DESC, F_NEXT, F_WRITE
 
@@ -66,7 +67,8 @@ class Frontend:
 def vhost(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[tuple[Frontend, socket.socket, Path]]:
-    """The backend's loop in a thread; it sleeps between kicks, or polls 1 ms after each."""
+    """The backend's loop in a thread; it sleeps between kicks, or keeps a CPU
+    awake for up to 1 ms after each (its companion process, spin.KeepAwake)."""
     (tmp_path / "e").mkdir()
     tree = Tree()
     tree.add_export("e", os.open(tmp_path / "e", os.O_PATH | os.O_DIRECTORY), True)
@@ -74,10 +76,11 @@ def vhost(
     ours, theirs = socket.socketpair()
     ctl_ours, ctl_theirs = socket.socketpair()
     errors: list[BaseException] = []
+    awake = KeepAwake.start() if request.param else None
 
     def serve() -> None:
         try:
-            serve_vhost(backend, ours, ctl_ours, poll_max=request.param)
+            serve_vhost(backend, ours, ctl_ours, poll_max=request.param, awake=awake)
         except BaseException as e:
             errors.append(e)
             ours.shutdown(socket.SHUT_RDWR)  # as the process exiting would
@@ -90,6 +93,8 @@ def vhost(
     theirs.close()
     t.join(10)
     assert not t.is_alive()  # EOF on the vhost-user socket ends the loop
+    if awake is not None:
+        awake.close()
     tree.close()
     ours.close()
     ctl_ours.close()
