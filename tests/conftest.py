@@ -178,6 +178,15 @@ def unexpected_failure(reason: str) -> None:
     raise AssertionError(f"the run was failed: {reason}")
 
 
+def proc_state(pid: int) -> str:
+    """The one-letter state of /proc/PID/stat ("" when the process is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
 @contextlib.contextmanager
 def readable_tmpdir(prefix: str) -> Iterator[Path]:
     """A new directory under /tmp that every uid may read and search (0755): what a

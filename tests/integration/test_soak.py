@@ -30,7 +30,7 @@ import pytest
 from spectrumd.bus.names import INSTANCE_IFACE, instance_path
 from spectrumd.cli.client import CallError, Client, connect
 from spectrumd.host import names
-from tests.conftest import Daemon
+from tests.conftest import Daemon, proc_state
 from tests.integration.helpers import file_servers, props, short, vmm_list, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -79,15 +79,6 @@ def cmdline(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
-
-
-def proc_state(pid: int) -> str:
-    """The one-letter state of /proc/PID/stat ("" when the process is gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat.rsplit(")", 1)[1].split()[0]
 
 
 def qemus_of(state_dir: Path) -> dict[int, str]:

@@ -27,7 +27,7 @@ import pytest
 
 from spectrumd.virtiofs import jail, resolve
 from spectrumd.virtiofs.control import send_command
-from tests.conftest import readable_tmpdir
+from tests.conftest import proc_state, readable_tmpdir
 
 from .test_fuse_mount import ROOT, Mounted
 from .vmharness import unused_ids
@@ -426,7 +426,7 @@ def test_the_polling_companion_is_confined_as_its_server_and_ends_with_it(tmp_pa
         server.terminate()
         assert server.wait(10) == 0
         end = time.monotonic() + 3
-        while Path(f"/proc/{companion}").exists() and "Z" not in _state(companion):
+        while proc_state(companion) not in ("", "Z"):
             assert time.monotonic() < end, "the companion outlived its server"
             time.sleep(0.01)
     finally:
@@ -435,13 +435,6 @@ def test_the_polling_companion_is_confined_as_its_server_and_ends_with_it(tmp_pa
             server.wait()
         log.close()
     assert "Traceback" not in (tmp_path / "log").read_text()
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return "Z"  # reaped already
 
 
 @pytest.mark.parametrize("privileged", [True, False], ids=["uid-0", "no-CAP_SYS_ADMIN"])

@@ -22,6 +22,7 @@ from spectrumd.virtiofs.spin import (
     RunDelay,
     Spin,
 )
+from tests.conftest import proc_state
 
 US = 1e-6
 
@@ -168,14 +169,6 @@ def on_cpu(pid: int) -> float:
     return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
 
 
-def state(pid: int) -> str:
-    """The one-letter state of *pid*; "" once it is gone (reaped)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return ""
-
-
 def until(what: Callable[[], bool], timeout: float = 5.0) -> None:
     end = time.monotonic() + timeout
     while not what():
@@ -191,13 +184,13 @@ def awake() -> Iterator[KeepAwake]:
         yield a
     finally:
         a.close()
-    assert state(a.pid) == ""  # close() ended and reaped it
+    assert proc_state(a.pid) == ""  # close() ended and reaped it
 
 
 def test_the_companion_holds_nothing_and_sleeps_until_a_window_opens(awake: KeepAwake) -> None:
     until(lambda: os.listdir(f"/proc/{awake.pid}/fd") == ["0"])  # its output closed too
     assert os.readlink(f"/proc/{awake.pid}/fd/0").startswith("pipe:")
-    until(lambda: state(awake.pid) == "S")
+    until(lambda: proc_state(awake.pid) == "S")
     ran = on_cpu(awake.pid)
     time.sleep(0.3)
     assert on_cpu(awake.pid) - ran < 0.01
@@ -205,14 +198,16 @@ def test_the_companion_holds_nothing_and_sleeps_until_a_window_opens(awake: Keep
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="root: RLIMIT_NICE for the way back from SCHED_IDLE")
 def test_in_a_window_the_companion_spins_at_idle_priority_then_sleeps(awake: KeepAwake) -> None:
-    until(lambda: state(awake.pid) == "S")
+    until(lambda: proc_state(awake.pid) == "S")
     assert os.sched_getscheduler(awake.pid) == os.SCHED_OTHER  # asleep: woken at once when it ends
     awake.until(time.monotonic() + 0.6)
     until(lambda: os.sched_getscheduler(awake.pid) == os.SCHED_IDLE)
     ran = on_cpu(awake.pid)
     time.sleep(0.2)
     assert on_cpu(awake.pid) - ran > 0.1  # of 0.2 s; this test sleeps, the CPU is free
-    until(lambda: state(awake.pid) == "S" and os.sched_getscheduler(awake.pid) == os.SCHED_OTHER)
+    until(
+        lambda: proc_state(awake.pid) == "S" and os.sched_getscheduler(awake.pid) == os.SCHED_OTHER
+    )
     ran = on_cpu(awake.pid)
     time.sleep(0.3)
     assert on_cpu(awake.pid) - ran < 0.01  # the window has passed: no more spinning
@@ -241,7 +236,7 @@ def test_the_companion_ends_when_its_server_is_killed(when: str) -> None:
         until(lambda: os.sched_getscheduler(companion) == policy)
         server.send_signal(signal.SIGKILL)  # no close(), no end of file from it
         server.wait()
-        until(lambda: state(companion) in ("", "Z"), timeout=3)  # init reaps it
+        until(lambda: proc_state(companion) in ("", "Z"), timeout=3)  # init reaps it
     finally:
         server.kill()
         server.wait()
